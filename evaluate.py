@@ -1,0 +1,230 @@
+"""
+evaluate.py: stage 4, avg@k, pass@k and maj@k on the same multi-turn tool loop as training.
+
+Each model answers every problem n times (temperature 1.0, top_p 0.6, up to 16 turns with the code
+interpreter, as the reference evaluates). For problem i with c_i correct answers out of n:
+
+    avg@n    = mean_i  c_i / n                                   (the paper's "average@32")
+    pass@k   = mean_i  1 - C(n - c_i, k) / C(n, k)               (unbiased, Chen et al. 2021)
+    maj@k    = mean_i  E_{S ~ k of the n samples} [acc of the majority answer of S]
+    best@k   = the reference's bootstrap: 1000 draws of k samples *with replacement* (seed 42),
+               max acc per draw, averaged. This is what the reference logs as "pass@k"; it estimates
+               1 - (1 - c/n)^k, not pass@k, so both are reported and labelled.
+
+maj@k follows the reference's vote: answers are the graders' `pred` strings, an empty pred ("" when
+nothing was boxed) is a vote like any other, and a tie goes to the answer seen first. Our maj@k takes
+the exact expectation over all size-k subsets (without replacement, in sample order) when there are
+at most `MAJ_EXACT_LIMIT` subsets, else a seeded Monte Carlo over subsets; `bootstrap_maj_at_k` is
+the reference's version (with replacement), reported as maj@k (bootstrap).
+
+Writes to --out_dir: results.md (the table), results.json (every number), generations.jsonl (every
+sample: problem id, sample index, text, pred, acc, turns, tool calls).
+
+    python evaluate.py                                         # toy held-out split, the toy SFT checkpoints
+    python evaluate.py --model runs/sft-student/final runs/sod-student/final --n 8
+    python evaluate.py --model runs/sod-0.6b/final --data aime_2024_problems.parquet,aime_2025_problems.parquet,gpqa_diamond.parquet,lcb_v6.parquet \\
+        --n 32 --max_response_tokens 20480 --backend vllm        # the paper's protocol
+"""
+import itertools
+import json
+import logging
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import rollout
+from rollout import arg
+
+log = logging.getLogger("evaluate")
+MAJ_EXACT_LIMIT = 20_000
+
+
+@dataclass
+class Config:
+    """Evaluate models with the tool loop: avg@n, pass@k, maj@k, and the reference's bootstrap best@k."""
+    model: list = arg(["runs/sft-student/final"], "one or more models (paths, HF names, toy-student/toy-teacher)")
+    data: str = arg("toy", "'toy' (held-out toy split) or comma-separated .parquet/.jsonl eval files")
+    num_prompts: int = arg(64, "problems per data file (0: all)")
+    n: int = arg(4, "samples per problem (reference 32)")
+    temperature: float = arg(1.0, "sampling temperature (reference 1.0)")
+    top_p: float = arg(0.6, "nucleus sampling (reference 0.6)")
+    max_turns: int = arg(16, "assistant turns per trajectory (reference 16)")
+    max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
+    tool_timeout: float = arg(60.0, "seconds per tool call (reference 60)")
+    backend: str = arg("auto", "auto | hf | vllm")
+    out_dir: str = arg("runs/eval", "results.md, results.json, generations.jsonl")
+    seed: int = arg(0, "sampling seed")
+    device: str = arg("", "cpu / cuda (default: cuda if available)")
+
+
+# -----------------------------------------------------------------------------
+# Metrics: pure functions of per-sample accuracies and predictions
+
+def avg_at_n(accs_per_problem: list[list[bool]]) -> float:
+    """Mean accuracy over each problem's samples, then over problems."""
+    return float(np.mean([np.mean(a) for a in accs_per_problem]))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k): the chance that k of the n samples, drawn without
+    replacement, contain a correct one. Python's integers are exact and unbounded, and int / int rounds
+    correctly, so this is the exact value as a float for any n (no overflow at n = 1024 or beyond)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_vote_acc(preds: list[str], accs: list[bool]) -> bool:
+    """The reference's vote: the most frequent pred wins, ties go to the pred seen first, and the
+    result is the acc of the first sample carrying that pred. Empty preds vote too."""
+    votes = Counter(preds)  # Counter keeps first-seen order, and max() returns the first maximum
+    winner = max(votes, key=votes.get)
+    return accs[preds.index(winner)]
+
+
+def maj_at_k(preds: list[str], accs: list[bool], k: int, num_samples: int = 2000, seed: int = 0) -> float:
+    """Expected majority-vote accuracy of k of the n samples drawn without replacement (sample order kept).
+    Exact over all C(n, k) subsets when there are few enough, else a seeded Monte Carlo estimate."""
+    n = len(preds)
+    if math.comb(n, k) <= MAJ_EXACT_LIMIT:
+        subsets = itertools.combinations(range(n), k)
+        values = [majority_vote_acc([preds[i] for i in s], [accs[i] for i in s]) for s in subsets]
+    else:
+        rng = np.random.default_rng(seed)
+        values = []
+        for _ in range(num_samples):
+            s = np.sort(rng.choice(n, size=k, replace=False))
+            values.append(majority_vote_acc([preds[i] for i in s], [accs[i] for i in s]))
+    return float(np.mean(values))
+
+
+def _bootstrap(values: list, k: int, reduce_fn, n_bootstrap: int = 1000, seed: int = 42) -> float:
+    """The reference's bootstrap (verl metric_utils): reseeds numpy's global RNG on every call,
+    draws k indices with replacement n_bootstrap times, and averages reduce_fn over the draws."""
+    np.random.seed(seed)
+    draws = [reduce_fn([values[i] for i in np.random.choice(len(values), size=k, replace=True)]) for _ in range(n_bootstrap)]
+    return float(np.mean(draws))
+
+
+def bootstrap_best_at_k(accs: list[bool], k: int, n_bootstrap: int = 1000, seed: int = 42) -> float:
+    """What the reference logs as pass@k ("best@k"): mean over bootstrap draws of max acc."""
+    return _bootstrap([float(a) for a in accs], k, max, n_bootstrap, seed)
+
+
+def bootstrap_maj_at_k(preds: list[str], accs: list[bool], k: int, n_bootstrap: int = 1000, seed: int = 42) -> float:
+    """The reference's maj@k: the same bootstrap, reduced by the majority vote."""
+    pairs = list(zip(preds, accs))
+    return _bootstrap(pairs, k, lambda d: float(majority_vote_acc([p for p, _ in d], [a for _, a in d])), n_bootstrap, seed)
+
+
+def powers_of_two_up_to(n: int) -> list[int]:
+    ks = [2 ** i for i in range(int(math.log2(n)) + 1)] if n >= 1 else []
+    return ks + ([n] if n not in ks else [])
+
+
+def problem_metrics(samples_by_problem: dict) -> dict:
+    """All metrics of one benchmark from {problem: [(pred, acc), ...]} (every problem with the same n)."""
+    accs = [[a for _, a in s] for s in samples_by_problem.values()]
+    preds = [[p for p, _ in s] for s in samples_by_problem.values()]
+    n = len(accs[0])
+    out = {"problems": len(accs), "n": n, f"avg@{n}": avg_at_n(accs)}
+    for k in powers_of_two_up_to(n):
+        out[f"pass@{k}"] = float(np.mean([pass_at_k(n, sum(a), k) for a in accs]))
+    out[f"maj@{n}"] = float(np.mean([maj_at_k(p, a, n) for p, a in zip(preds, accs)]))
+    out[f"best@{n}(bootstrap)"] = float(np.mean([bootstrap_best_at_k(a, n) for a in accs]))
+    out[f"maj@{n}(bootstrap)"] = float(np.mean([bootstrap_maj_at_k(p, a, n) for p, a in zip(preds, accs)]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Running a model on the benchmarks
+
+def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
+    """{benchmark name: prompts}. The toy split, or one benchmark per file (named by its data_source)."""
+    if cfg.data == "toy":
+        return {"toy": rollout.load_prompts("toy:eval", cfg.num_prompts or 256)}
+    benchmarks = {}
+    for path in cfg.data.split(","):
+        prompts = rollout.load_prompts(path.strip(), cfg.num_prompts or None)
+        benchmarks[prompts[0]["data_source"] or Path(path).stem] = prompts
+    return benchmarks
+
+
+def rollout_config(cfg: Config) -> rollout.RolloutConfig:
+    return rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens, tool_timeout=cfg.tool_timeout)
+
+
+def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, generations_file=None, model_name="") -> dict:
+    """Roll out every benchmark with an engine (HF model or vLLM) and compute its metrics."""
+    results = {}
+    for name, prompts in benchmarks.items():
+        t0 = time.time()
+        trajs = rollout.rollout(engine, tokenizer, prompts, cfg.n, rollout_config(cfg),
+                                rollout.Sampling(cfg.temperature, cfg.top_p), seed=cfg.seed, progress=True)
+        by_problem = defaultdict(list)
+        for j, t in enumerate(trajs):
+            by_problem[t.prompt_index].append((t.pred, t.acc))
+            if generations_file is not None:
+                generations_file.write(json.dumps({
+                    "model": model_name, "benchmark": name, "problem_id": prompts[t.prompt_index]["id"], "sample": j % cfg.n,
+                    "text": t.text, "pred": t.pred, "acc": t.acc, "turns": t.num_turns, "tool_calls": t.num_tool_calls,
+                    "tool_errors": t.num_tool_errors, "stop_reason": t.stop_reason}, default=str) + "\n")
+        results[name] = problem_metrics(by_problem)
+        results[name]["seconds"] = round(time.time() - t0, 1)
+        results[name]["tool_calls_per_sample"] = float(np.mean([t.num_tool_calls for t in trajs]))
+        results[name]["tool_error_rate"] = sum(t.num_tool_errors for t in trajs) / max(1, sum(t.num_tool_calls for t in trajs))
+    return results
+
+
+def greedy_accuracy(model, tokenizer, data: str = "toy:eval", num_prompts: int = 64) -> float:
+    """Held-out accuracy with greedy decoding, one sample per problem (used at the end of sft.py / grpo.py)."""
+    prompts = rollout.load_prompts(data, num_prompts)
+    trajs = rollout.rollout(model, tokenizer, prompts, 1, rollout.RolloutConfig(), rollout.Sampling(temperature=0.0))
+    return sum(t.acc for t in trajs) / len(trajs)
+
+
+def markdown_table(all_results: dict) -> str:
+    benchmarks = list(next(iter(all_results.values())).keys())
+    metric_names = [m for m in next(iter(all_results.values()))[benchmarks[0]] if "@" in m]
+    head = "| model | " + " | ".join(f"{b} {m}" for b in benchmarks for m in metric_names) + " |"
+    lines = [head, "|" + "---|" * (1 + len(benchmarks) * len(metric_names))]
+    for model, res in all_results.items():
+        lines.append(f"| {model} | " + " | ".join(f"{100 * res[b][m]:.1f}" for b in benchmarks for m in metric_names) + " |")
+    return "\n".join(lines)
+
+
+def main(cfg: Config) -> dict:
+    models = cfg.model if isinstance(cfg.model, list) else [cfg.model]
+    for m in models:  # fail before anything heavy loads
+        if m not in rollout.TOY_MODELS and not Path(m).exists() and (m.startswith((".", "/")) or m.count("/") != 1):
+            raise SystemExit(f"model path does not exist: {m}")
+    benchmarks = load_benchmarks(cfg)
+    backend = rollout.resolve_backend(cfg.backend)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    all_results = {}
+    with open(out_dir / "generations.jsonl", "w") as gen_file:
+        for m in models:
+            tokenizer = rollout.load_tokenizer(m)
+            if backend == "vllm":
+                engine = rollout.make_vllm_engine(m, seed=cfg.seed)
+            else:
+                engine = rollout.load_model(m, device=cfg.device or None, seed=cfg.seed)
+            all_results[m] = evaluate_engine(engine, tokenizer, benchmarks, cfg, gen_file, model_name=m)
+            del engine
+    table = markdown_table(all_results)
+    (out_dir / "results.md").write_text(table + "\n")
+    (out_dir / "results.json").write_text(json.dumps({"config": asdict(cfg), "results": all_results}, indent=2))
+    print(table)
+    return all_results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main(rollout.parse_args(Config))

@@ -1,0 +1,317 @@
+"""
+grpo.py: stage 2, GRPO with the code-interpreter tool (how the paper's 4B teacher was trained).
+
+One RL step, as the reference runs it (sections 4-5):
+  1. take B prompts and sample n trajectories each with the multi-turn tool loop (rollout.py);
+  2. reward each trajectory R_i (tools.compute_score, optional DAPO overlong penalty);
+  3. group-normalise within the n samples of a prompt (unbiased std, eps 1e-6; a group of one uses
+     mean 0, std 1):   A_i = (R_i - mean_g R) / (std_g R + eps),   A_{i,t} = A_i * m_t
+     (m_t = response_mask: 1 on model tokens, 0 on tool-response tokens, which get no gradient);
+  4. log-probs of the sampled tokens under the rollout policy, recomputed by the trainer: l_old;
+  5. mini-batch PPO updates (reference: 4 mini-batches, 1 epoch) with clip-higher and dual clip:
+        rho_t = exp(clamp(l_t - l_old_t, -20, 20))
+        L_t   = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_low, 1 + eps_high))     eps_low 0.2, eps_high 0.28
+        L_t   = min(L_t, -c A_t)  where A_t < 0                                   c = 3 (dual clip)
+        loss  = sum_t m_t L_t / sum_t m_t                                         (token mean)
+  6. push the new weights into the generation engine (vLLM) and log.
+There is no critic and, as in the reference, no KL term (--kl_coef adds one to a frozen copy of the
+starting model, with the k3 estimator, for those who want it).
+
+Deviations from the reference, on purpose:
+  - the token mean runs over the whole mini-batch (the reference averages per micro-batch and
+    rescales, which weights micro-batches with few tokens more);
+  - prompt wrappers are chosen per row, not from the file's first row (bug 6);
+  - old log-probs come from the same chunked function as the training forward (rollout.token_logprobs).
+
+Reference values (real models): lr 1e-6 constant, AdamW (0.9, 0.999), wd 0.01, clip 1.0, 64 prompts x 16
+samples, 4 mini-batches, T = 1.0, top_p = 1.0, 16 turns, 20480 response tokens, overlong buffer 1024.
+
+    python grpo.py                                          # toy teacher from runs/sft-teacher/final, CPU
+    python grpo.py --model runs/sft-4b/final --data Open-AgentRL-30K.parquet --backend vllm --out_dir runs/grpo-4b \\
+        --steps 470 --prompts_per_step 64 --n 16 --lr 1e-6 --max_response_tokens 20480 --overlong_buffer 1024 \\
+        --micro_batch_size 4 --eval_data aime_2024_problems.parquet,aime_2025_problems.parquet
+"""
+import copy
+import json
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import evaluate
+import rollout
+import sft
+from rollout import arg
+
+log = logging.getLogger("grpo")
+
+
+@dataclass
+class Config:
+    """GRPO with tools (the teacher's RL stage)."""
+    # model and data
+    model: str = arg("runs/sft-teacher/final", "starting checkpoint (the SFT model)")
+    data: str = arg("toy", "'toy' or an RL .parquet/.jsonl (prompt, data_source, reward_model)")
+    toy_prompts: int = arg(2048, "size of the generated toy RL set")
+    backend: str = arg("auto", "generation backend: auto | hf | vllm")
+    # rollout
+    steps: int = arg(30, "RL steps (reference: one epoch of 30K prompts / 64 = ~470)")
+    prompts_per_step: int = arg(16, "prompts per step (reference 64)")
+    n: int = arg(8, "samples per prompt, the GRPO group (reference 16)")
+    temperature: float = arg(1.0, "rollout temperature (reference 1.0)")
+    top_p: float = arg(1.0, "rollout top_p (reference 1.0)")
+    max_turns: int = arg(16, "assistant turns per trajectory (reference 16)")
+    max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
+    max_prompt_tokens: int = arg(512, "longer prompts are dropped (reference 2560)")
+    tool_timeout: float = arg(60.0, "seconds per tool call (reference 60)")
+    tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) | turns (+0.1 per tool round) | none")
+    overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
+    dynamic_sampling: bool = arg(False, "drop groups whose rewards are all equal (DAPO); reference off")
+    # optimization
+    lr: float = arg(2e-4, "learning rate, constant (reference 1e-6)")
+    beta2: float = arg(0.999, "AdamW beta2 (beta1 0.9)")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "max gradient norm")
+    mini_batches: int = arg(4, "optimizer steps per RL step (reference 4)")
+    ppo_epochs: int = arg(1, "passes over the rollouts (reference 1)")
+    micro_batch_size: int = arg(64, "trajectories per forward pass")
+    clip_low: float = arg(0.2, "PPO clip, lower")
+    clip_high: float = arg(0.28, "PPO clip, upper (clip-higher)")
+    clip_c: float = arg(3.0, "dual clip constant for negative advantages")
+    kl_coef: float = arg(0.0, "k3 KL penalty to the starting model (reference 0: off)")
+    # run
+    out_dir: str = arg("runs/grpo-teacher", "checkpoints, metrics.jsonl, trajectories.jsonl, final/")
+    eval_every: int = arg(10, "held-out evaluation every N steps (0: only at the end)")
+    eval_data: str = arg("toy", "evaluation data for evaluate.py's functions")
+    eval_prompts: int = arg(64, "held-out problems per evaluation")
+    eval_n: int = arg(4, "samples per held-out problem")
+    save_every: int = arg(10, "checkpoint every N steps")
+    resume: bool = arg(False, "continue from out_dir/checkpoint")
+    seed: int = arg(0, "random seed")
+    device: str = arg("", "cpu / cuda (default: cuda if available)")
+
+
+# -----------------------------------------------------------------------------
+# ALGO LOGIC: the two equations of GRPO
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (R_i - mean_g) / (std_g + eps) within each group; unbiased std; a group of one: mean 0, std 1.
+    rewards, group_ids: [B] -> [B]. Vectorised with scatter-adds over the groups."""
+    _, g = torch.unique(group_ids, return_inverse=True)                       # [B] group index 0..G-1
+    G = int(g.max()) + 1 if g.numel() else 0
+    r = rewards.double()
+    count = torch.zeros(G, dtype=torch.float64).index_add_(0, g, torch.ones_like(r))   # [G]
+    mean = torch.zeros(G, dtype=torch.float64).index_add_(0, g, r) / count
+    sq_dev = torch.zeros(G, dtype=torch.float64).index_add_(0, g, (r - mean[g]) ** 2)
+    std = (sq_dev / (count - 1).clamp(min=1)).sqrt()                          # unbiased (n - 1)
+    single = count == 1
+    mean, std = mean.masked_fill(single, 0.0), std.masked_fill(single, 1.0)
+    return ((r - mean[g]) / (std[g] + eps)).to(rewards.dtype)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2, clip_high=0.28, clip_c=3.0,
+                num_tokens: float | None = None):
+    """PPO-clip with clip-higher and dual clip, token-mean. All inputs [B, T] (advantages per token, so SOD
+    can pass its own). `num_tokens` lets a caller divide by the token count of a whole mini-batch when it
+    feeds micro-batches; by default the mean is over this call's masked tokens."""
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)                                                     # [B, T]
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
+    loss_dual = torch.minimum(loss_ppo, -advantages * clip_c)                        # bounds the loss when A < 0
+    loss_t = torch.where(advantages < 0, loss_dual, loss_ppo)                        # [B, T]
+    denom = response_mask.sum() if num_tokens is None else num_tokens
+    loss = (loss_t * response_mask).sum() / max(float(denom), 1e-8)
+    with torch.no_grad():
+        m = response_mask
+        stats = {"clip_frac": rollout.masked_mean((loss_clipped > loss_unclipped).float(), m).item(),
+                 "dual_clip_frac": rollout.masked_mean(((loss_ppo > -advantages * clip_c) & (advantages < 0)).float(), m).item(),
+                 "approx_kl": rollout.masked_mean(-log_ratio, m).item(),
+                 "ratio_max": ratio[m > 0].max().item() if m.any() else 1.0,
+                 "ratio_min": ratio[m > 0].min().item() if m.any() else 1.0}
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# Pieces of one RL step (sod_distill.py reuses them)
+
+@torch.no_grad()
+def batched_logprobs(model, batch: dict, micro_batch_size: int) -> torch.Tensor:
+    """token_logprobs over a batch in micro-batches, no grad: [B, T-1]."""
+    parts = []
+    for s in range(0, batch["input_ids"].shape[0], micro_batch_size):
+        parts.append(rollout.token_logprobs(model, batch["input_ids"][s:s + micro_batch_size],
+                                            batch["attention_mask"][s:s + micro_batch_size]))
+    return torch.cat(parts)
+
+
+def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, cfg, ref_logprobs=None) -> dict:
+    """cfg.ppo_epochs passes of cfg.mini_batches optimizer steps over the batch. advantages: [B, T-1]."""
+    B = advantages.shape[0]
+    mask = batch["response_mask"]
+    stats = Counter()
+    n_updates = 0
+    for _ in range(cfg.ppo_epochs):
+        for mb in np.array_split(np.arange(B), cfg.mini_batches):  # in order, no shuffle (reference)
+            if len(mb) == 0:
+                continue
+            mb_tokens = mask[mb].sum().item()
+            optimizer.zero_grad(set_to_none=True)
+            for s in range(0, len(mb), cfg.micro_batch_size):
+                idx = torch.as_tensor(mb[s:s + cfg.micro_batch_size])
+                ids, att, m = batch["input_ids"][idx], batch["attention_mask"][idx], mask[idx]
+                logprobs = rollout.token_logprobs(model, ids, att)                                 # [b, T-1]
+                loss, st = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m,
+                                       cfg.clip_low, cfg.clip_high, cfg.clip_c, num_tokens=mb_tokens)
+                if ref_logprobs is not None and cfg.kl_coef > 0:  # k3: exp(ref - l) - (ref - l) - 1 >= 0
+                    d = ref_logprobs[idx] - logprobs
+                    loss = loss + cfg.kl_coef * ((torch.exp(d) - d - 1) * m).sum() / mb_tokens
+                loss.backward()
+                w = m.sum().item() / max(mb_tokens, 1)
+                for k, v in st.items():
+                    stats[k] += v * w
+                stats["loss"] += loss.item()
+            stats["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            optimizer.step()
+            n_updates += 1
+    return {k: v / max(n_updates, 1) for k, v in stats.items()}
+
+
+def rollout_config(cfg) -> rollout.RolloutConfig:
+    return rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
+                                 tool_timeout=cfg.tool_timeout, tool_shaping=cfg.tool_shaping,
+                                 overlong_buffer=cfg.overlong_buffer)
+
+
+def load_rl_prompts(cfg, tokenizer) -> list[dict]:
+    """RL prompts, the over-long ones dropped (measured without the tools block, as the reference)."""
+    data = f"toy:train" if cfg.data == "toy" else cfg.data
+    prompts = rollout.load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed)
+    kept = [p for p in prompts if len(tokenizer.encode(p["prompt"], add_special_tokens=False)) <= cfg.max_prompt_tokens]
+    if len(kept) < len(prompts):
+        log.info("dropped %d prompts longer than %d tokens", len(prompts) - len(kept), cfg.max_prompt_tokens)
+    return kept
+
+
+def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -> list[dict]:
+    """A pure function of (seed, step): a resumed run sees the same prompts (epochs reshuffle, drop_last)."""
+    per_epoch = max(1, len(prompts) // per_step)
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.RandomState(seed + epoch).permutation(len(prompts))
+    return [prompts[i] for i in order[k * per_step:(k + 1) * per_step]]
+
+
+def rollout_metrics(trajs: list, counts: Counter) -> dict:
+    n = len(trajs)
+    return {"reward": sum(t.reward for t in trajs) / n, "acc": sum(t.acc for t in trajs) / n,
+            "response_tokens": sum(len(t.response_ids) for t in trajs) / n,
+            "turns": sum(t.num_turns for t in trajs) / n, "tool_calls": sum(t.num_tool_calls for t in trajs) / n,
+            "tool_error_rate": counts["tool_errors"] / max(1, counts["tool_calls"]),
+            "dropped_tool_calls": counts["tool_calls_dropped"]}
+
+
+def setup_run(cfg, model_path: str):
+    """Model, tokenizer, optimizer, generation engine; resumed from out_dir/checkpoint when asked."""
+    device = cfg.device or rollout.default_device()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    tokenizer = rollout.load_tokenizer(model_path)
+    model, state = sft.load_for_training(model_path, out_dir, cfg.resume, device, cfg.seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    start_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        sft.set_rng_state(state["rng"])
+        start_step = state["step"]
+        log.info("resumed at step %d", start_step)
+    backend = rollout.resolve_backend(cfg.backend)
+    if backend == "vllm":
+        engine = rollout.make_vllm_engine(str(out_dir / "checkpoint") if state is not None else model_path, seed=cfg.seed)
+    else:
+        engine = model
+    return device, out_dir, tokenizer, model, optimizer, engine, start_step
+
+
+def save_run_checkpoint(out_dir, model, tokenizer, optimizer, step, cfg):
+    sft.save_checkpoint(out_dir, "checkpoint", model, tokenizer,
+                        {"optimizer": optimizer.state_dict(), "step": step, "rng": sft.rng_state(), "config": asdict(cfg)})
+
+
+def held_out_eval(model, tokenizer, cfg) -> dict:
+    """avg@n and pass@n on held-out problems through evaluate.py, at the evaluation sampling settings."""
+    eval_cfg = evaluate.Config(data=cfg.eval_data, num_prompts=cfg.eval_prompts, n=cfg.eval_n,
+                               max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens, seed=1234)
+    model.eval()
+    results = evaluate.evaluate_engine(model, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg)
+    model.train()
+    return {f"eval/{b}/{k}": v for b, r in results.items() for k, v in r.items() if "@" in k}
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg: Config):
+    device, out_dir, tokenizer, model, optimizer, engine, start_step = setup_run(cfg, cfg.model)
+    ref_model = copy.deepcopy(model).eval() if cfg.kl_coef > 0 else None
+    prompts = load_rl_prompts(cfg, tokenizer)
+    metrics_file = open(out_dir / "metrics.jsonl", "a")
+    from tqdm import tqdm
+    bar = tqdm(range(start_step, cfg.steps), desc="grpo", initial=start_step, total=cfg.steps)
+    for step in bar:
+        t0 = time.time()
+        # 1-2. rollouts with the tool, and their rewards
+        counts = Counter()
+        model.eval()
+        trajs = rollout.rollout(engine, tokenizer, prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed), cfg.n,
+                                rollout_config(cfg), rollout.Sampling(cfg.temperature, cfg.top_p),
+                                seed=cfg.seed * 100_003 + step, counts=counts)
+        model.train()
+        t_rollout = time.time() - t0
+        rewards = torch.tensor([t.reward for t in trajs])                                    # [B]
+        group_ids = torch.tensor([t.prompt_index for t in trajs])                            # [B]
+        # 3. group-normalised advantages (optionally only the groups that carry signal)
+        adv = group_advantages(rewards, group_ids)                                           # [B]
+        keep = list(range(len(trajs)))
+        if cfg.dynamic_sampling:
+            spread = {g: rewards[group_ids == g].std().item() if (group_ids == g).sum() > 1 else 0.0 for g in group_ids.unique().tolist()}
+            keep = [i for i, t in enumerate(trajs) if spread[t.prompt_index] > 0]
+        row = {"step": step + 1, **rollout_metrics(trajs, counts), "t_rollout": t_rollout, "t_tools": counts["tool_seconds"]}
+        if keep:
+            batch = rollout.pad_trajectories([trajs[i] for i in keep], tokenizer.pad_token_id, device)
+            advantages = adv[keep].to(device)[:, None] * batch["response_mask"]              # [B, T-1]
+            # 4. old log-probs of the sampled tokens (no grad)
+            t1 = time.time()
+            old_logprobs = batched_logprobs(model, batch, cfg.micro_batch_size)              # [B, T-1]
+            ref_logprobs = batched_logprobs(ref_model, batch, cfg.micro_batch_size) if ref_model is not None else None
+            # 5. PPO updates
+            row.update(ppo_update(model, optimizer, batch, advantages, old_logprobs, cfg, ref_logprobs))
+            row["t_train"] = time.time() - t1
+            # 6. the generation engine gets the new weights
+            if engine is not model:
+                rollout.push_weights_to_vllm(engine, model)
+        row["kept_trajectories"] = len(keep)
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+            row.update(held_out_eval(model, tokenizer, cfg))
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        rollout.write_jsonl(out_dir / "trajectories.jsonl", [dict(t.log_record(), step=step + 1) for t in trajs[:cfg.n * 2]])
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}")
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_run_checkpoint(out_dir, model, tokenizer, optimizer, step + 1, cfg)
+    metrics_file.close()
+    model.eval()
+    sft.save_checkpoint(out_dir, "final", model, tokenizer)
+    log.info("saved %s", out_dir / "final")
+    return model
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main(rollout.parse_args(Config))

@@ -1,0 +1,713 @@
+"""
+rollout.py: the engine every stage shares. Data, models, the multi-turn tool loop, log-probs.
+
+What is here, top to bottom:
+  1. Data. The reference's prompt wrappers (chosen per row from `data_source`), loaders for
+     JSONL/parquet, and the built-in toy task: arithmetic chains that need several dependent
+     calls to a stateless Python interpreter, so that one bad call cascades into the next turns.
+  2. Models. Loading a tokenizer and a Qwen3 model from a local path, a Hugging Face name, or
+     the tiny built-in configs ("toy-student", "toy-teacher"); a check that teacher and student
+     share one tokenizer (on-policy distillation scores the student's token ids with the teacher).
+  3. Generation backends behind one function: Hugging Face `generate` (default on CPU) and vLLM
+     (default on CUDA when installed), colocated in-process, with new weights pushed after each
+     optimizer step.
+  4. The tool loop (reference sections 2.4 and 3), token-in/token-out:
+        response = [turn_1][tool_1][turn_2][tool_2] ... [turn_K]
+        response_mask = 1 on tokens the model generated (its closing <|im_end|> included),
+                        0 on tool-response tokens.
+     Generated ids are appended as they are, never decoded and re-encoded. A "step" (what SOD
+     weights) is one assistant turn = one maximal run of response_mask == 1.
+  5. `token_logprobs`: log p(x_{t+1} | x_<=t) gathered in chunks, so no [B, T, V] float32
+     tensor is ever built (at V = 151,936 and T = 16k that would be 10 GB per sequence).
+
+Deviation from the reference rollout (section 2.2 / bug 14): the reference appends a tool
+response right after the assistant's <|im_end|>, while the chat template puts "\\n" between them.
+We prepend that "\\n" to the tool segment (mask 0), so a rollout has exactly the token ids the
+Qwen3 chat template gives the same conversation, and sft.py trains on the same ids.
+
+The toy default runs on a CPU with nothing downloaded:
+    python rollout.py                       # 8 toy prompts x 4 samples with the untrained student
+    python rollout.py --model runs/sft-student/final --num_prompts 64 --n 8
+"""
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import tools
+
+log = logging.getLogger("rollout")
+REPO_DIR = Path(__file__).resolve().parent
+TOY_DIR = REPO_DIR / "toy"
+TOY_MODELS = {"toy-student": TOY_DIR / "student_config.json", "toy-teacher": TOY_DIR / "teacher_config.json"}
+
+
+# -----------------------------------------------------------------------------
+# 1. Data: the reference's prompt wrappers (section 1.5), byte-exact
+
+MATH1 = "Analyze and solve the following math problem step by step. \n\n"
+MATH2 = "\n\nThe tool could be used for more precise and efficient calculation and could help you to verify your result before you reach the final answer."
+AGENT = "\n\n**Note: You should first analyze the problem and form a high-level solution strategy, then utilize the tools to help you solve the problem.**"
+ANSFMT = "\nRemember once you make sure the current answer is your final answer, do not call the tools again and directly output the final answer in the following text format, the answer format must be: \\boxed{'The final answer goes here.'}."
+NOUNITS_A = "\nDo not put units of the final answer inside \\boxed{}. The content of \\boxed{} should be the numerical value of the final answer only, without any units."
+NOUNITS_B = "\nDo not put units of the final answer inside \\boxed{}. The content of \\boxed{} should be the final numerical value of the final answer only, without any units."
+CODE_SUFFIX = "\nBefore sumbit your code, you can utilize tools to check the correctness of your code, once you make sure the current code is correct, do not call the tools again and submit your code within ```python\n# YOUR CODE HERE\n```."
+LCB_START = "You will be given a question (problem specification) and will generate a correct Python program that matches the specification and passes all tests.\n\n"
+LCB_CODEP = "\n\nRead the inputs from stdin solve the problem and write the answer to stdout (do not directly test on the sample inputs). Enclose your code within delimiters as follows. Ensure that when the python program runs, it reads the inputs, runs the algorithm and writes output to STDOUT.\n```python\n# YOUR CODE HERE\n\""
+
+
+def _maybe_json(x):
+    return json.loads(x) if isinstance(x, str) and x[:1] in "{[" else x
+
+
+def wrap_prompt(row: dict) -> tuple[str, str, object]:
+    """One data row -> (user prompt text, data_source, ground truth), wrapped as the reference does.
+
+    The reference picks the wrapper once per *file* from the first row's data_source (bug 6);
+    we pick it per row, which is what that code evidently meant for the mixed 30K file.
+    Accepted layouts: the RL schema (prompt / data_source / reward_model), and the eval files
+    (AIME2024: Problem/Answer, AIME2025: problem/answer, GPQA: problem/solution/domain,
+    LiveCodeBench: problem + reward_model as a JSON string).
+    """
+    source = str(row.get("data_source", ""))
+    reward_model = _maybe_json(row.get("reward_model")) or {}
+    if "prompt" in row:  # RL schema: a chat list with one user message
+        prompt = _maybe_json(row["prompt"])
+        stored = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+        truth = reward_model.get("ground_truth")
+        if source.startswith("toy"):
+            return stored, source, truth
+        if source in ("math_dapo", "mega-science"):
+            return stored + NOUNITS_A, source, truth
+        if "code" in source.lower():
+            return stored + AGENT + CODE_SUFFIX, source, truth
+        return MATH1 + stored + MATH2 + AGENT + ANSFMT + NOUNITS_B, source, truth
+    if "Problem" in row and "Answer" in row:  # AIME 2024 layout
+        return MATH1 + row["Problem"] + MATH2 + AGENT + ANSFMT, source or "AIME2024", str(row["Answer"])
+    if "problem" in row and "answer" in row:  # AIME 2025 layout
+        return MATH1 + row["problem"] + MATH2 + AGENT + ANSFMT, source or "AIME2025", str(row["answer"])
+    if "problem" in row and "solution" in row and "domain" in row:  # GPQA-Diamond
+        text = (f"Analyze and solve the following {row['domain']} problem step by step. \n\n" + row["problem"]
+                + MATH2 + AGENT + ANSFMT + "\n Here you need to put the final uppercase letter option of this problem into \\boxed{}")
+        return text, source or "gpqa_diamond", str(row["solution"])
+    if "problem" in row and reward_model:  # LiveCodeBench v6: the "examples" are the scoring tests (bug 5)
+        truth = _maybe_json(reward_model["ground_truth"])
+        examples = "\nHere are some input and output examples of the expected code:\nInput:" + str(truth["inputs"]) + "\nOutput:\n" + str(truth["outputs"])
+        return LCB_START + row["problem"] + examples + AGENT + LCB_CODEP + CODE_SUFFIX, source or "LiveCodeBench_v6", truth
+    raise ValueError(f"unknown row layout with columns {sorted(row)}; expected one of: "
+                     "[prompt, data_source, reward_model] (RL), [Problem, Answer] (AIME2024), [problem, answer] (AIME2025), "
+                     "[problem, solution, domain] (GPQA), [problem, reward_model] (LiveCodeBench)")
+
+
+def load_rows(path: str) -> list[dict]:
+    """Read a .jsonl / .json / .parquet file into a list of dicts, with errors that name the file and row."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if p.suffix == ".parquet":
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError("reading parquet needs pandas and pyarrow: pip install pandas pyarrow") from e
+        rows = pd.read_parquet(p).to_dict(orient="records")
+        return [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()} for r in rows]
+    if p.suffix == ".json":
+        return json.loads(p.read_text())
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+    return rows
+
+
+def _to_plain(x):
+    """parquet gives numpy arrays for lists; turn nested values back into lists and dicts."""
+    if hasattr(x, "tolist"):
+        x = x.tolist()
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def load_prompts(path: str, n: int | None = None, seed: int = 0) -> list[dict]:
+    """RL / eval prompts as {"prompt", "data_source", "ground_truth", "id"}. "toy[:split]" builds the toy split."""
+    if path.startswith("toy"):
+        split = path.split(":")[1] if ":" in path else "train"
+        rows = toy_rl_rows(n or 256, split=split, seed=seed)
+    else:
+        rows = [_to_plain(r) for r in load_rows(path)]
+    out, bad = [], Counter()
+    for i, row in enumerate(rows):
+        try:
+            text, source, truth = wrap_prompt(row)
+            if truth is None:
+                raise ValueError("no ground truth")
+        except (ValueError, KeyError, TypeError) as e:
+            bad[str(e)[:120]] += 1
+            if len(bad) == 1 and sum(bad.values()) == 1:
+                log.warning("%s row %d skipped: %s", path, i, e)
+            continue
+        out.append({"prompt": text, "data_source": source, "ground_truth": truth, "id": row.get("id", i)})
+    if bad:
+        log.warning("%s: skipped %d malformed rows (%s)", path, sum(bad.values()), dict(bad))
+    if not out:
+        raise ValueError(f"{path}: no usable rows")
+    return out[:n] if n else out
+
+
+# -----------------------------------------------------------------------------
+# 1b. The built-in toy task
+#
+# "a = 347 * 29; b = a % 97; c = b + 13; what is c?" The interpreter forgets variables between
+# calls (as the reference's SandboxFusion does), so each call must copy the previous call's
+# printed number. Two natural tool errors exist, and the student's SFT data recovers from them:
+#   - referring to a variable of an earlier call -> NameError traceback;
+#   - writing an assignment as the last line -> the reference's auto-print turns `a = 1 * 2` into
+#     `print(a = 1 * 2)` -> TypeError traceback.
+# After such an error the context holds a traceback, which a teacher trained only on clean
+# solutions has never seen: exactly the drift SOD's step weights are meant to detect.
+
+TOY_SOURCE = "toy_arith"
+TOY_VARS = "abcd"
+TOY_INSTRUCTION = ("Solve it with the code interpreter, one step per call. The interpreter forgets "
+                   "variables between calls, so use the printed numbers.\n")
+
+
+def _apply(op: str, x: int, y: int) -> int:
+    return {"+": x + y, "-": x - y, "*": x * y, "%": x % y}[op]
+
+
+def make_toy_problem(rng: random.Random) -> dict:
+    """A chain of 2-4 dependent operations. Returns the prompt, the answer and the clean tool calls."""
+    num_steps = rng.randint(2, 4)
+    x, y, op = rng.randint(10, 99), rng.randint(2, 40), rng.choice("*+-")
+    value = _apply(op, x, y)
+    lines, calls, outputs = [f"a = {x} {op} {y}"], [f"print({x} {op} {y})"], [value]
+    for k in range(1, num_steps):
+        op = rng.choice("%+-*" if abs(value) < 1000 else "%%+-")
+        c = rng.randint(2, 9) if op == "*" else rng.randint(2, 40)
+        lines.append(f"{TOY_VARS[k]} = {TOY_VARS[k - 1]} {op} {c}")
+        calls.append(f"print({value} {op} {c})")
+        value = _apply(op, value, c)
+        outputs.append(value)
+    question = (TOY_INSTRUCTION + "\n".join(lines) + f"\nWhat is {TOY_VARS[num_steps - 1]}? "
+                "Put the final answer in \\boxed{}.")
+    return {"question": question, "answer": str(value), "calls": calls, "outputs": outputs, "lines": lines}
+
+
+def _toy_traceback(line: str, error: str, caret_col: int | None = None) -> str:
+    """The text CPython 3.11 prints for an error on line 1 of /tmp/main.py (checked against the sandbox in tests)."""
+    caret = "" if caret_col is None else " " * (4 + caret_col) + "^\n"
+    return f'Traceback (most recent call last):\n  File "/tmp/main.py", line 1, in <module>\n    {line}\n{caret}{error}\n'
+
+
+def _tool_call(code: str) -> dict:
+    return {"type": "function", "function": {"name": tools.TOOL_NAME, "arguments": {"code": code}}}
+
+
+def toy_sft_conversation(problem: dict, rng: random.Random, recovery: bool) -> list[dict]:
+    """A solved toy problem as chat messages; with `recovery`, one step first fails and is then redone."""
+    messages = [{"role": "user", "content": problem["question"]}]
+    bad_step = rng.randrange(len(problem["calls"])) if recovery else -1
+    for k, (call, out) in enumerate(zip(problem["calls"], problem["outputs"])):
+        if k == bad_step:
+            if k == 0:  # assignment as the last line: auto-print makes it print(a = ...)
+                wrong = problem["lines"][0]
+                text = _toy_traceback(f"print({wrong})", f"TypeError: 'a' is an invalid keyword argument for print()")
+            else:  # refers to the previous call's variable, which the interpreter forgot
+                var = TOY_VARS[k - 1]
+                wrong = call.replace(str(problem["outputs"][k - 1]), var, 1)
+                text = _toy_traceback(wrong, f"NameError: name '{var}' is not defined", caret_col=wrong.index(var))
+            messages += [{"role": "assistant", "content": "", "tool_calls": [_tool_call(wrong)]},
+                         {"role": "tool", "content": text}]
+        messages += [{"role": "assistant", "content": "", "tool_calls": [_tool_call(call)]},
+                     {"role": "tool", "content": f"{out}\n"}]
+    messages.append({"role": "assistant", "content": f"The answer is \\boxed{{{problem['answer']}}}."})
+    return messages
+
+
+_TOY_SEEDS = {"train": 1, "sft": 2, "eval": 3}
+
+
+def _toy_problems(n: int, split: str, seed: int) -> list[dict]:
+    """n distinct problems of a split; eval problems never occur in the train or sft splits."""
+    rng = random.Random(_TOY_SEEDS[split] * 1_000_003 + seed)
+    held_out = set()
+    if split != "eval":
+        eval_rng = random.Random(_TOY_SEEDS["eval"] * 1_000_003)
+        held_out = {make_toy_problem(eval_rng)["question"] for _ in range(512)}
+    out, seen = [], set()
+    while len(out) < n:
+        p = make_toy_problem(rng)
+        if p["question"] not in seen and p["question"] not in held_out:
+            seen.add(p["question"])
+            out.append(p)
+    return out
+
+
+def toy_rl_rows(n: int, split: str = "train", seed: int = 0) -> list[dict]:
+    """Toy prompts in the RL schema of the real data (section 1.3)."""
+    if split == "eval":
+        seed = 0  # the held-out set is fixed, whatever the run's seed
+    return [{"prompt": [{"role": "user", "content": p["question"]}], "data_source": TOY_SOURCE,
+             "reward_model": {"ground_truth": p["answer"]}, "ability": "math", "agent_name": "tool_agent",
+             "extra_info": {"index": i, "split": split, "num_steps": len(p["calls"])}}
+            for i, p in enumerate(_toy_problems(n, split, seed))]
+
+
+def toy_sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0) -> list[dict]:
+    """Toy trajectories in the SFT schema of the real data (messages + tools, section 1.2)."""
+    rng = random.Random(seed)
+    return [{"messages": toy_sft_conversation(p, rng, recovery=rng.random() < recovery_frac), "tools": [tools.TOOL_SCHEMA]}
+            for p in _toy_problems(n, "sft", seed)]
+
+
+# -----------------------------------------------------------------------------
+# 2. Models and tokenizers
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+    path = TOY_DIR / "tokenizer" if name_or_path in TOY_MODELS else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"could not load a tokenizer from {name_or_path!r}: {e}\n"
+                         "Give a local checkpoint folder, a Hugging Face name with the weights available, "
+                         f"or one of the built-in toy models {sorted(TOY_MODELS)}.") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0):
+    """A causal LM in train mode off; toy names build a randomly initialised tiny Qwen3 from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    device = device or default_device()
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if name_or_path in TOY_MODELS:
+        config = AutoConfig.from_pretrained(str(TOY_MODELS[name_or_path]))
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.generation_config.eos_token_id = config.eos_token_id
+        model.generation_config.pad_token_id = config.pad_token_id
+    else:
+        if not Path(name_or_path).exists() and (name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1):
+            raise SystemExit(f"model path does not exist: {name_or_path}")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except OSError as e:
+            raise SystemExit(f"could not load model {name_or_path!r}: {e}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def check_same_tokenizer(student_tok, teacher_tok, student_name="student", teacher_name="teacher"):
+    """On-policy distillation reads the teacher's log-prob of the *student's token ids*: the vocabularies must be identical."""
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        only_s = len(set(sv.items()) - set(tv.items()))
+        raise SystemExit(f"tokenizer mismatch: {student_name} and {teacher_name} map {only_s} tokens differently "
+                         f"(vocab sizes {len(sv)} vs {len(tv)}). The teacher must share the student's tokenizer "
+                         "(Qwen3-0.6B/1.7B/4B do).")
+    if student_tok.eos_token_id != teacher_tok.eos_token_id:
+        raise SystemExit(f"tokenizer mismatch: eos ids differ ({student_tok.eos_token_id} vs {teacher_tok.eos_token_id})")
+
+
+def render_prompt_ids(tokenizer, prompt: str, tools_schema: list[dict] | None = None) -> list[int]:
+    """The initial context: system block declaring the tools, the user turn, and `<|im_start|>assistant\\n`.
+    `enable_thinking` is not passed, as in the reference, so no empty think block is pre-filled."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tools=tools_schema or [tools.TOOL_SCHEMA],
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def render_tool_response_ids(tokenizer, outputs: list[str]) -> list[int]:
+    """Tool outputs as the chat template renders `tool` messages, plus the next generation prompt.
+
+    "\\n" first: the newline that follows the assistant's <|im_end|> in the template (see docstring).
+    """
+    text = tokenizer.apply_chat_template([{"role": "tool", "content": o} for o in outputs],
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode("\n" + text, add_special_tokens=False)
+
+
+# -----------------------------------------------------------------------------
+# 3. Generation backends: Hugging Face generate (CPU default) and vLLM (GPU default)
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off (vLLM's convention)
+
+
+@torch.no_grad()
+def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], sampling: Sampling,
+                eos_id: int, pad_id: int, batch_size: int = 256) -> list[list[int]]:
+    """Sample one continuation per context, each cut after its first eos and to its own budget."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))  # similar lengths together: less padding
+    outputs: list[list[int]] = [[] for _ in contexts]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(contexts[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: generation continues from the right edge
+            input_ids[row, width - len(contexts[i]):] = torch.tensor(contexts[i])
+            attention_mask[row, width - len(contexts[i]):] = 1
+        greedy = sampling.temperature <= 0
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             max_new_tokens=max(max_new_tokens[i] for i in idx), do_sample=not greedy,
+                             temperature=None if greedy else sampling.temperature,
+                             top_p=None if greedy else sampling.top_p,
+                             top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
+                             eos_token_id=eos_id, pad_token_id=pad_id)
+        new_tokens = out[:, width:].tolist()
+        for row, i in enumerate(idx):
+            ids = new_tokens[row][:max_new_tokens[i]]
+            if eos_id in ids:
+                ids = ids[:ids.index(eos_id) + 1]
+            outputs[i] = ids
+    return outputs
+
+
+def make_vllm_engine(model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.5, max_model_len: int | None = None):
+    """A colocated, in-process vLLM engine. In-process is what lets us push weights without a disk round trip."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        from vllm import LLM
+    except ImportError as e:
+        raise SystemExit("--backend vllm needs vLLM (pip install vllm; on CPU: pip install -r requirements-vllm.txt)") from e
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(model=model_path, seed=seed, dtype="bfloat16" if on_gpu else "float32", enforce_eager=not on_gpu,
+                  enable_prefix_caching=True)
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if max_model_len:
+        kwargs["max_model_len"] = max_model_len
+    return LLM(**kwargs)
+
+
+def generate_vllm(llm, contexts: list[list[int]], max_new_tokens: list[int], sampling: Sampling, eos_id: int,
+                  seed: int | None = None) -> list[list[int]]:
+    from vllm import SamplingParams
+    params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                             max_tokens=max(1, m), stop_token_ids=[eos_id],
+                             seed=None if seed is None else seed + i) for i, m in enumerate(max_new_tokens)]
+    results = llm.generate([{"prompt_token_ids": c} for c in contexts], params, use_tqdm=False)
+    outputs = []
+    for r in results:
+        ids = list(r.outputs[0].token_ids)
+        if r.outputs[0].finish_reason == "stop" and (not ids or ids[-1] != eos_id):
+            ids.append(eos_id)  # keep the eos that ended the turn: the model generated it and is trained on it
+        outputs.append(ids)
+    return outputs
+
+
+def push_weights_to_vllm(llm, model):
+    """Copy the trainer's current weights into the colocated vLLM engine (no restart, no disk)."""
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    runner.reload_weights(weights_iterator=iter((k, v.detach()) for k, v in model.state_dict().items()))
+
+
+def generate(engine, contexts, max_new_tokens, sampling, eos_id, pad_id, seed=None):
+    """One function over both backends: `engine` is an HF model or a vLLM `LLM` (or, in tests, any
+    function (contexts, max_new_tokens, sampling) -> continuations)."""
+    if isinstance(engine, torch.nn.Module):
+        return generate_hf(engine, contexts, max_new_tokens, sampling, eos_id, pad_id)
+    if hasattr(engine, "llm_engine"):
+        return generate_vllm(engine, contexts, max_new_tokens, sampling, eos_id, seed=seed)
+    return engine(contexts, max_new_tokens, sampling)
+
+
+# -----------------------------------------------------------------------------
+# 4. The multi-turn tool loop (reference section 2.4)
+
+@dataclass
+class RolloutConfig:
+    max_turns: int = 16             # assistant turns, and tool responses, per trajectory (reference: 16)
+    max_response_tokens: int = 320  # generated + tool tokens per trajectory (reference: 20480)
+    max_tool_calls_per_turn: int = 1  # the reference executes the first call only
+    tool_timeout: float = 60.0
+    tool_memory_mb: int = 2048
+    max_tool_response_chars: int = 256
+    autoprint: str = "reference"    # "reference" or "expression" (see tools.execute_code)
+    tool_shaping: str = "reference"  # see tools.compute_score
+    overlong_buffer: int = 0        # DAPO overlong penalty buffer in tokens (0 = off; reference 1024)
+    overlong_penalty: float = 1.0
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    response_mask: list[int] = field(default_factory=list)
+    steps: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each assistant turn in response_ids
+    turns: list[dict] = field(default_factory=list)              # per assistant turn: tokens, tool call, status
+    num_turns: int = 1       # the reference's count: user prompt + assistant turns + tool responses
+    num_tool_calls: int = 0
+    num_tool_errors: int = 0
+    stop_reason: str = ""
+    text: str = ""
+    score: float = 0.0
+    reward: float = 0.0
+    acc: bool = False
+    pred: str = ""
+    prompt_index: int = 0
+    data_source: str = ""
+    ground_truth: object = None
+
+    def log_record(self) -> dict:
+        return {"prompt_index": self.prompt_index, "reward": self.reward, "acc": self.acc, "pred": self.pred,
+                "num_turns": self.num_turns, "num_tool_calls": self.num_tool_calls, "stop_reason": self.stop_reason,
+                "response_tokens": len(self.response_ids), "turns": self.turns, "text": self.text}
+
+
+def _finish(traj: Trajectory, reason: str, cfg: RolloutConfig):
+    traj.stop_reason = reason
+    traj.response_ids = traj.response_ids[:cfg.max_response_tokens]
+    traj.response_mask = traj.response_mask[:cfg.max_response_tokens]
+    traj.steps = [(s, min(e, cfg.max_response_tokens)) for s, e in traj.steps if s < cfg.max_response_tokens]
+
+
+def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, sampling: Sampling,
+            seed: int | None = None, counts: Counter | None = None, progress: bool = False) -> list[Trajectory]:
+    """n trajectories per prompt. All live trajectories generate together, turn by turn; finished ones drop out.
+
+    Trajectories of prompt i are at positions [i*n, (i+1)*n) of the result (the GRPO groups).
+    """
+    from tqdm import tqdm
+    counts = counts if counts is not None else Counter()
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if seed is not None:
+        torch.manual_seed(seed)
+    trajs = []
+    for i, p in enumerate(prompts):
+        prompt_ids = render_prompt_ids(tokenizer, p["prompt"])
+        trajs += [Trajectory(prompt_ids=prompt_ids, prompt_index=i, data_source=p["data_source"], ground_truth=p["ground_truth"])
+                  for _ in range(n)]
+    live = list(trajs)
+    bar = tqdm(total=cfg.max_turns, desc="rollout turns", leave=False, disable=not progress)
+    while live:
+        # (per turn) budget = what is left of the trajectory's token budget, as the reference's max_tokens
+        budgets = [cfg.max_response_tokens - len(t.response_ids) for t in live]
+        outs = generate(engine, [t.prompt_ids + t.response_ids for t in live], budgets, sampling, eos_id, pad_id,
+                        seed=None if seed is None else seed + 7919 * len(live[0].steps))
+        pending: list[tuple[Trajectory, list[dict]]] = []
+        for t, ids in zip(live, outs):
+            t.steps.append((len(t.response_ids), len(t.response_ids) + len(ids)))
+            t.response_ids += ids
+            t.response_mask += [1] * len(ids)
+            t.num_turns += 1
+            turn = {"tokens": len(ids), "tool_call": None, "tool_status": None}
+            t.turns.append(turn)
+            assistant_turns = len(t.steps)
+            user_turns = t.num_turns - 1 - assistant_turns
+            if len(t.response_ids) >= cfg.max_response_tokens:
+                _finish(t, "length", cfg)
+                continue
+            if assistant_turns >= cfg.max_turns or user_turns >= cfg.max_turns:
+                _finish(t, "max_turns", cfg)
+                continue
+            calls = tools.parse_tool_calls(tokenizer.decode(ids, skip_special_tokens=False), counts)
+            if not calls:
+                _finish(t, "answer", cfg)
+                continue
+            calls = calls[:cfg.max_tool_calls_per_turn]
+            turn["tool_call"] = calls[0]["arguments"].get("code") if calls[0]["name"] == tools.TOOL_NAME else calls[0]
+            pending.append((t, calls))
+        # the tool calls of this turn, all trajectories at once, in parallel
+        flat = [c for _, calls in pending for c in calls]
+        t_tools = time.time()
+        results = tools.run_tool_calls(flat, timeout=cfg.tool_timeout, memory_mb=cfg.tool_memory_mb,
+                                       autoprint=cfg.autoprint, max_output_chars=cfg.max_tool_response_chars) if flat else []
+        counts["tool_seconds"] += time.time() - t_tools
+        k = 0
+        live = []
+        for t, calls in pending:
+            texts = results[k:k + len(calls)]
+            k += len(calls)
+            failed = any(tools.tool_call_failed(x) for x in texts)
+            t.num_tool_calls += len(calls)
+            t.num_tool_errors += int(failed)
+            counts["tool_calls"] += len(calls)
+            counts["tool_errors"] += int(failed)
+            t.turns[-1].update(tool_status="error" if failed else "ok", tool_output_chars=sum(map(len, texts)),
+                               tool_output_truncated="...(truncated)..." in "".join(texts))
+            segment = render_tool_response_ids(tokenizer, texts)
+            if len(t.response_ids) + len(segment) >= cfg.max_response_tokens:
+                _finish(t, "length", cfg)  # stop *without* appending: a trajectory always ends with a model turn
+                continue
+            t.response_ids += segment
+            t.response_mask += [0] * len(segment)
+            t.num_turns += 1
+            live.append(t)
+        bar.update(1)
+    bar.close()
+    for t in trajs:
+        score_trajectory(t, tokenizer, cfg)
+    return trajs
+
+
+def score_trajectory(t: Trajectory, tokenizer, cfg: RolloutConfig):
+    """Reward from the decoded response (tool segments included, special tokens skipped), as the reference."""
+    t.text = tokenizer.decode(t.response_ids, skip_special_tokens=True)
+    result = tools.compute_score(t.data_source, t.text, t.ground_truth, {"num_turns": t.num_turns},
+                                 tool_shaping=cfg.tool_shaping)
+    t.score, t.acc, t.pred = float(result["score"]), bool(result["acc"]), result["pred"] or ""
+    t.reward = t.score + overlong_penalty(len(t.response_ids), cfg.max_response_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+
+
+def overlong_penalty(length: int, max_length: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO soft overlong penalty (section 4.4): 0 until max_length - buffer, then linear down to -factor."""
+    if buffer <= 0:
+        return 0.0
+    return min(-(length - (max_length - buffer)) / buffer * factor, 0.0)
+
+
+def write_jsonl(path, records: list[dict]):
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r, default=str) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# 5. Batches and log-probs
+
+def pad_trajectories(trajs: list[Trajectory], pad_id: int, device="cpu") -> dict:
+    """Right-padded [B, T] input_ids / attention_mask, and response_mask in *label* space [B, T-1]:
+    response_mask[b, t] = 1 iff token t+1 is a model-generated response token, matching token_logprobs."""
+    seqs = [t.prompt_ids + t.response_ids for t in trajs]
+    T = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    response_mask = torch.zeros((len(seqs), T - 1), dtype=torch.float32)
+    for b, (t, s) in enumerate(zip(trajs, seqs)):
+        input_ids[b, :len(s)] = torch.tensor(s)
+        attention_mask[b, :len(s)] = 1
+        p = len(t.prompt_ids)
+        response_mask[b, p - 1:p - 1 + len(t.response_mask)] = torch.tensor(t.response_mask, dtype=torch.float32)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "response_mask": response_mask.to(device)}
+
+
+def _chunk_logprobs(lm_head, hidden, labels, temperature):
+    logits = lm_head(hidden).float() / temperature  # [N, V]: one chunk only
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, chunk_bytes: int = 256 * 2**20,
+                   max_chunk_tokens: int = 2048):
+    """[B, T-1] float32, entry [b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]).
+
+    The body runs once over the whole batch; the vocabulary projection runs on chunks of positions sized so a
+    chunk's float32 logits stay under `chunk_bytes` (and at most `max_chunk_tokens` positions, so even a small
+    vocabulary never gets logits for a whole batch at once). Under autograd each chunk is checkpointed, so the backward
+    pass recomputes its logits instead of keeping all of them alive.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # [B, T-1, H]
+    labels = input_ids[:, 1:]                                                                                   # [B, T-1]
+    B, Tm1, H = hidden.shape
+    lm_head = model.get_output_embeddings()
+    flat_h, flat_y = hidden.reshape(-1, H), labels.reshape(-1)                                                  # [N, H], [N]
+    chunk = max(1, min(max_chunk_tokens, chunk_bytes // (4 * lm_head.weight.shape[0])))
+    parts = []
+    for s in range(0, flat_h.shape[0], chunk):
+        h, y = flat_h[s:s + chunk], flat_y[s:s + chunk]
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, y, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(lm_head, h, y, temperature))
+    return torch.cat(parts).view(B, Tm1)
+
+
+def masked_mean(x, mask, dim=None):
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# A small command-line run: rollouts of the toy task, timed
+
+def arg(default, help: str):
+    """A config field with its command-line help string (every stage's config is a dataclass of these)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def parse_args(cls, argv=None):
+    """Dataclass -> argparse flags, one per field, with the field's default and help string."""
+    import argparse
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(cls):
+        kind = type(f.default if f.default_factory is MISSING else f.default_factory())
+        if kind is list:
+            parser.add_argument(f"--{f.name}", nargs="+", default=f.default_factory(), help=f.metadata.get("help", ""))
+        elif kind is bool:
+            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
+                                help=f.metadata.get("help", ""))
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+@dataclass
+class Args:
+    """Roll out a model on toy or real prompts with the tool loop, and time it."""
+    model: str = arg("toy-student", "local path, Hugging Face name, or toy-student / toy-teacher")
+    data: str = arg("toy:eval", "'toy[:split]' or a .jsonl/.parquet file")
+    num_prompts: int = arg(8, "prompts to roll out")
+    n: int = arg(4, "samples per prompt")
+    backend: str = arg("auto", "auto (vllm on CUDA if installed, else hf) | hf | vllm")
+    temperature: float = arg(1.0, "sampling temperature")
+    top_p: float = arg(1.0, "nucleus sampling")
+    seed: int = arg(0, "random seed")
+    log_file: str = arg("", "optional per-trajectory JSONL")
+
+
+def resolve_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    try:
+        import vllm  # noqa: F401
+        return "vllm" if torch.cuda.is_available() else "hf"
+    except ImportError:
+        return "hf"
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(Args)
+    tokenizer = load_tokenizer(args.model)
+    backend = resolve_backend(args.backend)
+    model = load_model(args.model, seed=args.seed)
+    engine = make_vllm_engine(args.model, seed=args.seed) if backend == "vllm" else model
+    prompts = load_prompts(args.data, args.num_prompts, seed=args.seed)
+    counts = Counter()
+    t0 = time.time()
+    trajs = rollout(engine, tokenizer, prompts, args.n, RolloutConfig(), Sampling(args.temperature, args.top_p),
+                    seed=args.seed, counts=counts, progress=True)
+    dt = time.time() - t0
+    tokens = sum(sum(t.response_mask) for t in trajs)
+    print(f"{len(trajs)} trajectories in {dt:.1f}s ({tokens / dt:.0f} generated tokens/s); "
+          f"accuracy {sum(t.acc for t in trajs) / len(trajs):.3f}; tool calls {counts['tool_calls']}, errors {counts['tool_errors']}")
+    print("example:\n" + tokenizer.decode(trajs[0].prompt_ids[-20:] + trajs[0].response_ids))
+    if args.log_file:
+        write_jsonl(args.log_file, [t.log_record() for t in trajs])

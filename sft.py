@@ -1,0 +1,322 @@
+"""
+sft.py: stage 1, cold-start supervised fine-tuning on multi-turn tool-use trajectories.
+
+The model reads whole conversations (system block declaring the tool, user question, assistant turns
+that call the code interpreter, tool responses, final answer) and is trained with next-token
+cross-entropy on the tokens the assistant wrote, and on nothing else:
+
+    loss = sum_t m_t * CE(x_t) / sum_t m_t         (token mean over the whole optimizer batch)
+
+where m_t = 1 iff token x_t belongs to an assistant turn: its content, its rendered <tool_call> JSON
+and its closing <|im_end|>. System/tool-declaration tokens, user turns, tool responses and the
+`<|im_start|>assistant\\n` headers get m_t = 0. Gradient accumulation divides by the token count of
+the whole batch, so micro-batching does not change the loss.
+
+Train as you roll out. A conversation is rendered with the real Qwen3 chat template and cut at
+the assistant spans; each piece is tokenized on its own, exactly as rollout.py builds a rollout
+(prompt encoded once, model tokens appended, tool responses encoded as a segment). Tests check
+that the ids equal both the template's whole-text tokenization and a rollout of the same turns.
+
+Think blocks (reference section 7.3). We render the conversation once, as the Qwen3 template
+renders the whole of it: reasoning written inside <think>...</think> is kept on the turns after the
+last user message, and the template's empty "<think>\\n\\n</think>\\n\\n" appears on the final
+assistant turn only (the turn that answers), not on the tool-calling turns. A model trained this way
+opens its answering turn with an empty think block and its tool-calling turns without one. The
+reference renders turn by turn instead, so every assistant turn there is "last" and gets an empty
+think block.
+
+Deviations from the reference trainer, on purpose:
+  - the loss of predicting token t uses the mask of token t (the label); the reference uses the mask
+    of token t-1, so it skips the first token of every assistant turn and trains the token after its
+    closing newline (section 7.2);
+  - the "\\n" after an assistant's <|im_end|> is not trained (m = 0): a rollout never generates it
+    (generation stops at <|im_end|>, rollout.py appends it as part of the tool segment);
+  - loss is a token mean over the whole optimizer batch, not a mean of per-micro-batch means.
+
+Reference values (real models): lr 1e-5, AdamW (0.9, 0.95), weight decay 0.01, grad clip 1.0,
+cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocast.
+
+    python sft.py                                  # toy student, CPU, ~1 min
+    python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0
+    python sft.py --model Qwen/Qwen3-0.6B --data full_sft_3k_shuffled_v4.parquet --out_dir runs/sft-0.6b \\
+        --epochs 5 --batch_size 128 --micro_batch_size 4 --lr 1e-5 --max_length 32768 --bf16 true --grad_checkpointing true
+"""
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import rollout
+from rollout import arg
+
+log = logging.getLogger("sft")
+
+
+@dataclass
+class Config:
+    """Cold-start multi-turn SFT with an assistant-only loss."""
+    # data
+    model: str = arg("toy-student", "local path, Hugging Face name, or toy-student / toy-teacher")
+    data: str = arg("toy", "'toy' (generated) or a .jsonl/.parquet file with `messages` and `tools`")
+    toy_examples: int = arg(2000, "number of generated toy conversations")
+    toy_recovery_frac: float = arg(0.25, "fraction of toy conversations where one tool call fails and is redone")
+    max_length: int = arg(512, "tokens per example; longer ones are cut on the right (reference 32768)")
+    strict_data: bool = arg(False, "stop at the first malformed row instead of skipping it")
+    # optimization
+    epochs: int = arg(5, "passes over the data (reference 5)")
+    max_steps: int = arg(-1, "stop after this many optimizer steps (-1: epochs decide)")
+    batch_size: int = arg(32, "sequences per optimizer step (reference 128)")
+    micro_batch_size: int = arg(32, "sequences per forward pass (gradient accumulation fills the batch)")
+    lr: float = arg(3e-3, "peak learning rate (reference 1e-5)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "max gradient norm")
+    warmup_frac: float = arg(0.1, "linear warmup, fraction of all steps; cosine decay to 0 after")
+    bf16: bool = arg(False, "bf16 autocast (GPU)")
+    grad_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    # run
+    out_dir: str = arg("runs/sft-student", "checkpoints, metrics.jsonl and final/ go here")
+    save_every: int = arg(100, "checkpoint every N steps (atomic, keeps the latest)")
+    resume: bool = arg(False, "continue from out_dir/checkpoint if it exists")
+    eval_prompts: int = arg(64, "toy held-out prompts for the greedy accuracy at the end (0: skip)")
+    seed: int = arg(0, "random seed (data order, init of toy models)")
+    device: str = arg("", "cpu / cuda (default: cuda if available)")
+
+
+# -----------------------------------------------------------------------------
+# Tokenization with the assistant-only mask
+
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+END = "<|im_end|>"
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], tools_schema: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """Conversation -> (input_ids, loss_mask). loss_mask[t] = 1 exactly for tokens the assistant wrote."""
+    text = tokenizer.apply_chat_template(messages, tools=tools_schema or None, tokenize=False)
+    # Cut the text at the assistant spans: [header][content ... <|im_end|>] -> mask 0, mask 1.
+    pieces, pos = [], 0
+    while (start := text.find(ASSISTANT_HEADER, pos)) != -1:
+        start += len(ASSISTANT_HEADER)
+        end = text.find(END, start)
+        end = len(text) if end == -1 else end + len(END)
+        pieces += [(text[pos:start], 0), (text[start:end], 1)]
+        pos = end
+    pieces.append((text[pos:], 0))
+    input_ids, loss_mask = [], []
+    for piece, m in pieces:
+        ids = tokenizer.encode(piece, add_special_tokens=False) if piece else []
+        input_ids += ids
+        loss_mask += [m] * len(ids)
+    return input_ids, loss_mask
+
+
+def check_conversation(row) -> str | None:
+    """What is wrong with an SFT row, in words, or None."""
+    if not isinstance(row, dict) or "messages" not in row:
+        return "no `messages` column"
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "`messages` is empty or not a list"
+    saw_call = False
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            return f"message {i} has no valid role"
+        if m["role"] == "system" and i != 0:
+            return f"system message at position {i} (only index 0 is allowed)"
+        if m["role"] == "tool" and not saw_call:
+            return f"tool message {i} with no preceding assistant tool call"
+        if m["role"] == "assistant":
+            saw_call = bool(m.get("tool_calls"))
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn"
+    return None
+
+
+def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """All rows tokenized; malformed rows are reported with file and row number, then skipped (or fatal)."""
+    if cfg.data == "toy":
+        rows, name = rollout.toy_sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, seed=cfg.seed), "toy"
+    else:
+        rows, name = [rollout._to_plain(r) for r in rollout.load_rows(cfg.data)], cfg.data
+    examples, problems = [], []
+    for i, row in enumerate(rows):
+        problem = check_conversation(row)
+        if problem is None:
+            messages = [dict(m, content=m.get("content") or "") for m in row["messages"]]
+            try:
+                ids, mask = tokenize_conversation(tokenizer, messages, row.get("tools"))
+            except Exception as e:  # a template error names the row instead of surfacing from jinja
+                problem = f"chat template failed: {e}"
+            else:
+                if sum(mask) == 0:
+                    problem = "empty loss mask"
+                elif sum(mask[:cfg.max_length]) == 0:
+                    problem = f"all assistant tokens lie beyond max_length={cfg.max_length} ({len(ids)} tokens)"
+                else:
+                    examples.append((ids[:cfg.max_length], mask[:cfg.max_length]))
+        if problem:
+            problems.append(f"{name} row {i}: {problem}")
+            if cfg.strict_data:
+                raise SystemExit(problems[-1])
+    for p in problems[:5]:
+        log.warning(p)
+    if problems:
+        log.warning("skipped %d of %d rows", len(problems), len(rows))
+    if not examples:
+        raise SystemExit(f"{name}: no usable SFT rows")
+    return examples
+
+
+def collate(batch, pad_id, device):
+    """Right-padded [B, T] ids and attention mask, and the loss mask in label space [B, T-1]."""
+    T = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), T), dtype=torch.long)
+    loss_mask = torch.zeros((len(batch), T), dtype=torch.float32)
+    for b, (ids, mask) in enumerate(batch):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        attention_mask[b, :len(ids)] = 1
+        loss_mask[b, :len(mask)] = torch.tensor(mask, dtype=torch.float32)
+    # NOTE: the logit at position t predicts token t+1, so the label mask is loss_mask[:, 1:]
+    # (the reference uses loss_mask[:, :-1] here: off by one).
+    return input_ids.to(device), attention_mask.to(device), loss_mask[:, 1:].to(device)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic (written to a temporary folder, then renamed) and resumable
+
+def save_checkpoint(out_dir: Path, name: str, model, tokenizer, extra_state: dict | None = None):
+    tmp = out_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if extra_state is not None:
+        torch.save(extra_state, tmp / "trainer_state.pt")
+    final = out_dir / name
+    old = out_dir / f".{name}.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)  # the rename is the commit point: a crash leaves either the old or the new folder
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_for_training(cfg_model: str, out_dir: Path, resume: bool, device: str, seed: int):
+    """The model to train: out_dir/checkpoint when resuming, else cfg_model. Returns (model, trainer_state or None)."""
+    ckpt = out_dir / "checkpoint"
+    if resume and (ckpt / "trainer_state.pt").exists():
+        model = rollout.load_model(str(ckpt), device=device, dtype=torch.float32)
+        return model, torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    if resume:
+        log.info("no checkpoint in %s: starting fresh", out_dir)
+    return rollout.load_model(cfg_model, device=device, dtype=torch.float32, seed=seed), None
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak lr: linear warmup, then cosine down to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg: Config):
+    device = cfg.device or rollout.default_device()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    tokenizer = rollout.load_tokenizer(cfg.model)
+    examples = load_sft_examples(cfg, tokenizer)
+    steps_per_epoch = max(1, len(examples) // cfg.batch_size)  # drop_last, as the reference
+    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
+    n_tokens = sum(sum(m) for _, m in examples)
+    log.info("%d examples, %d trained tokens, %d steps", len(examples), n_tokens, total_steps)
+
+    model, state = load_for_training(cfg.model, out_dir, cfg.resume, device, cfg.seed)
+    model.train()
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_frac * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
+    start_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        log.info("resumed at step %d", start_step)
+
+    from tqdm import tqdm
+    metrics = open(out_dir / "metrics.jsonl", "a")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.startswith("cuda"))
+    bar = tqdm(range(start_step, total_steps), desc="sft", initial=start_step, total=total_steps)
+    for step in bar:
+        # Data order is a pure function of (seed, epoch): a resumed run sees the same batches.
+        epoch, k = divmod(step, steps_per_epoch)
+        order = np.random.RandomState(cfg.seed + epoch).permutation(len(examples))
+        batch = [examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+        batch_tokens = sum(sum(m[1:]) for _, m in batch)  # label tokens with loss in the whole batch
+        t0 = time.time()
+        loss_sum = 0.0
+        for s in range(0, len(batch), cfg.micro_batch_size):
+            input_ids, attention_mask, label_mask = collate(batch[s:s + cfg.micro_batch_size], tokenizer.pad_token_id, device)
+            with autocast:
+                logprobs = rollout.token_logprobs(model, input_ids, attention_mask)  # [b, T-1]
+            loss = -(logprobs * label_mask).sum() / batch_tokens   # token mean over the whole batch
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        row = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+               "tokens_per_s": sum(len(ids) for ids, _ in batch) / dt}
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        bar.set_postfix(loss=f"{loss_sum:.3f}")
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(out_dir, "checkpoint", model, tokenizer, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1,
+                "rng": rng_state(), "config": asdict(cfg)})
+    metrics.close()
+    model.eval()
+    save_checkpoint(out_dir, "final", model, tokenizer)
+    log.info("saved %s", out_dir / "final")
+    if cfg.data == "toy" and cfg.eval_prompts > 0:
+        import evaluate
+        result = evaluate.greedy_accuracy(model, tokenizer, "toy:eval", cfg.eval_prompts)
+        log.info("held-out greedy accuracy on %d toy problems: %.3f", cfg.eval_prompts, result)
+        print(f"held-out greedy accuracy: {result:.3f}")
+    return model
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main(rollout.parse_args(Config))

@@ -1,0 +1,489 @@
+"""
+Tests for tools.py, one property each: the sandbox survives hostile code, the
+tool text follows the reference's conventions, the parser never raises, and the
+rewards match the reference's definitions.
+
+    python -m pytest tests/test_tools.py -q
+"""
+import collections
+import http.server
+import json
+import os
+import re
+import resource
+import secrets
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tools  # tests/conftest.py puts the repository root on sys.path
+
+TIMEOUT = 2.0  # short, so the hostile battery stays quick
+GRACE = 2.0  # every call must return within TIMEOUT + GRACE
+LEVEL = tools.sandbox_isolation()[0]
+needs_full_isolation = pytest.mark.skipif(LEVEL != "full", reason=f"isolation level is {LEVEL}, not full")
+needs_uid_drop = pytest.mark.skipif(LEVEL == "basic", reason="basic isolation cannot kill setsid() escapes")
+
+
+def run_hostile(code, **kwargs):
+    start = time.monotonic()
+    text = tools.execute_code(code, TIMEOUT, autoprint="off", **kwargs)
+    elapsed = time.monotonic() - start
+    assert elapsed < TIMEOUT + GRACE, f"took {elapsed:.1f} s"
+    return text
+
+
+def live_processes_with(marker):
+    """Pids whose name or command line holds marker (zombies are dead: they only wait to be reaped)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if marker.encode() in cmdline + stat and stat.rsplit(b")", 1)[1].split()[0] != b"Z":
+            found.append(int(pid))
+    return found
+
+
+def name_self(marker):
+    # the kernel shows this name (comm, 15 bytes at most) in the host's /proc, and forks inherit it
+    return f"open('/proc/self/comm', 'w').write({marker!r})\n"
+
+
+def unique_marker():
+    return "sod" + secrets.token_hex(6)
+
+# -----------------------------------------------------------------------------
+# the sandbox against hostile code
+
+
+def test_infinite_loop_returns_the_reference_timeout_text():
+    assert run_hostile("while True: pass") == "no stdout here"
+
+
+@pytest.mark.parametrize("loop", ["while True: os.fork()",  # dies as soon as the namespace's pid 1 hits the limit
+                                  "while True:\n    try: os.fork()\n    except OSError: pass"],  # keeps forking
+                         ids=["plain", "resilient"])
+def test_fork_bomb_is_bounded_and_leaves_nothing_running(loop):
+    marker = unique_marker()
+    text = run_hostile(name_self(marker) + "import os\n" + loop)
+    assert text == "no stdout here" or "BlockingIOError" in text
+    assert live_processes_with(marker) == []
+
+
+def test_allocating_10_gb_gives_a_memory_error():
+    assert "MemoryError" in run_hostile("x = bytearray(10 * 2**30)")
+
+
+def test_printing_forever_is_capped_on_the_host():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    text = run_hostile("import sys\nwhile True: sys.stdout.write('x' * 2**20)")
+    assert len(text) <= 256 + len("...(truncated)...")
+    assert text.startswith("x" * 100)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024
+
+
+@needs_uid_drop
+@pytest.mark.parametrize("spawn", [
+    "import subprocess\nsubprocess.Popen(['sleep', '{marker}'])\nprint('spawned')",
+    "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+    "        os.execvp('sleep', ['sleep', '{marker}'])\n    os._exit(0)\ntime.sleep(0.2)\nprint('spawned')",
+], ids=["popen", "double-fork-setsid"])
+def test_background_children_do_not_survive(spawn):
+    marker = f"{10**6 + secrets.randbelow(10**6)}.{secrets.randbelow(10**6)}"  # an unused sleep duration
+    assert run_hostile(spawn.format(marker=marker)) == "spawned\n"
+    assert live_processes_with(marker) == []
+
+
+@needs_uid_drop
+def test_a_program_that_leaves_its_process_group_is_killed_on_timeout():
+    marker = unique_marker()
+    assert run_hostile(name_self(marker) + "import os, time\nos.setsid()\ntime.sleep(100)") == "no stdout here"
+    assert live_processes_with(marker) == []
+
+
+@pytest.mark.parametrize("level", ["uid", "basic"])
+def test_fallback_levels_run_code_and_kill_it_on_timeout(level, monkeypatch):
+    if level == "uid" and LEVEL != "full" and LEVEL != "uid":
+        pytest.skip("needs root and setpriv")
+    python = tools.sandbox_isolation()[1] if level == "uid" else sys.executable
+    monkeypatch.setattr(tools, "_isolation", (level, python))
+    assert tools.execute_code("6 * 7") == "42\n"
+    marker = unique_marker()
+    assert run_hostile(name_self(marker) + "import os\nif os.fork() == 0:\n    os.setsid()\nwhile True: pass") == "no stdout here"
+    if level == "uid":  # at the basic level the setsid() child escapes, as the module docstring says
+        assert live_processes_with(marker) == []
+    else:
+        for pid in live_processes_with(marker):
+            os.kill(pid, 9)
+
+
+@needs_full_isolation
+def test_writes_outside_the_working_directory_do_not_reach_the_host():
+    name = unique_marker()
+    targets = [f"/tmp/{name}", str(Path(__file__).resolve().parents[1] / name)]
+    code = "".join(f"try:\n    open({t!r}, 'w').write('x')\n    print('wrote')\nexcept OSError as e:\n    print(e)\n"
+                   for t in targets)
+    try:
+        text = run_hostile(code, max_output_chars=0)
+        assert "Read-only file system" in text  # the repository is read-only inside
+        assert not any(os.path.exists(t) for t in targets)  # /tmp inside is a private tmpfs
+    finally:
+        for t in targets:
+            if os.path.exists(t):
+                os.remove(t)
+
+
+def test_the_parent_environment_is_not_visible():
+    secret = "secret-" + secrets.token_hex(8)
+    os.environ["SOD_TEST_SECRET"] = secret
+    try:
+        code = ("import os\nprint(dict(os.environ))\n"
+                f"for pid in (1, {os.getpid()}, os.getppid()):\n"
+                "    try:\n        print(open(f'/proc/{pid}/environ', 'rb').read())\n"
+                "    except OSError as e:\n        print(e)\n")
+        text = run_hostile(code, max_output_chars=0)
+    finally:
+        del os.environ["SOD_TEST_SECRET"]
+    assert "'PATH'" in text
+    if LEVEL == "basic":
+        pytest.skip("at the basic level the program runs as our uid and can read our /proc environ")
+    assert secret not in text
+
+
+@needs_full_isolation
+def test_network_connections_fail():
+    text = run_hostile("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)\nprint('connected')")
+    assert "connected" not in text and "Network is unreachable" in text
+
+
+def test_sys_exit_with_an_error_code_returns_the_output_normally():
+    assert run_hostile("import sys\nprint('bye')\nsys.exit(3)") == "bye\n"
+    result = tools.run_python("import sys\nsys.exit(3)", timeout=TIMEOUT)
+    assert (result["status"], result["returncode"]) == ("finished", 3)
+
+
+def test_a_segfault_is_reported_as_a_signal():
+    assert run_hostile("import ctypes\nctypes.string_at(0)") == "Process killed by signal SIGSEGV"
+
+
+def test_run_python_feeds_stdin_and_keeps_streams_apart():
+    result = tools.run_python("import sys\nprint(input()[::-1])\nprint('oops', file=sys.stderr)", stdin="abc\n")
+    assert result == {"status": "finished", "returncode": 0, "stdout": "cba\n", "stderr": "oops\n"}
+
+# -----------------------------------------------------------------------------
+# the tool text
+
+
+def test_execute_many_runs_in_parallel_and_keeps_order():
+    codes = [f"print(sum(range(10**6)) + {i})" for i in range(64)]
+    tools.execute_code("1")  # the isolation probe is not part of either timing
+    start = time.perf_counter()
+    sequential = [tools.execute_code(c) for c in codes]
+    t_sequential = time.perf_counter() - start
+    start = time.perf_counter()
+    parallel = tools.execute_many(codes)
+    t_parallel = time.perf_counter() - start
+    print(f"execute_many speed-up: {t_sequential / t_parallel:.2f}x ({t_sequential:.2f} s -> {t_parallel:.2f} s)")
+    assert parallel == sequential == [f"{499999500000 + i}\n" for i in range(64)]
+    assert t_sequential / t_parallel >= 1.5
+
+
+def test_reference_autoprint_wraps_the_last_nonempty_line():
+    assert tools.add_autoprint("x = 1\nx * 2\n\n") == "x = 1\nprint(x * 2)\n\n"
+    assert tools.add_autoprint("print(1)\n") == "print(1)\n"
+    assert tools.execute_code("x = 21\nx * 2") == "42\n"
+
+
+def test_reference_autoprint_keeps_its_quirks():
+    assert "TypeError" in tools.execute_code("x = 5")  # print(x = 5)
+    assert "IndentationError" in tools.execute_code("def f():\n    return 1")  # print(    return 1)
+    assert "SyntaxError" in tools.execute_code("import math")  # print(import math)
+    assert tools.add_autoprint("x\n   ") == "x\nprint(   )"  # whitespace-only lines are not skipped
+    assert tools.add_autoprint("printer = 3") == "printer = 3"  # starts with "print": left alone
+    assert tools.add_autoprint("x = 5", "off") == "x = 5"
+
+
+def test_expression_autoprint_wraps_only_a_final_bare_expression():
+    wrap = lambda code: tools.add_autoprint(code, "expression")
+    assert wrap("x = 5") == "x = 5"
+    assert wrap("print(1)") == "print(1)"
+    assert wrap("def f(:") == "def f(:"  # a syntax error is left for python to report
+    assert wrap("x = 1; x  # the answer") == "x = 1; print(x)  # the answer"
+    assert wrap("(1 +\n 2)\n") == "print((1 +\n 2))\n"
+    assert wrap("é = 1\né + 1") == "é = 1\nprint(é + 1)"  # ast columns are bytes, not characters
+    assert tools.execute_code("import math\nmath.factorial(\n    5\n)", autoprint="expression") == "120\n"
+
+
+def test_only_the_first_fenced_python_block_runs():
+    text = "Let me compute.\n```python\nprint(1)\n```\nand\n```python\nprint(2)\n```"
+    assert tools.execute_code(text) == "1\n"
+
+
+def test_truncation_variants_and_markers():
+    text = "".join(chr(ord("a") + i % 26) for i in range(300))
+    assert tools.truncate_output(text, 256, "middle") == text[:128] + "...(truncated)..." + text[-128:]
+    assert tools.truncate_output(text, 256, "left") == text[:256] + "...(truncated)"
+    assert tools.truncate_output(text, 256, "right") == "(truncated)..." + text[-256:]
+    assert tools.truncate_output(text, 300) == text
+    assert tools.truncate_output(text, 0) == text
+    assert tools.execute_code("print('y' * 1000)") == "y" * 128 + "...(truncated)..." + "y" * 127 + "\n"
+
+
+def test_stdout_comes_before_stderr():
+    code = "import sys\nprint('a', flush=True)\nprint('b', file=sys.stderr, flush=True)\nprint('c')"
+    assert tools.execute_code(code) == "a\nc\nb\n"
+
+
+def test_tool_call_failed_follows_the_reference_markers():
+    assert tools.tool_call_failed("Traceback (most recent call last): ...")
+    assert tools.tool_call_failed("Error when executing tool: 'code'")
+    assert tools.tool_call_failed("Execution timed out")
+    assert tools.tool_call_failed("no stdout here")  # our addition: the local timeout text
+    assert not tools.tool_call_failed("42\n")
+
+
+class FakeSandboxFusion(http.server.BaseHTTPRequestHandler):
+    replies = []  # (HTTP status, JSON body), consumed in order
+    requests = []
+
+    def do_POST(self):
+        self.requests.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+        status, body = self.replies.pop(0)
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def sandbox_fusion(monkeypatch):
+    monkeypatch.setattr(tools, "HTTP_RETRY_DELAY", 0.0)
+    FakeSandboxFusion.replies, FakeSandboxFusion.requests = [], []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeSandboxFusion)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_sandbox_fusion_api_retries_504_and_returns_stdout_then_stderr(sandbox_fusion):
+    finished = {"status": "Failed", "run_result": {"status": "Finished", "stdout": "out\n", "stderr": "err\n", "return_code": 1}}
+    FakeSandboxFusion.replies = [(504, {}), (504, {}), (200, finished)]
+    assert tools.execute_code("x", 7, 512, sandbox_url=sandbox_fusion) == "out\nerr\n"
+    path, payload = FakeSandboxFusion.requests[-1]
+    assert path == "/run_code" and len(FakeSandboxFusion.requests) == 3
+    assert payload == {"code": "print(x)", "language": "python", "compile_timeout": 7, "run_timeout": 7, "memory_limit_MB": 512}
+
+
+def test_sandbox_fusion_failures_give_the_reference_text(sandbox_fusion):
+    FakeSandboxFusion.replies = [(200, {"status": "Failed", "run_result": {"status": "TimeLimitExceeded"}}), (500, {})]
+    assert tools.execute_code("1", sandbox_url=sandbox_fusion + "/run_code") == "no stdout here"
+    assert tools.execute_code("1", sandbox_url=sandbox_fusion) == "no stdout here"  # no retry on 500
+    assert tools.execute_code("1", sandbox_url="http://127.0.0.1:9") == "no stdout here"
+
+# -----------------------------------------------------------------------------
+# tool calls
+
+
+def tool_call(name, arguments, arguments_as_string=False):
+    args = json.dumps(json.dumps(arguments)) if arguments_as_string else json.dumps(arguments)
+    return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {args}}}\n</tool_call>'
+
+
+no_tags = st.text(st.characters(blacklist_characters="<>"), max_size=30)  # no piece, nor two pieces, can form a tag
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | no_tags
+malformed = st.sampled_from(['{"name": "code_interpreter"}', '{"arguments": {}}', "[1, 2]", '"text"', "42",
+                             '{"name": "x", "arguments": [1]}', '{"name": 3, "arguments": {}}',
+                             '{"name": "x", "arguments": "not json"}', '{"name": "x", "arguments": "[1]"}',
+                             "{'name': 'x'}", "{", "", "[" * 100000 + "]" * 100000, "1" * 5000])
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(["<tool_call>", "</tool_call>", "{", "}", '"name"', '"arguments"', ":", ",", '"x"', "[", "\n"])
+                | st.text(max_size=20), max_size=30).map("".join))
+def test_parse_tool_calls_never_raises(text):
+    calls = tools.parse_tool_calls(text)
+    assert all(isinstance(c["name"], str) and isinstance(c["arguments"], dict) for c in calls)
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(
+    st.tuples(st.just("call"), no_tags, st.dictionaries(no_tags, json_scalars, max_size=3), st.booleans()),
+    st.tuples(st.just("junk"), no_tags),
+    st.tuples(st.just("malformed"), malformed)), max_size=8))
+def test_parse_tool_calls_round_trips_well_formed_calls_in_order(pieces):
+    text, expected = "", []
+    for piece in pieces:
+        if piece[0] == "call":
+            _, name, arguments, as_string = piece
+            text += tool_call(name, arguments, as_string)
+            expected.append({"name": name, "arguments": arguments})
+        elif piece[0] == "junk":
+            text += piece[1]
+        else:
+            text += f"<tool_call>{piece[1]}</tool_call>"
+    counts = collections.Counter()
+    assert tools.parse_tool_calls(text, counts) == expected
+    assert counts["tool_calls_parsed"] == len(expected)
+    assert counts["tool_calls_dropped"] == sum(p[0] == "malformed" for p in pieces)
+
+
+def test_parse_tool_calls_needs_both_tags_and_keeps_unknown_names():
+    assert tools.parse_tool_calls('<tool_call>{"name": "a", "arguments": {}}') == []
+    assert tools.parse_tool_calls(tool_call("search", {"q": 1})) == [{"name": "search", "arguments": {"q": 1}}]
+
+
+def test_run_tool_calls_answers_malformed_calls_with_the_reference_error_text():
+    calls = [{"name": "code_interpreter", "arguments": {"code": "print(1)"}},
+             {"name": "python", "arguments": {"code": "print(2)"}},
+             {"name": "code_interpreter", "arguments": {"script": "print(3)"}},
+             {"name": "code_interpreter", "arguments": {"code": 4}},
+             {"name": "code_interpreter", "arguments": '{"code": "print(5)"}'}]
+    texts = tools.run_tool_calls(calls)
+    assert texts[0] == "1\n"
+    assert texts[1] == "Error when executing tool: 'python'"
+    assert texts[2] == "Error when executing tool: 'code'"
+    assert texts[3].startswith("Error when executing tool:")
+    assert texts[4] == "5\n"
+    assert [tools.tool_call_failed(t) for t in texts] == [False, True, True, True, False]
+
+# -----------------------------------------------------------------------------
+# math rewards
+
+
+def reference_strict_box(solution_str, ground_truth):
+    """verl math_dapo, strict_box_verify=True, rewritten here from its description."""
+    s = solution_str[-300:][-100:]
+    idx = s.rfind("\\boxed{")
+    pred = None
+    if idx >= 0:
+        depth, i, right = 0, idx, None
+        while i < len(s):
+            if s[i] == "{":
+                depth += 1
+            elif s[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    right = i
+                    break
+            i += 1
+        if right is not None:
+            pred = s[idx:right + 1][len("\\boxed{"):-1]
+    return {"score": 1.0 if pred == ground_truth else -1.0, "acc": pred == ground_truth, "pred": pred}
+
+
+TRICKY = [("The answer is \\boxed{42}.", "42"),
+          ("The answer is \\boxed{ 42}.", "42"),  # a space: wrong, no normalisation
+          ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+          ("\\boxed{1} then \\boxed{2}", "2"),  # the last box counts
+          ("\\boxed{1} then \\boxed{2}", "1"),
+          ("\\boxed{7}" + "." * 100, "7"),  # the box is earlier than the last 100 characters
+          ("x" * 500 + "\\boxed{7}", "7"),
+          ("\\boxed{7", "7"),  # never closed
+          ("\\boxed{√2·π}", "√2·π"),  # unicode
+          ("\\boxed{A}", "A"), ("\\boxed{(A)}", "A"), ("no box at all", "3")]
+
+
+@pytest.mark.parametrize("solution, truth", TRICKY)
+def test_score_math_matches_the_reference_on_tricky_strings(solution, truth):
+    assert tools.score_math(solution, truth) == reference_strict_box(solution, truth)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from(["\\boxed{", "{", "}", "4", "2", " ", "é", "x" * 40]), max_size=20).map("".join),
+       st.sampled_from(["42", "4", "", "é"]))
+def test_score_math_matches_the_reference_everywhere(solution, truth):
+    assert tools.score_math(solution, truth) == reference_strict_box(solution, truth)
+
+
+def test_score_math_casts_a_numeric_ground_truth_to_str():
+    assert tools.score_math("\\boxed{42}", 42)["acc"]
+
+
+def test_lenient_math_grader_works_inside_a_worker_thread():
+    with ThreadPoolExecutor(1) as pool:
+        right = pool.submit(tools.score_math_lenient, "so \\boxed{0.5}", "\\frac{1}{2}").result()
+        wrong = pool.submit(tools.score_math_lenient, "so \\boxed{3}", "2").result()
+        garbage = pool.submit(tools.score_math_lenient, "\\boxed{\\frac{", "2").result()
+    assert right["acc"] and right["score"] == 1.0
+    assert not wrong["acc"] and wrong["score"] == -1.0
+    assert not garbage["acc"]
+
+# -----------------------------------------------------------------------------
+# code rewards
+
+DOUBLE = "```python\nn = int(input())\nprint(n * 2)\n```"
+
+
+def test_score_code_stdin_stdout_gives_partial_credit():
+    tests = {"inputs": ["1\n", "2\n", "3\n", "4\n"], "outputs": ["2\n", "4", "7\n", "8\n\n"]}  # trailing newlines are ignored
+    assert tools.score_code(DOUBLE, tests) == {"score": 0.75, "acc": False, "pred": "n = int(input())\nprint(n * 2)\n"}
+    assert tools.score_code(DOUBLE, json.dumps({"inputs": ["5\n"], "outputs": ["10\n"]}))["acc"]
+
+
+def test_score_code_calls_fn_name_on_solution_or_on_a_function():
+    tests = {"inputs": ["[1, 2]\n3", "[]\n0"], "outputs": ["[[1, 2], 3]", "[[], 0]"], "fn_name": "pair"}
+    method = "```python\nclass Solution:\n    def pair(self, xs: List[int], n: int):\n        return (xs, n)\n```"
+    function = "```python\ndef pair(xs, n):\n    return [xs, n]\n```"
+    assert tools.score_code(method, tests)["score"] == 1.0  # a tuple equals its list
+    assert tools.score_code(function, tests)["score"] == 1.0
+    assert tools.score_code("```python\ndef other(xs, n):\n    return 0\n```", tests)["score"] == -1.0
+
+
+def test_score_code_runs_leetcode_style_asserts_one_by_one():
+    tests = {"import_prefix": "from typing import *\n", "entry_point": "add",
+             "test_code": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 5\n"}
+    assert tools.score_code("```python\ndef add(a, b):\n    return a + b\n```", tests)["score"] == 0.5
+
+
+def test_score_code_reads_after_the_last_think_unless_asked_for_the_reference_split():
+    tests = {"inputs": ["2\n"], "outputs": ["4\n"]}
+    text = "<think>a</think>```python\nprint(0)\n```<think>b</think>" + DOUBLE
+    assert tools.score_code(text, tests)["acc"]
+    assert not tools.score_code(text, tests, reference_think_split=True)["acc"]  # grades print(0)
+
+
+def test_reference_newline_unescaping_breaks_escaped_strings():
+    code = "```python\nprint('\\n'.join(['a', 'b']))\n```"
+    tests = {"inputs": [""], "outputs": ["a\nb\n"]}
+    assert tools.score_code(code, tests)["acc"]
+    assert tools.score_code(code, tests, reference_unescape_newlines=True) == {"score": -1.0, "acc": False, "pred": None}
+
+
+def test_score_code_without_a_block_or_with_a_syntax_error_scores_minus_one():
+    tests = {"inputs": ["1\n"], "outputs": ["2\n"]}
+    assert tools.score_code("print(2)", tests)["score"] == -1.0
+    assert tools.score_code("```python\ndef (\n```", tests)["score"] == -1.0
+
+# -----------------------------------------------------------------------------
+# compute_score
+
+
+def test_compute_score_shaping_modes():
+    wrong, right = "\\boxed{1}", "\\boxed{2}"
+    assert tools.compute_score("aime", right, "2") == {"score": 1.0, "acc": True, "pred": "2"}
+    assert tools.compute_score("aime", wrong, "2")["score"] == pytest.approx(-1.1)  # num_turns reads 0
+    turns = lambda n: tools.compute_score("aime", wrong, "2", {"num_turns": n}, tool_shaping="turns")["score"]
+    assert [turns(2), turns(4), turns(6), turns(20)] == pytest.approx([-1.0, -0.9, -0.8, -0.6])
+    assert tools.compute_score("aime", wrong, "2", {"num_turns": 6}, tool_shaping="none")["score"] == -1.0
+    assert tools.compute_score("gpqa", "no box", "A")["pred"] == ""
+    with pytest.raises(ValueError):
+        tools.compute_score("aime", right, "2", tool_shaping="per-turn")
+
+
+def test_compute_score_dispatches_code_and_lenient_math():
+    assert tools.compute_score("livecodebench", DOUBLE, {"inputs": ["2\n"], "outputs": ["4\n"]})["score"] == 1.0
+    assert tools.compute_score("livecodebench", "no code", {"inputs": ["2\n"], "outputs": ["4\n"]})["score"] == pytest.approx(-1.1)
+    assert tools.compute_score("aime", "\\boxed{0.5}", "\\frac{1}{2}", lenient_math=True)["acc"]

@@ -156,7 +156,7 @@ def load_prompts(path: str, n: int | None = None, seed: int = 0) -> list[dict]:
             if truth is None:
                 raise ValueError("no ground truth")
         except (ValueError, KeyError, TypeError) as e:
-            bad[str(e)[:120]] += 1
+            bad[str(e)[:400]] += 1
             if len(bad) == 1 and sum(bad.values()) == 1:
                 log.warning("%s row %d skipped: %s", path, i, e)
             continue
@@ -164,7 +164,7 @@ def load_prompts(path: str, n: int | None = None, seed: int = 0) -> list[dict]:
     if bad:
         log.warning("%s: skipped %d malformed rows (%s)", path, sum(bad.values()), dict(bad))
     if not out:
-        raise ValueError(f"{path}: no usable rows")
+        raise ValueError(f"{path}: no usable rows" + (f"; first problem: {next(iter(bad))}" if bad else ""))
     return out[:n] if n else out
 
 
@@ -452,6 +452,7 @@ class RolloutConfig:
     tool_shaping: str = "reference"  # see tools.compute_score
     overlong_buffer: int = 0        # DAPO overlong penalty buffer in tokens (0 = off; reference 1024)
     overlong_penalty: float = 1.0
+    dedupe_tool_calls: bool = True  # identical calls of one turn batch run once (the reference runs each)
 
 
 @dataclass
@@ -536,8 +537,7 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
         # the tool calls of this turn, all trajectories at once, in parallel
         flat = [c for _, calls in pending for c in calls]
         t_tools = time.time()
-        results = tools.run_tool_calls(flat, timeout=cfg.tool_timeout, memory_mb=cfg.tool_memory_mb,
-                                       autoprint=cfg.autoprint, max_output_chars=cfg.max_tool_response_chars) if flat else []
+        results = run_calls(flat, cfg)
         counts["tool_seconds"] += time.time() - t_tools
         k = 0
         live = []
@@ -564,6 +564,22 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
     for t in trajs:
         score_trajectory(t, tokenizer, cfg)
     return trajs
+
+
+def run_calls(calls: list[dict], cfg: RolloutConfig) -> list[str]:
+    """Tool texts for a turn's calls, run in parallel. With cfg.dedupe_tool_calls, identical calls (the n samples
+    of a prompt often write the same code) run once and share the answer: exact for deterministic code."""
+    if not calls:
+        return []
+    keys = [json.dumps(c, sort_keys=True) for c in calls]
+    unique = list(dict.fromkeys(keys)) if cfg.dedupe_tool_calls else keys
+    by_key = {k: c for k, c in zip(keys, calls)}
+    texts = tools.run_tool_calls([by_key[k] for k in unique], timeout=cfg.tool_timeout, memory_mb=cfg.tool_memory_mb,
+                                 autoprint=cfg.autoprint, max_output_chars=cfg.max_tool_response_chars)
+    if not cfg.dedupe_tool_calls:
+        return texts
+    answer = dict(zip(unique, texts))
+    return [answer[k] for k in keys]
 
 
 def score_trajectory(t: Trajectory, tokenizer, cfg: RolloutConfig):

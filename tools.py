@@ -142,7 +142,8 @@ def _sandbox_command(level, python, uid, code_path):
 def _rlimits(timeout, memory_mb):
     """(resource, (soft, hard)) pairs, lowered to the current hard limits so a non-root host can set them."""
     cpu = int(timeout) + 1  # CPU seconds; several threads can burn it faster than the wall clock
-    wanted = [(resource.RLIMIT_AS, memory_mb * 2**20, memory_mb * 2**20),
+    memory = int(memory_mb * 2**20)
+    wanted = [(resource.RLIMIT_AS, memory, memory),
               (resource.RLIMIT_CPU, cpu, cpu + 1),
               (resource.RLIMIT_NPROC, MAX_PROCESSES, MAX_PROCESSES),
               (resource.RLIMIT_FSIZE, MAX_FILE_BYTES, MAX_FILE_BYTES),
@@ -250,16 +251,27 @@ def _run_sandboxed(code, stdin, timeout, memory_mb, max_output_bytes, level, pyt
                                         start_new_session=True, preexec_fn=set_limits)
             except (OSError, subprocess.SubprocessError) as e:
                 return {"status": "error", "returncode": None, "stdout": "", "stderr": str(e)}
+            # A timer kills the group at the deadline while we block in waitpid: Popen.wait(timeout=...)
+            # would poll with sleeps of up to 50 ms, which is most of the cost of a short call.
+            timed_out = threading.Event()
+
+            def kill_on_deadline():
+                timed_out.set()
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+            deadline = threading.Timer(timeout, kill_on_deadline)
+            deadline.start()
             try:
-                status, returncode = "finished", proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                status, returncode = "timeout", None
+                returncode = proc.wait()
             finally:
+                deadline.cancel()
                 # also after a normal exit: background children of the basic level share the group
                 with contextlib.suppress(OSError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.kill()  # cannot have left its group (a session leader), but wait() must never hang
                 proc.wait()
+            status, returncode = ("timeout", None) if timed_out.is_set() else ("finished", returncode)
             return {"status": status, "returncode": returncode,
                     "stdout": _read_capped(out, max_output_bytes), "stderr": _read_capped(err, max_output_bytes)}
     finally:

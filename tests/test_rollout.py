@@ -1,0 +1,282 @@
+"""rollout.py: the tool loop, its token bookkeeping, the chat-template rendering, log-probs, the toy task."""
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import rollout
+import tools
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return rollout.load_tokenizer("toy-student")
+
+
+@pytest.fixture(scope="module")
+def student():
+    return rollout.load_model("toy-student", device="cpu")
+
+
+# -----------------------------------------------------------------------------
+# log-probs
+
+def test_token_logprobs_equal_naive_log_softmax(student):
+    ids = torch.randint(0, 900, (3, 40))
+    att = torch.ones_like(ids)
+    att[1, 30:] = 0
+    with torch.no_grad():
+        ours = rollout.token_logprobs(student, ids, att, max_chunk_tokens=7)       # many small chunks
+        logits = student(input_ids=ids, attention_mask=att).logits.float()
+        naive = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert ours.shape == (3, 39)
+    assert torch.allclose(ours[att[:, 1:] > 0], naive[att[:, 1:] > 0], atol=1e-5)
+
+
+def test_token_logprobs_temperature_divides_logits(student):
+    ids = torch.randint(0, 900, (2, 12))
+    with torch.no_grad():
+        ours = rollout.token_logprobs(student, ids, torch.ones_like(ids), temperature=0.7)
+        naive = (student(input_ids=ids).logits[:, :-1] / 0.7).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(ours, naive, atol=1e-5)
+
+
+def test_token_logprobs_memory_stays_under_1gb_at_qwen3_vocabulary():
+    """B=1, T=4096, V=151936: a full float32 log-softmax alone would be 2.5 GB."""
+    script = textwrap.dedent("""
+        import resource, sys, torch
+        sys.path.insert(0, %r)
+        import rollout
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        cfg = Qwen3Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096)
+        model = Qwen3ForCausalLM(cfg).eval()
+        ids = torch.randint(0, 151936, (1, 4096))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with torch.no_grad():
+            lp = rollout.token_logprobs(model, ids, torch.ones_like(ids))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) / 1024, lp.shape[1])
+    """ % str(REPO))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    extra_mb, width = out.stdout.split()
+    print(f"peak extra memory: {float(extra_mb):.0f} MB")
+    assert int(width) == 4095 and float(extra_mb) < 1024
+
+
+# -----------------------------------------------------------------------------
+# rendering: rollouts have the chat template's token ids
+
+def conversation():
+    return [
+        {"role": "system", "content": "You are a careful solver."},
+        {"role": "user", "content": "a = 12 * 3\nb = a + 4\nWhat is b?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": "code_interpreter", "arguments": {"code": "print(12 * 3)"}}}]},
+        {"role": "tool", "content": "36\n"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": "code_interpreter", "arguments": {"code": "print(36 + 4)"}}}]},
+        {"role": "tool", "content": "40\n"},
+        {"role": "assistant", "content": "The answer is \\boxed{40}."},
+    ]
+
+
+def test_rendered_conversation_has_the_chat_template_ids(tok):
+    """prompt + model turns + tool segments, each tokenized alone, equal the template's whole rendering."""
+    msgs = conversation()
+    full_text = tok.apply_chat_template(msgs, tools=[tools.TOOL_SCHEMA], tokenize=False)
+    full = tok.encode(full_text, add_special_tokens=False)
+    prompt_text = tok.apply_chat_template(msgs[:2], tools=[tools.TOOL_SCHEMA], tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(prompt_text, add_special_tokens=False)
+    # what the model writes in each turn, as the template renders it (with <|im_end|>)
+    turn_texts = full_text[len(prompt_text):].split("<|im_start|>assistant\n")
+    for k, turn in enumerate(turn_texts):
+        model_part = turn.split("<|im_end|>")[0] + "<|im_end|>"
+        ids += tok.encode(model_part, add_special_tokens=False)
+        if k < 2:
+            ids += rollout.render_tool_response_ids(tok, [msgs[3 + 2 * k]["content"]])
+    # the only difference: the template ends with "<|im_end|>\n", a rollout stops at <|im_end|>
+    assert ids == full[:-1] and tok.decode(full[-1:]) == "\n"
+
+
+def test_prompt_declares_the_tool_as_the_reference(tok):
+    text = tok.decode(rollout.render_prompt_ids(tok, "hi"))
+    assert text.startswith("<|im_start|>system\n# Tools\n\nYou may call one or more functions")
+    assert json.dumps(tools.TOOL_SCHEMA, ensure_ascii=False) in text
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+# -----------------------------------------------------------------------------
+# the tool loop, driven by a scripted policy
+
+def scripted(tok, replies):
+    """An engine that answers turn k of every trajectory with replies[k] (a string), and counts its calls."""
+    calls = Counter()
+
+    def engine(contexts, max_new_tokens, sampling):
+        calls["batches"] += 1
+        outs = []
+        for ctx, budget in zip(contexts, max_new_tokens):
+            turn = tok.decode(ctx).count("<|im_start|>assistant")  # 1 for the first turn
+            outs.append(tok.encode(replies[min(turn - 1, len(replies) - 1)], add_special_tokens=False)[:budget])
+        return outs
+    return engine, calls
+
+
+def call_text(code):
+    return '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "%s"}}\n</tool_call><|im_end|>' % code
+
+
+def test_tool_loop_builds_response_and_mask(tok):
+    engine, calls = scripted(tok, [call_text("print(6 * 7)"), "The answer is \\boxed{42}.<|im_end|>"])
+    prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "42"}]
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_response_tokens=200), rollout.Sampling())
+    assert t.acc and t.reward == 1.0 and t.num_turns == 4 and t.num_tool_calls == 1 and t.stop_reason == "answer"
+    tool_text = tok.decode([i for i, m in zip(t.response_ids, t.response_mask) if m == 0])
+    assert tool_text == "\n<|im_start|>user\n<tool_response>\n42\n\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    assert len(t.steps) == 2 and all(all(t.response_mask[s:e]) for s, e in t.steps)
+    assert t.turns[0]["tool_call"] == "print(6 * 7)" and t.turns[0]["tool_status"] == "ok"
+
+
+def test_generation_is_batched_across_trajectories(tok):
+    engine, calls = scripted(tok, [call_text("print(1)"), call_text("print(2)"), "done \\boxed{2}<|im_end|>"])
+    prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "2"} for i in range(8)]
+    trajs = rollout.rollout(engine, tok, prompts, 4, rollout.RolloutConfig(max_response_tokens=300), rollout.Sampling())
+    assert len(trajs) == 32 and calls["batches"] == 3   # one generate call per turn, not per trajectory
+    assert [t.prompt_index for t in trajs] == [i for i in range(8) for _ in range(4)]
+
+
+def test_max_turns_stops_the_loop(tok):
+    engine, _ = scripted(tok, [call_text("print(1)")])
+    prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "1"}]
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_turns=3, max_response_tokens=2000), rollout.Sampling())
+    assert len(t.steps) == 3 and t.num_tool_calls == 2 and t.stop_reason == "max_turns"
+    assert t.response_mask[-1] == 1   # ends with a model turn
+
+
+def test_token_budget_counts_tool_tokens_and_never_ends_on_a_tool_segment(tok):
+    engine, _ = scripted(tok, [call_text("print(123456789)")])
+    prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "1"}]
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_response_tokens=100), rollout.Sampling())
+    assert len(t.response_ids) <= 100 and t.stop_reason == "length" and t.response_mask[-1] == 1
+
+
+def test_malformed_and_unknown_tool_calls_follow_the_reference(tok):
+    bad_json = "<tool_call>\n{not json}\n</tool_call><|im_end|>"
+    engine, _ = scripted(tok, [bad_json])
+    prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "1"}]
+    counts = Counter()
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(), rollout.Sampling(), counts=counts)
+    assert t.stop_reason == "answer" and counts["tool_calls_dropped"] == 1   # no valid call: the episode ends
+    unknown = '<tool_call>\n{"name": "web_search", "arguments": {"q": "x"}}\n</tool_call><|im_end|>'
+    engine, _ = scripted(tok, [unknown, "\\boxed{1}<|im_end|>"])
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(), rollout.Sampling())
+    assert "Error when executing tool" in t.text and t.num_tool_errors == 1 and t.acc
+
+
+def test_rollout_of_the_toy_student_with_hf_generate(tok, student):
+    prompts = rollout.load_prompts("toy:eval", 4)
+    trajs = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), rollout.Sampling(), seed=0)
+    assert len(trajs) == 8 and all(len(t.response_ids) <= 64 for t in trajs)
+    again = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), rollout.Sampling(), seed=0)
+    assert [t.response_ids for t in trajs] == [t.response_ids for t in again]   # seeded: reproducible
+
+
+def test_pad_trajectories_puts_the_mask_in_label_space(tok):
+    t = rollout.Trajectory(prompt_ids=[5, 6, 7], response_ids=[8, 9, 10, 11], response_mask=[1, 1, 0, 1])
+    batch = rollout.pad_trajectories([t], tok.pad_token_id)
+    # label position p-1 predicts token p: response token j sits at position 3 + j
+    assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 0, 1]]
+
+
+# -----------------------------------------------------------------------------
+# models, data, the toy task
+
+def test_teacher_and_student_must_share_a_tokenizer(tok, tmp_path):
+    rollout.check_same_tokenizer(tok, rollout.load_tokenizer("toy-teacher"))
+    other = rollout.load_tokenizer("toy-student")
+    other.add_tokens(["<extra_token>"])
+    with pytest.raises(SystemExit, match="tokenizer mismatch"):
+        rollout.check_same_tokenizer(tok, other)
+
+
+def test_missing_model_path_is_a_clear_error():
+    with pytest.raises(SystemExit, match="does not exist"):
+        rollout.load_model("runs/no-such-model/final")
+
+
+def test_prompt_wrappers_are_chosen_per_row():
+    rows = [
+        {"prompt": [{"role": "user", "content": "P"}], "data_source": "math_dapo", "reward_model": {"ground_truth": "1"}},
+        {"prompt": [{"role": "user", "content": "P"}], "data_source": "skywork_code", "reward_model": {"ground_truth": {}}},
+        {"prompt": [{"role": "user", "content": "P"}], "data_source": "other", "reward_model": {"ground_truth": "2"}},
+        {"Problem": "P", "Answer": 7, "data_source": "AIME2024"},
+        {"problem": "P", "solution": "B", "domain": "Physics", "data_source": "gpqa_diamond"},
+    ]
+    texts = [rollout.wrap_prompt(r)[0] for r in rows]
+    assert texts[0] == "P" + rollout.NOUNITS_A
+    assert texts[1] == "P" + rollout.AGENT + rollout.CODE_SUFFIX
+    assert texts[2] == rollout.MATH1 + "P" + rollout.MATH2 + rollout.AGENT + rollout.ANSFMT + rollout.NOUNITS_B
+    assert texts[3] == rollout.MATH1 + "P" + rollout.MATH2 + rollout.AGENT + rollout.ANSFMT
+    assert texts[4].startswith("Analyze and solve the following Physics problem step by step. \n\nP")
+    assert rollout.wrap_prompt(rows[3])[2] == "7"
+
+
+def test_broken_rows_are_skipped_and_counted(tmp_path, caplog):
+    path = tmp_path / "rl.jsonl"
+    good = {"prompt": [{"role": "user", "content": "P"}], "data_source": "x", "reward_model": {"ground_truth": "1"}}
+    path.write_text("\n".join([json.dumps(good), json.dumps({"foo": 1}), json.dumps(good)]))
+    assert len(rollout.load_prompts(str(path))) == 2
+    assert "skipped 1 malformed rows" in caplog.text
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        rollout.load_prompts(str(bad))
+
+
+def test_toy_splits_are_disjoint_and_seeded():
+    train = {r["prompt"][0]["content"] for r in rollout.toy_rl_rows(500, "train")}
+    held_out = {r["prompt"][0]["content"] for r in rollout.toy_rl_rows(200, "eval")}
+    assert not train & held_out
+    assert rollout.toy_rl_rows(5, "train", seed=1) == rollout.toy_rl_rows(5, "train", seed=1)
+
+
+def test_toy_problems_need_dependent_tool_calls():
+    rng = random.Random(0)
+    for _ in range(50):
+        p = rollout.make_toy_problem(rng)
+        assert 2 <= len(p["calls"]) <= 4
+        for k in range(1, len(p["calls"])):   # each call starts from the previous call's output
+            assert p["calls"][k].startswith(f"print({p['outputs'][k - 1]} ")
+        assert str(p["outputs"][-1]) == p["answer"]
+
+
+def test_toy_tracebacks_are_what_the_sandbox_prints():
+    if tools.sandbox_isolation()[0] != "full":
+        pytest.skip("the traceback path /tmp/main.py is the full sandbox's")
+    seen = set()
+    for seed in range(12):
+        conv = rollout.toy_sft_conversation(rollout.make_toy_problem(random.Random(seed)), random.Random(seed), recovery=True)
+        for i, m in enumerate(conv):
+            if m["role"] == "tool" and "Traceback" in m["content"]:
+                code = conv[i - 1]["tool_calls"][0]["function"]["arguments"]["code"]
+                assert tools.execute_code(code) == m["content"]
+                seen.add(m["content"].split("\n")[-2].split(":")[0])
+    assert seen == {"NameError", "TypeError"}
+
+
+def test_rollout_script_runs():
+    out = subprocess.run([sys.executable, "rollout.py", "--num_prompts", "2", "--n", "2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "4 trajectories" in out.stdout

@@ -1,0 +1,131 @@
+"""sft.py: the assistant-only mask, train-as-you-roll-out ids, bad data, exact resume."""
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+import rollout
+import sft
+import tools
+from test_rollout import conversation
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return rollout.load_tokenizer("toy-student")
+
+
+def assistant_spans(text):
+    """Every assistant message's text as the template renders it: after the header, through <|im_end|>."""
+    spans = []
+    for part in text.split("<|im_start|>assistant\n")[1:]:
+        spans.append(part.split("<|im_end|>")[0] + "<|im_end|>")
+    return spans
+
+
+def masked_runs(tok, ids, mask):
+    runs, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def test_loss_mask_is_exactly_the_assistant_spans_of_the_chat_template(tok):
+    msgs = conversation()
+    ids, mask = sft.tokenize_conversation(tok, msgs, [tools.TOOL_SCHEMA])
+    text = tok.apply_chat_template(msgs, tools=[tools.TOOL_SCHEMA], tokenize=False)
+    assert ids == tok.encode(text, add_special_tokens=False)           # the template's own tokenization
+    assert masked_runs(tok, ids, mask) == assistant_spans(text)         # and exactly its assistant spans
+    assert len(assistant_spans(text)) == 3
+    # nothing else is trained: the system block, the user turn, tool responses, headers, the final newline
+    unmasked = tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert "You are a careful solver." in unmasked and "<tool_response>\n36\n" in unmasked
+    assert unmasked.count("<|im_start|>assistant\n") == 3
+
+
+def test_think_block_follows_the_template_on_the_final_turn_only(tok):
+    ids, mask = sft.tokenize_conversation(tok, conversation(), [tools.TOOL_SCHEMA])
+    runs = masked_runs(tok, ids, mask)
+    assert runs[-1].startswith("<think>\n\n</think>\n\nThe answer is") and "<think>" not in runs[0]
+
+
+def test_sft_ids_equal_a_rollout_of_the_same_turns(tok):
+    """Train as you roll out: replay the assistant turns through the tool loop and compare ids."""
+    row = rollout.toy_sft_rows(1, recovery_frac=1.0, seed=3)[0]
+    ids, mask = sft.tokenize_conversation(tok, row["messages"], row["tools"])
+    turns = [tok.encode(s, add_special_tokens=False) for s in assistant_spans(tok.decode(ids))]
+
+    def replay(contexts, budgets, sampling):
+        k = tok.decode(contexts[0]).count("<|im_start|>assistant\n") - 1
+        return [turns[k]]
+
+    prompt = row["messages"][0]["content"]
+    (t,) = rollout.rollout(replay, tok, [{"prompt": prompt, "data_source": "toy_arith", "ground_truth": "0"}], 1,
+                           rollout.RolloutConfig(max_response_tokens=10_000), rollout.Sampling())
+    assert t.prompt_ids + t.response_ids == ids[:-1]                   # SFT keeps the template's final "\n"
+    assert [0] * len(t.prompt_ids) + t.response_mask == mask[:-1]
+    assert "Traceback" in t.text                                        # the replayed tool error came from the real sandbox
+
+
+def test_loss_uses_the_label_mask_not_the_previous_token():
+    ids, mask = [10, 11, 12, 13, 14], [0, 0, 1, 1, 0]
+    _, _, label_mask = sft.collate([(ids, mask)], 0, "cpu")
+    # position t predicts token t+1: the first assistant token (index 2) is trained, the one after (4) is not
+    assert label_mask.tolist() == [[0, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"},
+                   {"role": "assistant", "content": "y"}]}, "no preceding assistant tool call"),
+    ({"messages": []}, "empty"),
+    ({"text": "hello"}, "no `messages`"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, "system message at position 1"),
+])
+def test_bad_rows_are_named(row, problem):
+    assert problem in sft.check_conversation(row)
+
+
+def test_bad_rows_are_reported_with_file_and_row(tmp_path, tok, caplog):
+    good = rollout.toy_sft_rows(1)[0]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good, {"messages": [{"role": "user", "content": "x"}]}, good]))
+    cfg = sft.Config(data=str(path), max_length=4096)
+    assert len(sft.load_sft_examples(cfg, tok)) == 2
+    assert "sft.jsonl row 1: no assistant turn" in caplog.text
+    with pytest.raises(SystemExit, match="row 1"):
+        sft.load_sft_examples(replace(cfg, strict_data=True), tok)
+    with pytest.raises(SystemExit, match="beyond max_length"):
+        sft.load_sft_examples(replace(cfg, max_length=20, strict_data=True), tok)
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+    base = sft.Config(toy_examples=48, batch_size=8, micro_batch_size=4, max_steps=6, save_every=2,
+                      eval_prompts=0, device="cpu")
+    straight = sft.main(replace(base, out_dir=str(tmp_path / "a")))
+
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def crash_on_fifth_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real_clip(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_on_fifth_step)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(replace(base, out_dir=str(tmp_path / "b")))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    assert (tmp_path / "b" / "checkpoint" / "trainer_state.pt").exists()
+    resumed = sft.main(replace(base, out_dir=str(tmp_path / "b"), resume=True))
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name

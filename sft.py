@@ -66,7 +66,7 @@ class Config:
     # data
     model: str = arg("toy-student", "local path, Hugging Face name, or toy-student / toy-teacher")
     data: str = arg("toy", "'toy' (generated) or a .jsonl/.parquet file with `messages` and `tools`")
-    toy_examples: int = arg(2000, "number of generated toy conversations")
+    toy_examples: int = arg(5000, "number of generated toy conversations")
     toy_recovery_frac: float = arg(0.25, "fraction of toy conversations where one tool call fails and is redone")
     max_length: int = arg(512, "tokens per example; longer ones are cut on the right (reference 32768)")
     strict_data: bool = arg(False, "stop at the first malformed row instead of skipping it")
@@ -301,7 +301,7 @@ def main(cfg: Config):
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         bar.set_postfix(loss=f"{loss_sum:.3f}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:  # the last one lets --resume extend a run
             save_checkpoint(out_dir, "checkpoint", model, tokenizer, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1,
                 "rng": rng_state(), "config": asdict(cfg)})

@@ -273,7 +273,7 @@ def main(cfg: Config):
         metrics_file.flush()
         rollout.write_jsonl(out_dir / "steps.jsonl", records)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:  # the last one lets --resume extend a run
             grpo.save_run_checkpoint(out_dir, model, tokenizer, optimizer, step + 1, cfg)
     metrics_file.close()
     model.eval()

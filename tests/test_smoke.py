@@ -1,0 +1,92 @@
+"""Every script runs end to end as a user runs it (a subprocess, a step or two, tiny sizes), cleanRL-style."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sod_distill
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, timeout=600):
+    out = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{args}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """SFT checkpoints of the tiny teacher and student, made by sft.py itself."""
+    root = tmp_path_factory.mktemp("runs")
+    run("sft.py", "--model", "toy-teacher", "--max_steps", 2, "--toy_examples", 32, "--batch_size", 8,
+        "--toy_recovery_frac", 0, "--out_dir", root / "sft-teacher", "--eval_prompts", 2)
+    run("sft.py", "--max_steps", 2, "--toy_examples", 32, "--batch_size", 8, "--out_dir", root / "sft-student",
+        "--eval_prompts", 0)
+    for name in ("sft-teacher", "sft-student"):
+        final = root / name / "final"
+        assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
+        assert (final / "chat_template.jinja").exists()
+        assert len((root / name / "metrics.jsonl").read_text().splitlines()) == 2
+    return root
+
+
+RL_SMALL = ["--steps", 2, "--prompts_per_step", 2, "--n", 2, "--eval_every", 0, "--eval_prompts", 2, "--eval_n", 2,
+            "--max_response_tokens", 96, "--save_every", 1]
+
+
+def test_grpo_script(runs):
+    run("grpo.py", "--model", runs / "sft-teacher" / "final", "--out_dir", runs / "grpo-teacher", *RL_SMALL)
+    rows = [json.loads(x) for x in (runs / "grpo-teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert {"reward", "acc", "clip_frac", "approx_kl", "t_rollout", "t_tools", "tool_error_rate"} <= set(rows[0])
+    assert "eval/toy/avg@2" in rows[-1]
+    assert (runs / "grpo-teacher" / "final" / "model.safetensors").exists()
+
+
+def test_sod_script(runs):
+    out = runs / "sod-student"
+    run("sod_distill.py", "--student", runs / "sft-student" / "final", "--teacher", runs / "sft-teacher" / "final",
+        "--out_dir", out, *RL_SMALL)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "w_mean/step1" in rows[0] and "d1_mean" in rows[0] and "frac_w_below_0.5" in rows[0]
+    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert {"d", "w", "tool_call", "tool_status", "reward"} <= set(steps[0])
+    assert (out / "step_weights.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["opd", "gated", "opsd_gt", "opsd_hint"])
+def test_every_distillation_mode_runs(runs, mode, tmp_path):
+    teacher = runs / "sft-teacher" / "final"  # any checkpoint with the shared tokenizer will do
+    cfg = sod_distill.Config(student=str(runs / "sft-student" / "final"), teacher=str(teacher), mode=mode,
+                             out_dir=str(tmp_path / mode), steps=1, prompts_per_step=2, n=2, eval_every=0,
+                             eval_prompts=2, eval_n=1, max_response_tokens=64)
+    sod_distill.main(cfg)
+    assert (tmp_path / mode / "final" / "model.safetensors").exists()
+
+
+def test_rl_run_resumes_from_its_checkpoint(runs):
+    out = runs / "grpo-resume"
+    run("grpo.py", "--model", runs / "sft-teacher" / "final", "--out_dir", out, *RL_SMALL)
+    # a later invocation with --resume and more steps continues from the last saved step
+    run("grpo.py", "--model", runs / "sft-teacher" / "final", "--out_dir", out, *RL_SMALL, "--steps", 3, "--resume", "true")
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_evaluate_script(runs):
+    out = runs / "eval"
+    stdout = run("evaluate.py", "--model", runs / "sft-student" / "final", runs / "sft-teacher" / "final",
+                 "--num_prompts", 3, "--n", 2, "--max_response_tokens", 64, "--out_dir", out)
+    assert "avg@2" in stdout and "pass@2" in stdout and "maj@2" in stdout
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert len(results) == 2
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 2 * 3 * 2
+
+
+def test_pipeline_quick(tmp_path):
+    stdout = run("pipeline.py", "--quick", "true", "--out_root", tmp_path)
+    for row in ("teacher SFT", "teacher GRPO", "student SFT", "student GRPO", "student OPD", "student SOD"):
+        assert f"| {row} |" in stdout

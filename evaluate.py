@@ -55,6 +55,7 @@ class Config:
     max_turns: int = arg(16, "assistant turns per trajectory (reference 16)")
     max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
     tool_timeout: float = arg(60.0, "seconds per tool call (reference 60)")
+    autoprint: str = arg("reference", "tool auto-print: reference | expression")
     backend: str = arg("auto", "auto | hf | vllm")
     out_dir: str = arg("runs/eval", "results.md, results.json, generations.jsonl")
     seed: int = arg(0, "sampling seed")
@@ -157,7 +158,8 @@ def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
 
 
 def rollout_config(cfg: Config) -> rollout.RolloutConfig:
-    return rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens, tool_timeout=cfg.tool_timeout)
+    return rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
+                                 tool_timeout=cfg.tool_timeout, autoprint=cfg.autoprint)
 
 
 def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, generations_file=None, model_name="") -> dict:

@@ -71,9 +71,11 @@ class Config:
     tool_timeout: float = arg(60.0, "seconds per tool call (reference 60)")
     tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) | turns (+0.1 per tool round) | none")
     overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
+    autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression (bare expressions only)")
+    dedupe_tool_calls: bool = arg(True, "run identical tool calls of one turn batch once (exact for deterministic code)")
     dynamic_sampling: bool = arg(False, "drop groups whose rewards are all equal (DAPO); reference off")
     # optimization
-    lr: float = arg(2e-4, "learning rate, constant (reference 1e-6)")
+    lr: float = arg(5e-5, "learning rate, constant (reference 1e-6)")
     beta2: float = arg(0.999, "AdamW beta2 (beta1 0.9)")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "max gradient norm")
@@ -186,7 +188,8 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, cfg, ref
 def rollout_config(cfg) -> rollout.RolloutConfig:
     return rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
                                  tool_timeout=cfg.tool_timeout, tool_shaping=cfg.tool_shaping,
-                                 overlong_buffer=cfg.overlong_buffer)
+                                 overlong_buffer=cfg.overlong_buffer, autoprint=cfg.autoprint,
+                                 dedupe_tool_calls=cfg.dedupe_tool_calls)
 
 
 def load_rl_prompts(cfg, tokenizer) -> list[dict]:
@@ -247,7 +250,7 @@ def save_run_checkpoint(out_dir, model, tokenizer, optimizer, step, cfg):
 
 def held_out_eval(model, tokenizer, cfg) -> dict:
     """avg@n and pass@n on held-out problems through evaluate.py, at the evaluation sampling settings."""
-    eval_cfg = evaluate.Config(data=cfg.eval_data, num_prompts=cfg.eval_prompts, n=cfg.eval_n,
+    eval_cfg = evaluate.Config(data=cfg.eval_data, num_prompts=cfg.eval_prompts, n=cfg.eval_n, autoprint=cfg.autoprint,
                                max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens, seed=1234)
     model.eval()
     results = evaluate.evaluate_engine(model, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg)

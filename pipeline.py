@@ -41,6 +41,8 @@ class Config:
     out_root: str = arg("runs", "every stage writes under this folder")
     quick: bool = arg(False, "a few steps per stage (smoke test)")
     seeds: str = arg("0", "comma-separated seeds for the student RL runs")
+    teacher_sft_epochs: int = arg(5, "SFT epochs of the teacher (5000 clean toy conversations)")
+    student_sft_epochs: int = arg(4, "SFT epochs of the student (5000 toy conversations, 25% with a recovered tool error)")
     rl_steps: int = arg(30, "RL steps of every RL run (teacher GRPO and each student run)")
     eval_n: int = arg(8, "samples per held-out problem in the final table")
     eval_prompts: int = arg(128, "held-out problems in the final table")
@@ -71,10 +73,11 @@ def main(cfg: Config):
     # 1-2. cold-start SFT. The teacher sees only clean solutions; the student's data also shows recoveries
     # from failed tool calls (see README: what the toy task needs for SOD to matter).
     run_stage("sft teacher", root / "sft-teacher", sft.main,
-              sft.Config(model="toy-teacher", toy_recovery_frac=0.0, epochs=3, out_dir=str(root / "sft-teacher"), **sft_sizes),
+              sft.Config(model="toy-teacher", toy_recovery_frac=0.0, epochs=cfg.teacher_sft_epochs, out_dir=str(root / "sft-teacher"), **sft_sizes),
               cfg.skip_existing, timings)
     run_stage("sft student", root / "sft-student", sft.main,
-              sft.Config(model="toy-student", out_dir=str(root / "sft-student"), **sft_sizes), cfg.skip_existing, timings)
+              sft.Config(model="toy-student", epochs=cfg.student_sft_epochs, out_dir=str(root / "sft-student"), **sft_sizes),
+              cfg.skip_existing, timings)
     # 3. the teacher's RL
     teacher = str(root / "grpo-teacher" / "final")
     run_stage("grpo teacher", root / "grpo-teacher", grpo.main,

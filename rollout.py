@@ -117,8 +117,7 @@ def load_rows(path: str) -> list[dict]:
             import pandas as pd
         except ImportError as e:
             raise ImportError("reading parquet needs pandas and pyarrow: pip install pandas pyarrow") from e
-        rows = pd.read_parquet(p).to_dict(orient="records")
-        return [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()} for r in rows]
+        return [_to_plain(r) for r in pd.read_parquet(p).to_dict(orient="records")]
     if p.suffix == ".json":
         return json.loads(p.read_text())
     rows = []
@@ -148,7 +147,7 @@ def load_prompts(path: str, n: int | None = None, seed: int = 0) -> list[dict]:
         split = path.split(":")[1] if ":" in path else "train"
         rows = toy_rl_rows(n or 256, split=split, seed=seed)
     else:
-        rows = [_to_plain(r) for r in load_rows(path)]
+        rows = load_rows(path)
     out, bad = [], Counter()
     for i, row in enumerate(rows):
         try:
@@ -390,6 +389,8 @@ def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], sam
 
 def make_vllm_engine(model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.5, max_model_len: int | None = None):
     """A colocated, in-process vLLM engine. In-process is what lets us push weights without a disk round trip."""
+    if model_path in TOY_MODELS:
+        raise SystemExit(f"vLLM loads weights from a folder; {model_path!r} is a random toy model: run sft.py first")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         from vllm import LLM
@@ -624,7 +625,9 @@ def pad_trajectories(trajs: list[Trajectory], pad_id: int, device="cpu") -> dict
 
 
 def _chunk_logprobs(lm_head, hidden, labels, temperature):
-    logits = lm_head(hidden).float() / temperature  # [N, V]: one chunk only
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=hidden.is_cuda):
+        logits = lm_head(hidden)
+    logits = logits.float() / temperature  # [N, V] float32: one chunk only
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -637,7 +640,9 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
     vocabulary never gets logits for a whole batch at once). Under autograd each chunk is checkpointed, so the backward
     pass recomputes its logits instead of keeping all of them alive.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # [B, T-1, H]
+    # bf16 autocast on CUDA (fp32 master weights, like the reference's mixed precision); a no-op on CPU
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=input_ids.is_cuda):
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # [B, T-1, H]
     labels = input_ids[:, 1:]                                                                                   # [B, T-1]
     B, Tm1, H = hidden.shape
     lm_head = model.get_output_embeddings()

@@ -29,7 +29,8 @@ step is compared with the first one only, and there is no lower bound (w -> 0 as
 Modes (--mode): sod (default); opd (w = 1, the OPD baseline); gated (section 6.5: A_t = (A_i + beta_i r_t) m_t,
 beta_i = beta_min + (beta_max - beta_min) sigmoid(-gamma A_i)); opsd_gt / opsd_hint (on-policy *self*-
 distillation: the teacher is the frozen starting student, shown the ground-truth answer or a hint in its
-prompt. The reference has no code for these; this definition is inferred from the paper it cites).
+prompt, with uniform weights as in OPD. The reference has no code for these; this definition is inferred
+from the paper it cites).
 
 Deviations from the reference: step_weights is vectorised (the reference loops over tokens with .item());
 the rest follows grpo.py. Reference values: eps 1e-6, delta 0.2, lambda 1.0 (the dataclass default
@@ -111,9 +112,9 @@ def distill_advantages(mode: str, grpo_adv, student_logprobs, teacher_logprobs, 
     """The advantage each mode feeds to grpo.policy_loss. grpo_adv: [B]; the rest [B, T]."""
     m = response_mask
     r = (teacher_logprobs - student_logprobs) * m                                    # [B, T] per-token teacher signal
-    if mode in ("sod", "opsd_gt", "opsd_hint"):
+    if mode == "sod":
         w = step_weights(student_logprobs, teacher_logprobs, m, cfg.eps, cfg.delta)
-    elif mode == "opd":
+    elif mode in ("opd", "opsd_gt", "opsd_hint"):  # uniform: the OPD baseline, and self-distillation with a privileged teacher
         w = m
     elif mode == "gated":
         beta = cfg.gated_beta_min + (cfg.gated_beta_max - cfg.gated_beta_min) * torch.sigmoid(-cfg.gated_gamma * grpo_adv)
@@ -132,8 +133,10 @@ def privileged_prompt(prompt: dict, mode: str) -> str:
         return prompt["prompt"] + f"\n(The correct final answer is {prompt['ground_truth']}.)"
     hint = prompt.get("hint")
     if hint is None and prompt["data_source"].startswith("toy"):
-        first = prompt["prompt"].split("\n")[2]      # the toy hint: the value of the first line, "a = 347 * 29"
-        hint = f"{first.split('=')[0].strip()} = {eval(first.split('=')[1], {'__builtins__': {}})}"
+        # the toy hint: the value of the first line, e.g. "a = 57 * 26" -> "a = 1482"
+        first = next(line for line in prompt["prompt"].split("\n") if line.startswith("a = "))
+        x, op, y = first.split("=")[1].split()
+        hint = f"a = {rollout._apply(op, int(x), int(y))}"
     if hint is None:
         raise ValueError("opsd_hint needs a `hint` field in the data rows")
     return prompt["prompt"] + f"\n(Hint: {hint}.)"
@@ -244,7 +247,8 @@ def main(cfg: Config):
         trajs = rollout.rollout(engine, tokenizer, step_prompts, cfg.n, grpo.rollout_config(cfg),
                                 rollout.Sampling(cfg.temperature, cfg.top_p), seed=cfg.seed * 100_003 + step, counts=counts)
         model.train()
-        row = {"step": step + 1, **grpo.rollout_metrics(trajs, counts), "t_rollout": time.time() - t0}
+        row = {"step": step + 1, **grpo.rollout_metrics(trajs, counts), "t_rollout": time.time() - t0,
+               "t_tools": counts["tool_seconds"]}
         rewards = torch.tensor([t.reward for t in trajs])                                     # [B]
         grpo_adv = grpo.group_advantages(rewards, torch.tensor([t.prompt_index for t in trajs])).to(device)
         batch = rollout.pad_trajectories(trajs, tokenizer.pad_token_id, device)

@@ -280,3 +280,16 @@ def test_rollout_script_runs():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "4 trajectories" in out.stdout
+
+
+def test_parquet_files_in_the_real_schemas_load(tmp_path):
+    pd = pytest.importorskip("pandas")
+    rl = tmp_path / "rl.parquet"
+    pd.DataFrame([{"prompt": [{"role": "user", "content": "What is 1+1?"}], "data_source": "math_dapo",
+                   "reward_model": {"ground_truth": "2"}, "extra_info": {"index": 0}, "ability": "math"}]).to_parquet(rl)
+    (p,) = rollout.load_prompts(str(rl))
+    assert p["prompt"] == "What is 1+1?" + rollout.NOUNITS_A and p["ground_truth"] == "2"
+    aime = tmp_path / "aime.parquet"
+    pd.DataFrame([{"Problem": "Find x.", "Answer": 204, "data_source": "AIME2024"}]).to_parquet(aime)
+    (p,) = rollout.load_prompts(str(aime))
+    assert p["ground_truth"] == "204" and p["data_source"] == "AIME2024"

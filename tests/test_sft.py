@@ -129,3 +129,16 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch
     resumed = sft.main(replace(base, out_dir=str(tmp_path / "b"), resume=True))
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_sft_parquet_with_openai_tool_calls_loads(tmp_path, tok):
+    pd = pytest.importorskip("pandas")
+    row = rollout.toy_sft_rows(1, recovery_frac=0.0)[0]
+    for m in row["messages"]:  # OpenAI form: arguments as a JSON string
+        for call in m.get("tool_calls", []):
+            call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+    path = tmp_path / "sft.parquet"
+    pd.DataFrame([row]).to_parquet(path)
+    (example,) = sft.load_sft_examples(sft.Config(data=str(path)), tok)
+    ids, mask = example
+    assert "print(" in tok.decode([i for i, m in zip(ids, mask) if m])

@@ -62,3 +62,11 @@ def test_weight_push_makes_vllm_match_the_updated_model(engine_and_model):
     rollout.push_weights_to_vllm(llm, model)
     pushed = vllm_logprobs(llm, ids)
     assert torch.allclose(pushed, after, atol=1e-4) and not torch.allclose(pushed, before, atol=1e-3)
+
+
+def test_evaluate_runs_on_the_vllm_backend(engine_and_model):
+    import evaluate
+    llm, _, tok = engine_and_model
+    cfg = evaluate.Config(num_prompts=2, n=2, max_response_tokens=48, max_turns=3)
+    results = evaluate.evaluate_engine(llm, tok, evaluate.load_benchmarks(cfg), cfg)
+    assert results["toy"]["problems"] == 2 and 0.0 <= results["toy"]["avg@2"] <= 1.0

@@ -56,6 +56,7 @@ class Config:
     max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
     tool_timeout: float = arg(60.0, "seconds per tool call (reference 60)")
     autoprint: str = arg("reference", "tool auto-print: reference | expression")
+    tool_failure_rate: float = arg(0.0, "toy: fraction of tool calls that fail transiently ('no stdout here')")
     backend: str = arg("auto", "auto | hf | vllm")
     out_dir: str = arg("runs/eval", "results.md, results.json, generations.jsonl")
     seed: int = arg(0, "sampling seed")
@@ -78,7 +79,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
     if n - c < k:
         return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+    total = math.comb(n, k)
+    return (total - math.comb(n - c, k)) / total  # one correctly rounded division of exact integers
 
 
 def majority_vote_acc(preds: list[str], accs: list[bool]) -> bool:
@@ -159,7 +161,7 @@ def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
 
 def rollout_config(cfg: Config) -> rollout.RolloutConfig:
     return rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
-                                 tool_timeout=cfg.tool_timeout, autoprint=cfg.autoprint)
+                                 tool_timeout=cfg.tool_timeout, autoprint=cfg.autoprint, tool_failure_rate=cfg.tool_failure_rate)
 
 
 def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, generations_file=None, model_name="") -> dict:

@@ -73,6 +73,7 @@ class Config:
     overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
     autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression (bare expressions only)")
     dedupe_tool_calls: bool = arg(True, "run identical tool calls of one turn batch once (exact for deterministic code)")
+    tool_failure_rate: float = arg(0.0, "toy: fraction of tool calls that fail transiently ('no stdout here')")
     dynamic_sampling: bool = arg(False, "drop groups whose rewards are all equal (DAPO); reference off")
     # optimization
     lr: float = arg(5e-5, "learning rate, constant (reference 1e-6)")
@@ -189,7 +190,7 @@ def rollout_config(cfg) -> rollout.RolloutConfig:
     return rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
                                  tool_timeout=cfg.tool_timeout, tool_shaping=cfg.tool_shaping,
                                  overlong_buffer=cfg.overlong_buffer, autoprint=cfg.autoprint,
-                                 dedupe_tool_calls=cfg.dedupe_tool_calls)
+                                 dedupe_tool_calls=cfg.dedupe_tool_calls, tool_failure_rate=cfg.tool_failure_rate)
 
 
 def load_rl_prompts(cfg, tokenizer) -> list[dict]:
@@ -251,6 +252,7 @@ def save_run_checkpoint(out_dir, model, tokenizer, optimizer, step, cfg):
 def held_out_eval(model, tokenizer, cfg) -> dict:
     """avg@n and pass@n on held-out problems through evaluate.py, at the evaluation sampling settings."""
     eval_cfg = evaluate.Config(data=cfg.eval_data, num_prompts=cfg.eval_prompts, n=cfg.eval_n, autoprint=cfg.autoprint,
+                               tool_failure_rate=cfg.tool_failure_rate,
                                max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens, seed=1234)
     model.eval()
     results = evaluate.evaluate_engine(model, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg)

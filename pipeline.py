@@ -43,6 +43,8 @@ class Config:
     seeds: str = arg("0", "comma-separated seeds for the student RL runs")
     teacher_sft_epochs: int = arg(5, "SFT epochs of the teacher (5000 clean toy conversations)")
     student_sft_epochs: int = arg(4, "SFT epochs of the student (5000 toy conversations, 25% with a recovered tool error)")
+    tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently in every rollout and evaluation")
+    student_retry_frac: float = arg(0.0, "fraction of the student's SFT conversations that retry after a transient failure")
     rl_steps: int = arg(30, "RL steps of every RL run (teacher GRPO and each student run)")
     eval_n: int = arg(8, "samples per held-out problem in the final table")
     eval_prompts: int = arg(128, "held-out problems in the final table")
@@ -68,6 +70,7 @@ def main(cfg: Config):
     sft_sizes = dict(max_steps=3, toy_examples=64, eval_prompts=0) if q else {}
     rl_sizes = dict(steps=2, prompts_per_step=2, n=4, eval_every=0, eval_prompts=4, eval_n=2) if q else \
         dict(steps=cfg.rl_steps, eval_every=10)
+    rl_sizes["tool_failure_rate"] = cfg.tool_failure_rate
     seeds = [int(s) for s in cfg.seeds.split(",")]
 
     # 1-2. cold-start SFT. The teacher sees only clean solutions; the student's data also shows recoveries
@@ -76,7 +79,8 @@ def main(cfg: Config):
               sft.Config(model="toy-teacher", toy_recovery_frac=0.0, epochs=cfg.teacher_sft_epochs, out_dir=str(root / "sft-teacher"), **sft_sizes),
               cfg.skip_existing, timings)
     run_stage("sft student", root / "sft-student", sft.main,
-              sft.Config(model="toy-student", epochs=cfg.student_sft_epochs, out_dir=str(root / "sft-student"), **sft_sizes),
+              sft.Config(model="toy-student", epochs=cfg.student_sft_epochs, toy_retry_frac=cfg.student_retry_frac,
+                         out_dir=str(root / "sft-student"), **sft_sizes),
               cfg.skip_existing, timings)
     # 3. the teacher's RL
     teacher = str(root / "grpo-teacher" / "final")
@@ -99,7 +103,7 @@ def main(cfg: Config):
     # 5. one evaluation, same settings for every model
     models = {"teacher SFT": str(root / "sft-teacher" / "final"), "teacher GRPO": teacher, "student SFT": student_sft}
     eval_cfg = evaluate.Config(model=[], num_prompts=4 if q else cfg.eval_prompts, n=2 if q else cfg.eval_n,
-                               out_dir=str(root / "eval"), seed=1234)
+                               tool_failure_rate=cfg.tool_failure_rate, out_dir=str(root / "eval"), seed=1234)
     t0 = time.time()
     benchmarks = evaluate.load_benchmarks(eval_cfg)
     results = {}

@@ -28,6 +28,7 @@ Qwen3 chat template gives the same conversation, and sft.py trains on the same i
 The toy default runs on a CPU with nothing downloaded:
     python rollout.py                       # 8 toy prompts x 4 samples with the untrained student
     python rollout.py --model runs/sft-student/final --num_prompts 64 --n 8
+    python rollout.py --model Qwen/Qwen3-0.6B --data Open-AgentRL-30K.parquet --backend vllm --n 16   # GPU
 """
 import json
 import logging
@@ -217,11 +218,17 @@ def _tool_call(code: str) -> dict:
     return {"type": "function", "function": {"name": tools.TOOL_NAME, "arguments": {"code": code}}}
 
 
-def toy_sft_conversation(problem: dict, rng: random.Random, recovery: bool) -> list[dict]:
-    """A solved toy problem as chat messages; with `recovery`, one step first fails and is then redone."""
+def toy_sft_conversation(problem: dict, rng: random.Random, recovery: bool, retry: bool = False) -> list[dict]:
+    """A solved toy problem as chat messages. With `recovery`, one step first fails by the model's fault
+    (a traceback) and is then redone; with `retry`, one call meets a transient sandbox failure (the
+    reference's "no stdout here") and the same call is sent again."""
     messages = [{"role": "user", "content": problem["question"]}]
     bad_step = rng.randrange(len(problem["calls"])) if recovery else -1
+    flaky_step = rng.randrange(len(problem["calls"])) if retry else -1
     for k, (call, out) in enumerate(zip(problem["calls"], problem["outputs"])):
+        if k == flaky_step:
+            messages += [{"role": "assistant", "content": "", "tool_calls": [_tool_call(call)]},
+                         {"role": "tool", "content": tools.NO_STDOUT}]
         if k == bad_step:
             if k == 0:  # assignment as the last line: auto-print makes it print(a = ...)
                 wrong = problem["lines"][0]
@@ -267,11 +274,15 @@ def toy_rl_rows(n: int, split: str = "train", seed: int = 0) -> list[dict]:
             for i, p in enumerate(_toy_problems(n, split, seed))]
 
 
-def toy_sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0) -> list[dict]:
+def toy_sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0, retry_frac: float = 0.0) -> list[dict]:
     """Toy trajectories in the SFT schema of the real data (messages + tools, section 1.2)."""
     rng = random.Random(seed)
-    return [{"messages": toy_sft_conversation(p, rng, recovery=rng.random() < recovery_frac), "tools": [tools.TOOL_SCHEMA]}
-            for p in _toy_problems(n, "sft", seed)]
+    rows = []
+    for p in _toy_problems(n, "sft", seed):
+        recovery = rng.random() < recovery_frac
+        retry = retry_frac > 0 and rng.random() < retry_frac  # no extra draw when off: old seeds give old data
+        rows.append({"messages": toy_sft_conversation(p, rng, recovery, retry), "tools": [tools.TOOL_SCHEMA]})
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -454,6 +465,7 @@ class RolloutConfig:
     overlong_buffer: int = 0        # DAPO overlong penalty buffer in tokens (0 = off; reference 1024)
     overlong_penalty: float = 1.0
     dedupe_tool_calls: bool = True  # identical calls of one turn batch run once (the reference runs each)
+    tool_failure_rate: float = 0.0  # toy option: a call fails with the sandbox-failure text this often (transient)
 
 
 @dataclass
@@ -506,6 +518,7 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
         trajs += [Trajectory(prompt_ids=prompt_ids, prompt_index=i, data_source=p["data_source"], ground_truth=p["ground_truth"])
                   for _ in range(n)]
     live = list(trajs)
+    flaky = random.Random(None if seed is None else seed + 17)  # transient tool failures, when cfg asks for them
     bar = tqdm(total=cfg.max_turns, desc="rollout turns", leave=False, disable=not progress)
     while live:
         # (per turn) budget = what is left of the trajectory's token budget, as the reference's max_tokens
@@ -545,6 +558,8 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
         for t, calls in pending:
             texts = results[k:k + len(calls)]
             k += len(calls)
+            if cfg.tool_failure_rate > 0 and flaky.random() < cfg.tool_failure_rate:
+                texts = [tools.NO_STDOUT] * len(texts)  # what the reference shows for a sandbox timeout or failure
             failed = any(tools.tool_call_failed(x) for x in texts)
             t.num_tool_calls += len(calls)
             t.num_tool_errors += int(failed)
@@ -699,6 +714,7 @@ class Args:
     backend: str = arg("auto", "auto (vllm on CUDA if installed, else hf) | hf | vllm")
     temperature: float = arg(1.0, "sampling temperature")
     top_p: float = arg(1.0, "nucleus sampling")
+    max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
     seed: int = arg(0, "random seed")
     log_file: str = arg("", "optional per-trajectory JSONL")
 
@@ -718,17 +734,18 @@ if __name__ == "__main__":
     args = parse_args(Args)
     tokenizer = load_tokenizer(args.model)
     backend = resolve_backend(args.backend)
-    model = load_model(args.model, seed=args.seed)
-    engine = make_vllm_engine(args.model, seed=args.seed) if backend == "vllm" else model
+    engine = make_vllm_engine(args.model, seed=args.seed) if backend == "vllm" else load_model(args.model, seed=args.seed)
     prompts = load_prompts(args.data, args.num_prompts, seed=args.seed)
     counts = Counter()
     t0 = time.time()
-    trajs = rollout(engine, tokenizer, prompts, args.n, RolloutConfig(), Sampling(args.temperature, args.top_p),
+    trajs = rollout(engine, tokenizer, prompts, args.n, RolloutConfig(max_response_tokens=args.max_response_tokens),
+                    Sampling(args.temperature, args.top_p),
                     seed=args.seed, counts=counts, progress=True)
     dt = time.time() - t0
     tokens = sum(sum(t.response_mask) for t in trajs)
     print(f"{len(trajs)} trajectories in {dt:.1f}s ({tokens / dt:.0f} generated tokens/s); "
-          f"accuracy {sum(t.acc for t in trajs) / len(trajs):.3f}; tool calls {counts['tool_calls']}, errors {counts['tool_errors']}")
+          f"accuracy {sum(t.acc for t in trajs) / len(trajs):.3f}; tool calls {counts['tool_calls']} "
+          f"({counts['tool_seconds']:.1f}s in tools), errors {counts['tool_errors']}")
     print("example:\n" + tokenizer.decode(trajs[0].prompt_ids[-20:] + trajs[0].response_ids))
     if args.log_file:
         write_jsonl(args.log_file, [t.log_record() for t in trajs])

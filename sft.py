@@ -68,6 +68,7 @@ class Config:
     data: str = arg("toy", "'toy' (generated) or a .jsonl/.parquet file with `messages` and `tools`")
     toy_examples: int = arg(5000, "number of generated toy conversations")
     toy_recovery_frac: float = arg(0.25, "fraction of toy conversations where one tool call fails and is redone")
+    toy_retry_frac: float = arg(0.0, "fraction of toy conversations where one call meets a transient failure and is sent again")
     max_length: int = arg(512, "tokens per example; longer ones are cut on the right (reference 32768)")
     strict_data: bool = arg(False, "stop at the first malformed row instead of skipping it")
     # optimization
@@ -143,7 +144,7 @@ def check_conversation(row) -> str | None:
 def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]]]:
     """All rows tokenized; malformed rows are reported with file and row number, then skipped (or fatal)."""
     if cfg.data == "toy":
-        rows, name = rollout.toy_sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, seed=cfg.seed), "toy"
+        rows, name = rollout.toy_sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, cfg.seed, cfg.toy_retry_frac), "toy"
     else:
         rows, name = rollout.load_rows(cfg.data), cfg.data
     examples, problems = [], []

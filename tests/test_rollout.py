@@ -293,3 +293,18 @@ def test_parquet_files_in_the_real_schemas_load(tmp_path):
     pd.DataFrame([{"Problem": "Find x.", "Answer": 204, "data_source": "AIME2024"}]).to_parquet(aime)
     (p,) = rollout.load_prompts(str(aime))
     assert p["ground_truth"] == "204" and p["data_source"] == "AIME2024"
+
+
+def test_transient_tool_failures_show_the_reference_failure_text(tok):
+    engine, _ = scripted(tok, [call_text("print(6 * 7)"), "\\boxed{42}<|im_end|>"])
+    prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "42"}]
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(tool_failure_rate=1.0), rollout.Sampling(), seed=0)
+    assert "<tool_response>\nno stdout here\n</tool_response>" in tok.decode(t.response_ids)
+    assert t.num_tool_errors == 1
+
+
+def test_toy_retry_conversations_resend_the_failed_call():
+    row = rollout.toy_sft_rows(1, recovery_frac=0.0, retry_frac=1.0)[0]
+    msgs = row["messages"]
+    k = next(i for i, m in enumerate(msgs) if m["role"] == "tool" and m["content"] == tools.NO_STDOUT)
+    assert msgs[k - 1]["tool_calls"] == msgs[k + 1]["tool_calls"]

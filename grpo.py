@@ -195,7 +195,7 @@ def rollout_config(cfg) -> rollout.RolloutConfig:
 
 def load_rl_prompts(cfg, tokenizer) -> list[dict]:
     """RL prompts, the over-long ones dropped (measured without the tools block, as the reference)."""
-    data = f"toy:train" if cfg.data == "toy" else cfg.data
+    data = "toy:train" if cfg.data == "toy" else cfg.data
     prompts = rollout.load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed)
     kept = [p for p in prompts if len(tokenizer.encode(p["prompt"], add_special_tokens=False)) <= cfg.max_prompt_tokens]
     if len(kept) < len(prompts):

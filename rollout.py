@@ -32,7 +32,6 @@ The toy default runs on a CPU with nothing downloaded:
 """
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -41,7 +40,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import tools
 
@@ -232,7 +230,7 @@ def toy_sft_conversation(problem: dict, rng: random.Random, recovery: bool, retr
         if k == bad_step:
             if k == 0:  # assignment as the last line: auto-print makes it print(a = ...)
                 wrong = problem["lines"][0]
-                text = _toy_traceback(f"print({wrong})", f"TypeError: 'a' is an invalid keyword argument for print()")
+                text = _toy_traceback(f"print({wrong})", "TypeError: 'a' is an invalid keyword argument for print()")
             else:  # refers to the previous call's variable, which the interpreter forgot
                 var = TOY_VARS[k - 1]
                 wrong = call.replace(str(problem["outputs"][k - 1]), var, 1)

@@ -1,6 +1,5 @@
 """rollout.py: the tool loop, its token bookkeeping, the chat-template rendering, log-probs, the toy task."""
 import json
-import os
 import random
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """sft.py: the assistant-only mask, train-as-you-roll-out ids, bad data, exact resume."""
 import json
-import random
 from dataclasses import replace
 
 import pytest

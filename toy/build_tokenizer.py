@@ -24,7 +24,6 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 import rollout  # noqa: E402
-import tools  # noqa: E402
 
 VOCAB_SIZE = 1024
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

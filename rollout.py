@@ -621,20 +621,27 @@ def write_jsonl(path, records: list[dict]):
 # -----------------------------------------------------------------------------
 # 5. Batches and log-probs
 
-def pad_trajectories(trajs: list[Trajectory], pad_id: int, device="cpu") -> dict:
-    """Right-padded [B, T] input_ids / attention_mask, and response_mask in *label* space [B, T-1]:
-    response_mask[b, t] = 1 iff token t+1 is a model-generated response token, matching token_logprobs."""
-    seqs = [t.prompt_ids + t.response_ids for t in trajs]
+def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device="cpu"):
+    """Right-padded [B, T] input_ids and attention_mask, and the per-token masks moved to *label* space
+    [B, T-1]: label_mask[b, t] = masks[b][t+1], the mask of the token that position t predicts
+    (the layout of token_logprobs). Shared by SFT batches and RL batches."""
     T = max(map(len, seqs))
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    response_mask = torch.zeros((len(seqs), T - 1), dtype=torch.float32)
-    for b, (t, s) in enumerate(zip(trajs, seqs)):
+    token_mask = torch.zeros((len(seqs), T), dtype=torch.float32)
+    for b, (s, m) in enumerate(zip(seqs, masks)):
         input_ids[b, :len(s)] = torch.tensor(s)
         attention_mask[b, :len(s)] = 1
-        p = len(t.prompt_ids)
-        response_mask[b, p - 1:p - 1 + len(t.response_mask)] = torch.tensor(t.response_mask, dtype=torch.float32)
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "response_mask": response_mask.to(device)}
+        token_mask[b, :len(m)] = torch.tensor(m, dtype=torch.float32)
+    return input_ids.to(device), attention_mask.to(device), token_mask[:, 1:].to(device)
+
+
+def pad_trajectories(trajs: list[Trajectory], pad_id: int, device="cpu") -> dict:
+    """An RL batch: response_mask[b, t] = 1 iff token t+1 is a model-generated response token."""
+    input_ids, attention_mask, response_mask = pad_batch(
+        [t.prompt_ids + t.response_ids for t in trajs], [[0] * len(t.prompt_ids) + t.response_mask for t in trajs],
+        pad_id, device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
 def _chunk_logprobs(lm_head, hidden, labels, temperature):

@@ -177,18 +177,10 @@ def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]
 
 
 def collate(batch, pad_id, device):
-    """Right-padded [B, T] ids and attention mask, and the loss mask in label space [B, T-1]."""
-    T = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), T), dtype=torch.long)
-    loss_mask = torch.zeros((len(batch), T), dtype=torch.float32)
-    for b, (ids, mask) in enumerate(batch):
-        input_ids[b, :len(ids)] = torch.tensor(ids)
-        attention_mask[b, :len(ids)] = 1
-        loss_mask[b, :len(mask)] = torch.tensor(mask, dtype=torch.float32)
-    # NOTE: the logit at position t predicts token t+1, so the label mask is loss_mask[:, 1:]
-    # (the reference uses loss_mask[:, :-1] here: off by one).
-    return input_ids.to(device), attention_mask.to(device), loss_mask[:, 1:].to(device)
+    """[B, T] ids and attention mask, and the loss mask in label space [B, T-1].
+    NOTE: the logit at position t predicts token t+1, so it is weighted by the mask of token t+1
+    (the reference uses the mask of token t here: off by one)."""
+    return rollout.pad_batch([ids for ids, _ in batch], [mask for _, mask in batch], pad_id, device)
 
 
 # -----------------------------------------------------------------------------

@@ -317,7 +317,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
         model.generation_config.pad_token_id = config.pad_token_id
     else:
         if not Path(name_or_path).exists() and (name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1):
-            raise SystemExit(f"model path does not exist: {name_or_path}")
+            raise SystemExit(f"model path does not exist: {name_or_path} (the toy checkpoints come from sft.py, grpo.py, "
+                             "or all at once from pipeline.py)")
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         except OSError as e:

@@ -206,8 +206,7 @@ def markdown_table(all_results: dict) -> str:
 def main(cfg: Config) -> dict:
     models = cfg.model if isinstance(cfg.model, list) else [cfg.model]
     for m in models:  # fail before anything heavy loads
-        if m not in rollout.TOY_MODELS and not Path(m).exists() and (m.startswith((".", "/")) or m.count("/") != 1):
-            raise SystemExit(f"model path does not exist: {m}")
+        rollout.check_model_path(m)
     benchmarks = load_benchmarks(cfg)
     backend = rollout.resolve_backend(cfg.backend)
     out_dir = Path(cfg.out_dir)

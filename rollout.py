@@ -304,8 +304,17 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def check_model_path(name_or_path: str):
+    """Fail early and clearly on a local path that does not exist (anything else may be a Hugging Face name)."""
+    if name_or_path in TOY_MODELS or Path(name_or_path).exists():
+        return
+    if name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
+        raise SystemExit(f"model path does not exist: {name_or_path} (the toy checkpoints come from sft.py, grpo.py, "
+                         "or all at once from pipeline.py)")
+
+
 def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0):
-    """A causal LM in train mode off; toy names build a randomly initialised tiny Qwen3 from its config."""
+    """A causal LM in eval mode; toy names build a randomly initialised tiny Qwen3 from its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -316,9 +325,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
         model.generation_config.eos_token_id = config.eos_token_id
         model.generation_config.pad_token_id = config.pad_token_id
     else:
-        if not Path(name_or_path).exists() and (name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1):
-            raise SystemExit(f"model path does not exist: {name_or_path} (the toy checkpoints come from sft.py, grpo.py, "
-                             "or all at once from pipeline.py)")
+        check_model_path(name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         except OSError as e:

@@ -26,7 +26,11 @@ Deviations from the reference, on purpose:
 Reference values (real models): lr 1e-6 constant, AdamW (0.9, 0.999), wd 0.01, clip 1.0, 64 prompts x 16
 samples, 4 mini-batches, T = 1.0, top_p = 1.0, 16 turns, 20480 response tokens, overlong buffer 1024.
 
-    python grpo.py                                          # toy teacher from runs/sft-teacher/final, CPU
+The held-out evaluation runs before the first step too (logged as step 0), so a run's own log shows what RL
+added: on the toy, the SFT teacher answers without the tool about half the time (its cold-start data does),
+and 30 steps teach it to always call the tool.
+
+    python grpo.py                                          # toy teacher from runs/sft-teacher/final, CPU, ~2.5 min
     python grpo.py --model runs/sft-4b/final --data Open-AgentRL-30K.parquet --backend vllm --out_dir runs/grpo-4b \\
         --steps 470 --prompts_per_step 64 --n 16 --lr 1e-6 --max_response_tokens 20480 --overlong_buffer 1024 \\
         --micro_batch_size 4 --eval_data aime_2024_problems.parquet,aime_2025_problems.parquet
@@ -90,6 +94,7 @@ class Config:
     # run
     out_dir: str = arg("runs/grpo-teacher", "checkpoints, metrics.jsonl, trajectories.jsonl, final/")
     eval_every: int = arg(10, "held-out evaluation every N steps (0: only at the end)")
+    eval_before_train: bool = arg(True, "evaluate the starting checkpoint first, logged as step 0 (verl's val_before_train)")
     eval_data: str = arg("toy", "evaluation data for evaluate.py's functions")
     eval_prompts: int = arg(64, "held-out problems per evaluation")
     eval_n: int = arg(4, "samples per held-out problem")
@@ -216,6 +221,7 @@ def rollout_metrics(trajs: list, counts: Counter) -> dict:
     return {"reward": sum(t.reward for t in trajs) / n, "acc": sum(t.acc for t in trajs) / n,
             "response_tokens": sum(len(t.response_ids) for t in trajs) / n,
             "turns": sum(t.num_turns for t in trajs) / n, "tool_calls": sum(t.num_tool_calls for t in trajs) / n,
+            "no_tool_frac": sum(t.num_tool_calls == 0 for t in trajs) / n,
             "tool_error_rate": counts["tool_errors"] / max(1, counts["tool_calls"]),
             "dropped_tool_calls": counts["tool_calls_dropped"]}
 
@@ -260,12 +266,31 @@ def held_out_eval(model, tokenizer, cfg) -> dict:
     return {f"eval/{b}/{k}": v for b, r in results.items() for k, v in r.items() if "@" in k}
 
 
+def eval_before_training(model, tokenizer, cfg, metrics_path: Path, start_step: int) -> None:
+    """Held-out evaluation of the starting checkpoint, written as step 0 of metrics.jsonl (skipped on resume)."""
+    if cfg.eval_before_train and start_step == 0:
+        row = {"step": 0, **held_out_eval(model, tokenizer, cfg)}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("held-out before training: %s", {k: round(v, 4) for k, v in row.items() if "avg@" in k})
+
+
+def report_start_and_end(metrics_path: Path) -> None:
+    """One log line with the held-out avg@n of the first and the last evaluation of the run."""
+    evals = [r for r in map(json.loads, open(metrics_path)) if any("avg@" in k for k in r)]
+    if evals:
+        first, last = evals[0], evals[-1]
+        for k in (k for k in last if "avg@" in k):
+            log.info("held-out %s: %.4f (step %d) -> %.4f (step %d)", k, first.get(k, float("nan")), first["step"], last[k], last["step"])
+
+
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
     device, out_dir, tokenizer, model, optimizer, engine, start_step = setup_run(cfg, cfg.model)
     ref_model = copy.deepcopy(model).eval() if cfg.kl_coef > 0 else None
     prompts = load_rl_prompts(cfg, tokenizer)
+    eval_before_training(model, tokenizer, cfg, out_dir / "metrics.jsonl", start_step)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     from tqdm import tqdm
     bar = tqdm(range(start_step, cfg.steps), desc="grpo", initial=start_step, total=cfg.steps)
@@ -311,6 +336,7 @@ def main(cfg: Config):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:  # the last one lets --resume extend a run
             save_run_checkpoint(out_dir, model, tokenizer, optimizer, step + 1, cfg)
     metrics_file.close()
+    report_start_and_end(out_dir / "metrics.jsonl")
     model.eval()
     sft.save_checkpoint(out_dir, "final", model, tokenizer)
     log.info("saved %s", out_dir / "final")

@@ -1,7 +1,7 @@
 """
 pipeline.py: the whole toy pipeline in one command, ending with the paper's comparison table.
 
-    1. SFT the toy teacher on clean tool-use trajectories          sft.py  -> runs/sft-teacher
+    1. SFT the toy teacher (clean tool use, half direct answers)   sft.py  -> runs/sft-teacher
     2. SFT the toy student on trajectories that include recoveries  sft.py  -> runs/sft-student
     3. GRPO the teacher with the tool                              grpo.py -> runs/grpo-teacher
     4. the student with the same RL budget, three ways:
@@ -42,6 +42,8 @@ class Config:
     quick: bool = arg(False, "a few steps per stage (smoke test)")
     seeds: str = arg("0", "comma-separated seeds for the student RL runs")
     teacher_sft_epochs: int = arg(5, "SFT epochs of the teacher (5000 clean toy conversations)")
+    teacher_direct_frac: float = arg(0.5, "fraction of the teacher's SFT conversations that answer without the tool "
+                                          "(what its GRPO then unlearns)")
     student_sft_epochs: int = arg(4, "SFT epochs of the student (5000 toy conversations, 25% with a recovered tool error)")
     tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently in every rollout and evaluation")
     student_retry_frac: float = arg(0.0, "fraction of the student's SFT conversations that retry after a transient failure")
@@ -73,10 +75,12 @@ def main(cfg: Config):
     rl_sizes["tool_failure_rate"] = cfg.tool_failure_rate
     seeds = [int(s) for s in cfg.seeds.split(",")]
 
-    # 1-2. cold-start SFT. The teacher sees only clean solutions; the student's data also shows recoveries
-    # from failed tool calls (see README: what the toy task needs for SOD to matter).
+    # 1-2. cold-start SFT. The teacher sees clean tool solutions and, in half of its data, answers given at
+    # once without the tool (mental arithmetic it cannot reproduce: its GRPO learns to always use the tool);
+    # the student's data also shows recoveries from failed tool calls (README: what SOD needs to matter).
     run_stage("sft teacher", root / "sft-teacher", sft.main,
-              sft.Config(model="toy-teacher", toy_recovery_frac=0.0, epochs=cfg.teacher_sft_epochs, out_dir=str(root / "sft-teacher"), **sft_sizes),
+              sft.Config(model="toy-teacher", toy_recovery_frac=0.0, toy_direct_frac=cfg.teacher_direct_frac,
+                         epochs=cfg.teacher_sft_epochs, out_dir=str(root / "sft-teacher"), **sft_sizes),
               cfg.skip_existing, timings)
     run_stage("sft student", root / "sft-student", sft.main,
               sft.Config(model="toy-student", epochs=cfg.student_sft_epochs, toy_retry_frac=cfg.student_retry_frac,

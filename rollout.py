@@ -216,11 +216,15 @@ def _tool_call(code: str) -> dict:
     return {"type": "function", "function": {"name": tools.TOOL_NAME, "arguments": {"code": code}}}
 
 
-def toy_sft_conversation(problem: dict, rng: random.Random, recovery: bool, retry: bool = False) -> list[dict]:
+def toy_sft_conversation(problem: dict, rng: random.Random, recovery: bool, retry: bool = False,
+                         direct: bool = False) -> list[dict]:
     """A solved toy problem as chat messages. With `recovery`, one step first fails by the model's fault
     (a traceback) and is then redone; with `retry`, one call meets a transient sandbox failure (the
-    reference's "no stdout here") and the same call is sent again."""
+    reference's "no stdout here") and the same call is sent again; with `direct`, the answer is given at
+    once, without the tool (right in the data, but mental arithmetic a tiny model cannot reproduce)."""
     messages = [{"role": "user", "content": problem["question"]}]
+    if direct:
+        return messages + [{"role": "assistant", "content": f"The answer is \\boxed{{{problem['answer']}}}."}]
     bad_step = rng.randrange(len(problem["calls"])) if recovery else -1
     flaky_step = rng.randrange(len(problem["calls"])) if retry else -1
     for k, (call, out) in enumerate(zip(problem["calls"], problem["outputs"])):
@@ -272,14 +276,16 @@ def toy_rl_rows(n: int, split: str = "train", seed: int = 0) -> list[dict]:
             for i, p in enumerate(_toy_problems(n, split, seed))]
 
 
-def toy_sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0, retry_frac: float = 0.0) -> list[dict]:
+def toy_sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0, retry_frac: float = 0.0,
+                 direct_frac: float = 0.0) -> list[dict]:
     """Toy trajectories in the SFT schema of the real data (messages + tools, section 1.2)."""
     rng = random.Random(seed)
     rows = []
     for p in _toy_problems(n, "sft", seed):
         recovery = rng.random() < recovery_frac
         retry = retry_frac > 0 and rng.random() < retry_frac  # no extra draw when off: old seeds give old data
-        rows.append({"messages": toy_sft_conversation(p, rng, recovery, retry), "tools": [tools.TOOL_SCHEMA]})
+        direct = direct_frac > 0 and rng.random() < direct_frac
+        rows.append({"messages": toy_sft_conversation(p, rng, recovery, retry, direct), "tools": [tools.TOOL_SCHEMA]})
     return rows
 
 

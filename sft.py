@@ -37,7 +37,7 @@ Reference values (real models): lr 1e-5, AdamW (0.9, 0.95), weight decay 0.01, g
 cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocast (always on a GPU).
 
     python sft.py                                  # toy student, CPU, ~1.5 min
-    python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 --epochs 5   # ~3 min
+    python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 --toy_direct_frac 0.5 --epochs 5  # ~3 min
     python sft.py --model Qwen/Qwen3-0.6B --data full_sft_3k_shuffled_v4.parquet --out_dir runs/sft-0.6b \\
         --epochs 5 --batch_size 128 --micro_batch_size 4 --lr 1e-5 --max_length 32768 --grad_checkpointing true
 """
@@ -69,6 +69,7 @@ class Config:
     toy_examples: int = arg(5000, "number of generated toy conversations")
     toy_recovery_frac: float = arg(0.25, "fraction of toy conversations where one tool call fails and is redone")
     toy_retry_frac: float = arg(0.0, "fraction of toy conversations where one call meets a transient failure and is sent again")
+    toy_direct_frac: float = arg(0.0, "fraction of toy conversations that answer at once, without the tool")
     max_length: int = arg(512, "tokens per example; longer ones are cut on the right (reference 32768)")
     strict_data: bool = arg(False, "stop at the first malformed row instead of skipping it")
     # optimization
@@ -144,7 +145,8 @@ def check_conversation(row) -> str | None:
 def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]]]:
     """All rows tokenized; malformed rows are reported with file and row number, then skipped (or fatal)."""
     if cfg.data == "toy":
-        rows, name = rollout.toy_sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, cfg.seed, cfg.toy_retry_frac), "toy"
+        rows, name = rollout.toy_sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, cfg.seed, cfg.toy_retry_frac,
+                                          cfg.toy_direct_frac), "toy"
     else:
         rows, name = rollout.load_rows(cfg.data), cfg.data
     examples, problems = [], []

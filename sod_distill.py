@@ -235,6 +235,7 @@ def main(cfg: Config):
     teacher_home = "cpu" if cfg.teacher_offload else device
     teacher.to(teacher_home)
     prompts = grpo.load_rl_prompts(cfg, tokenizer)
+    grpo.eval_before_training(model, tokenizer, cfg, out_dir / "metrics.jsonl", start_step)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     from tqdm import tqdm
     bar = tqdm(range(start_step, cfg.steps), desc=f"{cfg.mode}", initial=start_step, total=cfg.steps)
@@ -280,6 +281,7 @@ def main(cfg: Config):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:  # the last one lets --resume extend a run
             grpo.save_run_checkpoint(out_dir, model, tokenizer, optimizer, step + 1, cfg)
     metrics_file.close()
+    grpo.report_start_and_end(out_dir / "metrics.jsonl")
     model.eval()
     sft.save_checkpoint(out_dir, "final", model, tokenizer)
     plot_steps(out_dir / "metrics.jsonl", out_dir / "step_weights.png")

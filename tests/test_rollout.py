@@ -307,3 +307,18 @@ def test_toy_retry_conversations_resend_the_failed_call():
     msgs = row["messages"]
     k = next(i for i, m in enumerate(msgs) if m["role"] == "tool" and m["content"] == tools.NO_STDOUT)
     assert msgs[k - 1]["tool_calls"] == msgs[k + 1]["tool_calls"]
+
+
+def test_toy_direct_answers_skip_the_tool_and_keep_the_problem_set():
+    rows = rollout.toy_sft_rows(400, recovery_frac=0.0, seed=5, direct_frac=0.5)
+    direct = [r for r in rows if len(r["messages"]) == 2]
+    assert 150 < len(direct) < 250  # about half
+    for r in direct:
+        user, answer = r["messages"]
+        assert user["role"] == "user" and answer["role"] == "assistant" and "tool_calls" not in answer
+    # the same problems in the same order as without direct answers: only the solutions change
+    plain = rollout.toy_sft_rows(400, recovery_frac=0.0, seed=5)
+    assert [r["messages"][0] for r in rows] == [r["messages"][0] for r in plain]
+    for r, p in zip(rows, plain):
+        if len(r["messages"]) == 2:
+            assert r["messages"][1]["content"] == p["messages"][-1]["content"]  # the same boxed answer

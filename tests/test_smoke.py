@@ -40,8 +40,9 @@ RL_SMALL = ["--steps", 2, "--prompts_per_step", 2, "--n", 2, "--eval_every", 0, 
 def test_grpo_script(runs):
     run("grpo.py", "--model", runs / "sft-teacher" / "final", "--out_dir", runs / "grpo-teacher", *RL_SMALL)
     rows = [json.loads(x) for x in (runs / "grpo-teacher" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    assert {"reward", "acc", "clip_frac", "approx_kl", "t_rollout", "t_tools", "tool_error_rate"} <= set(rows[0])
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the SFT checkpoint, evaluated before training
+    assert "eval/toy/avg@2" in rows[0] and "reward" not in rows[0]
+    assert {"reward", "acc", "clip_frac", "approx_kl", "t_rollout", "t_tools", "tool_error_rate"} <= set(rows[1])
     assert "eval/toy/avg@2" in rows[-1]
     assert (runs / "grpo-teacher" / "final" / "model.safetensors").exists()
 
@@ -51,7 +52,8 @@ def test_sod_script(runs):
     run("sod_distill.py", "--student", runs / "sft-student" / "final", "--teacher", runs / "sft-teacher" / "final",
         "--out_dir", out, *RL_SMALL)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert "w_mean/step1" in rows[0] and "d1_mean" in rows[0] and "frac_w_below_0.5" in rows[0]
+    assert rows[0]["step"] == 0 and "eval/toy/avg@2" in rows[0]
+    assert "w_mean/step1" in rows[1] and "d1_mean" in rows[1] and "frac_w_below_0.5" in rows[1]
     steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     assert {"d", "w", "tool_call", "tool_status", "reward"} <= set(steps[0])
     assert (out / "step_weights.png").exists()
@@ -73,7 +75,7 @@ def test_rl_run_resumes_from_its_checkpoint(runs):
     # a later invocation with --resume and more steps continues from the last saved step
     run("grpo.py", "--model", runs / "sft-teacher" / "final", "--out_dir", out, *RL_SMALL, "--steps", 3, "--resume", "true")
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    assert steps == [0, 1, 2, 3]  # the resumed run does not evaluate its starting point again
 
 
 def test_evaluate_script(runs):

@@ -150,12 +150,14 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2,
 # Pieces of one RL step (sod_distill.py reuses them)
 
 @torch.no_grad()
-def batched_logprobs(model, batch: dict, micro_batch_size: int) -> torch.Tensor:
-    """token_logprobs over a batch in micro-batches, no grad: [B, T-1]."""
+def batched_logprobs(model, batch: dict, micro_batch_size: int, with_entropy: bool = False):
+    """token_logprobs over a batch in micro-batches, no grad: [B, T-1] (and the [B, T-1] entropies if asked)."""
     parts = []
     for s in range(0, batch["input_ids"].shape[0], micro_batch_size):
         parts.append(rollout.token_logprobs(model, batch["input_ids"][s:s + micro_batch_size],
-                                            batch["attention_mask"][s:s + micro_batch_size]))
+                                            batch["attention_mask"][s:s + micro_batch_size], with_entropy=with_entropy))
+    if with_entropy:
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return torch.cat(parts)
 
 
@@ -255,21 +257,22 @@ def save_run_checkpoint(out_dir, model, tokenizer, optimizer, step, cfg):
                         {"optimizer": optimizer.state_dict(), "step": step, "rng": sft.rng_state(), "config": asdict(cfg)})
 
 
-def held_out_eval(model, tokenizer, cfg) -> dict:
-    """avg@n and pass@n on held-out problems through evaluate.py, at the evaluation sampling settings."""
+def held_out_eval(model, tokenizer, cfg, engine=None) -> dict:
+    """avg@n and pass@n on held-out problems through evaluate.py, at the evaluation sampling settings.
+    Generation goes through `engine` when given (the vLLM engine, which holds the pushed weights)."""
     eval_cfg = evaluate.Config(data=cfg.eval_data, num_prompts=cfg.eval_prompts, n=cfg.eval_n, autoprint=cfg.autoprint,
                                tool_failure_rate=cfg.tool_failure_rate,
                                max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens, seed=1234)
     model.eval()
-    results = evaluate.evaluate_engine(model, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg)
+    results = evaluate.evaluate_engine(model if engine is None else engine, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg)
     model.train()
     return {f"eval/{b}/{k}": v for b, r in results.items() for k, v in r.items() if "@" in k}
 
 
-def eval_before_training(model, tokenizer, cfg, metrics_path: Path, start_step: int) -> None:
+def eval_before_training(model, tokenizer, cfg, engine, metrics_path: Path, start_step: int) -> None:
     """Held-out evaluation of the starting checkpoint, written as step 0 of metrics.jsonl (skipped on resume)."""
     if cfg.eval_before_train and start_step == 0:
-        row = {"step": 0, **held_out_eval(model, tokenizer, cfg)}
+        row = {"step": 0, **held_out_eval(model, tokenizer, cfg, engine)}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         log.info("held-out before training: %s", {k: round(v, 4) for k, v in row.items() if "avg@" in k})
@@ -290,7 +293,7 @@ def main(cfg: Config):
     device, out_dir, tokenizer, model, optimizer, engine, start_step = setup_run(cfg, cfg.model)
     ref_model = copy.deepcopy(model).eval() if cfg.kl_coef > 0 else None
     prompts = load_rl_prompts(cfg, tokenizer)
-    eval_before_training(model, tokenizer, cfg, out_dir / "metrics.jsonl", start_step)
+    eval_before_training(model, tokenizer, cfg, engine, out_dir / "metrics.jsonl", start_step)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     from tqdm import tqdm
     bar = tqdm(range(start_step, cfg.steps), desc="grpo", initial=start_step, total=cfg.steps)
@@ -318,7 +321,8 @@ def main(cfg: Config):
             advantages = adv[keep].to(device)[:, None] * batch["response_mask"]              # [B, T-1]
             # 4. old log-probs of the sampled tokens (no grad)
             t1 = time.time()
-            old_logprobs = batched_logprobs(model, batch, cfg.micro_batch_size)              # [B, T-1]
+            old_logprobs, entropy = batched_logprobs(model, batch, cfg.micro_batch_size, with_entropy=True)  # [B, T-1] x2
+            row["entropy"] = rollout.masked_mean(entropy, batch["response_mask"]).item()  # of the rollout policy
             ref_logprobs = batched_logprobs(ref_model, batch, cfg.micro_batch_size) if ref_model is not None else None
             # 5. PPO updates
             row.update(ppo_update(model, optimizer, batch, advantages, old_logprobs, cfg, ref_logprobs))
@@ -328,7 +332,7 @@ def main(cfg: Config):
                 rollout.push_weights_to_vllm(engine, model)
         row["kept_trajectories"] = len(keep)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-            row.update(held_out_eval(model, tokenizer, cfg))
+            row.update(held_out_eval(model, tokenizer, cfg, engine))
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         rollout.write_jsonl(out_dir / "trajectories.jsonl", [dict(t.log_record(), step=step + 1) for t in trajs[:cfg.n * 2]])

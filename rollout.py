@@ -658,16 +658,22 @@ def pad_trajectories(trajs: list[Trajectory], pad_id: int, device="cpu") -> dict
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
-def _chunk_logprobs(lm_head, hidden, labels, temperature):
+def _chunk_logprobs(lm_head, hidden, labels, temperature, with_entropy=False):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=hidden.is_cuda):
         logits = lm_head(hidden)
     logits = logits.float() / temperature  # [N, V] float32: one chunk only
-    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    log_z = torch.logsumexp(logits, dim=-1)                                                    # [N]
+    logprobs = logits.gather(-1, labels[:, None]).squeeze(-1) - log_z
+    if not with_entropy:
+        return logprobs
+    entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # H = log Z - E_p[logit], [N]
+    return torch.stack([logprobs, entropy])
 
 
 def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, chunk_bytes: int = 256 * 2**20,
-                   max_chunk_tokens: int = 2048):
+                   max_chunk_tokens: int = 2048, with_entropy: bool = False):
     """[B, T-1] float32, entry [b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]).
+    With `with_entropy`, also the entropy of that next-token distribution: a pair of [B, T-1] tensors.
 
     The body runs once over the whole batch; the vocabulary projection runs on chunks of positions sized so a
     chunk's float32 logits stay under `chunk_bytes` (and at most `max_chunk_tokens` positions, so even a small
@@ -686,9 +692,13 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
     for s in range(0, flat_h.shape[0], chunk):
         h, y = flat_h[s:s + chunk], flat_y[s:s + chunk]
         if torch.is_grad_enabled():
-            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, y, temperature, use_reentrant=False))
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, y, temperature, with_entropy,
+                                                           use_reentrant=False))
         else:
-            parts.append(_chunk_logprobs(lm_head, h, y, temperature))
+            parts.append(_chunk_logprobs(lm_head, h, y, temperature, with_entropy))
+    if with_entropy:
+        logprobs, entropy = torch.cat(parts, dim=-1).view(2, B, Tm1)
+        return logprobs, entropy
     return torch.cat(parts).view(B, Tm1)
 
 

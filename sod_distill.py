@@ -235,7 +235,7 @@ def main(cfg: Config):
     teacher_home = "cpu" if cfg.teacher_offload else device
     teacher.to(teacher_home)
     prompts = grpo.load_rl_prompts(cfg, tokenizer)
-    grpo.eval_before_training(model, tokenizer, cfg, out_dir / "metrics.jsonl", start_step)
+    grpo.eval_before_training(model, tokenizer, cfg, engine, out_dir / "metrics.jsonl", start_step)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     from tqdm import tqdm
     bar = tqdm(range(start_step, cfg.steps), desc=f"{cfg.mode}", initial=start_step, total=cfg.steps)
@@ -255,7 +255,8 @@ def main(cfg: Config):
         batch = rollout.pad_trajectories(trajs, tokenizer.pad_token_id, device)
         mask = batch["response_mask"]                                                         # [B, T-1]
         t1 = time.time()
-        old_logprobs = grpo.batched_logprobs(model, batch, cfg.micro_batch_size)             # l^S  [B, T-1]
+        old_logprobs, entropy = grpo.batched_logprobs(model, batch, cfg.micro_batch_size, with_entropy=True)  # l^S [B, T-1]
+        row["entropy"] = rollout.masked_mean(entropy, mask).item()
         # what SOD adds: the teacher's log-probs of the same tokens, and the step-weighted signal
         teacher.to(device)
         teacher_lp = teacher_logprobs_for(teacher, tokenizer, trajs, batch, step_prompts, cfg)  # l^T [B, T-1]
@@ -273,7 +274,7 @@ def main(cfg: Config):
         if engine is not model:
             rollout.push_weights_to_vllm(engine, model)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-            row.update(grpo.held_out_eval(model, tokenizer, cfg))
+            row.update(grpo.held_out_eval(model, tokenizer, cfg, engine))
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         rollout.write_jsonl(out_dir / "steps.jsonl", records)

@@ -41,6 +41,17 @@ def test_token_logprobs_equal_naive_log_softmax(student):
     assert torch.allclose(ours[att[:, 1:] > 0], naive[att[:, 1:] > 0], atol=1e-5)
 
 
+def test_token_entropy_equals_naive_entropy_and_leaves_logprobs_unchanged(student):
+    ids = torch.randint(0, 900, (2, 30))
+    with torch.no_grad():
+        lp, entropy = rollout.token_logprobs(student, ids, torch.ones_like(ids), max_chunk_tokens=7, with_entropy=True)
+        logp = student(input_ids=ids).logits[:, :-1].float().log_softmax(-1)                 # [B, T-1, V]
+        naive = -(logp.exp() * logp).sum(-1)
+    assert entropy.shape == (2, 29) and (entropy > 0).all()
+    assert torch.allclose(entropy, naive, atol=1e-4)
+    assert torch.equal(lp, rollout.token_logprobs(student, ids, torch.ones_like(ids), max_chunk_tokens=7))
+
+
 def test_token_logprobs_temperature_divides_logits(student):
     ids = torch.randint(0, 900, (2, 12))
     with torch.no_grad():

@@ -70,3 +70,31 @@ def test_evaluate_runs_on_the_vllm_backend(engine_and_model):
     cfg = evaluate.Config(num_prompts=2, n=2, max_response_tokens=48, max_turns=3)
     results = evaluate.evaluate_engine(llm, tok, evaluate.load_benchmarks(cfg), cfg)
     assert results["toy"]["problems"] == 2 and 0.0 <= results["toy"]["avg@2"] <= 1.0
+
+
+def test_grpo_step_on_the_vllm_backend(engine_and_model, tmp_path, monkeypatch):
+    """grpo.main with --backend vllm: rollouts and held-out evaluations through the engine, weights pushed."""
+    import json
+
+    import grpo
+    llm, model, tok = engine_and_model
+    path = tmp_path / "start"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    calls = []
+
+    def generate_vllm(engine, *args, **kwargs):  # count what goes through the vLLM engine
+        calls.append(engine)
+        return real_generate_vllm(engine, *args, **kwargs)
+    real_generate_vllm = rollout.generate_vllm
+    monkeypatch.setattr(rollout, "generate_vllm", generate_vllm)
+    monkeypatch.setattr(rollout, "make_vllm_engine", lambda *a, **k: llm)  # one engine per process on CPU
+    pushed = []
+    real_push = rollout.push_weights_to_vllm
+    monkeypatch.setattr(rollout, "push_weights_to_vllm", lambda e, m: (pushed.append(1), real_push(e, m)))
+    cfg = grpo.Config(model=str(path), backend="vllm", out_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2, n=2,
+                      eval_prompts=2, eval_n=1, max_response_tokens=48, max_turns=3)
+    grpo.main(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and "eval/toy/avg@1" in rows[0] and "eval/toy/avg@1" in rows[1]
+    assert calls and all(e is llm for e in calls) and pushed == [1]

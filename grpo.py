@@ -269,12 +269,11 @@ def held_out_eval(model, tokenizer, cfg, engine=None) -> dict:
     return {f"eval/{b}/{k}": v for b, r in results.items() for k, v in r.items() if "@" in k}
 
 
-def eval_before_training(model, tokenizer, cfg, engine, metrics_path: Path, start_step: int) -> None:
+def eval_before_training(model, tokenizer, cfg, engine, metrics_file, start_step: int) -> None:
     """Held-out evaluation of the starting checkpoint, written as step 0 of metrics.jsonl (skipped on resume)."""
     if cfg.eval_before_train and start_step == 0:
         row = {"step": 0, **held_out_eval(model, tokenizer, cfg, engine)}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        metrics_file.write(json.dumps(row) + "\n")
         log.info("held-out before training: %s", {k: round(v, 4) for k, v in row.items() if "avg@" in k})
 
 
@@ -293,8 +292,8 @@ def main(cfg: Config):
     device, out_dir, tokenizer, model, optimizer, engine, start_step = setup_run(cfg, cfg.model)
     ref_model = copy.deepcopy(model).eval() if cfg.kl_coef > 0 else None
     prompts = load_rl_prompts(cfg, tokenizer)
-    eval_before_training(model, tokenizer, cfg, engine, out_dir / "metrics.jsonl", start_step)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
+    eval_before_training(model, tokenizer, cfg, engine, metrics_file, start_step)
     from tqdm import tqdm
     bar = tqdm(range(start_step, cfg.steps), desc="grpo", initial=start_step, total=cfg.steps)
     for step in bar:

@@ -235,8 +235,8 @@ def main(cfg: Config):
     teacher_home = "cpu" if cfg.teacher_offload else device
     teacher.to(teacher_home)
     prompts = grpo.load_rl_prompts(cfg, tokenizer)
-    grpo.eval_before_training(model, tokenizer, cfg, engine, out_dir / "metrics.jsonl", start_step)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
+    grpo.eval_before_training(model, tokenizer, cfg, engine, metrics_file, start_step)
     from tqdm import tqdm
     bar = tqdm(range(start_step, cfg.steps), desc=f"{cfg.mode}", initial=start_step, total=cfg.steps)
     for step in bar:

@@ -14,7 +14,7 @@ Every stage is the stage file's own `main` with its own config: this file only c
 Each student RL run can be repeated over several seeds (--seeds 0,1,2): the table then shows the
 mean and the spread.
 
-    python pipeline.py            # ~15 min on 2 CPU cores
+    python pipeline.py            # ~18 min on 2 CPU cores
     python pipeline.py --quick    # every stage for a handful of steps, ~2 min (the smoke test)
 """
 import json

@@ -78,7 +78,8 @@ def test_infinite_loop_returns_the_reference_timeout_text_and_is_killed():
 def test_fork_bomb_is_bounded_and_leaves_nothing_running(loop):
     marker = unique_marker()
     text = run_hostile(name_self(marker) + "import os\n" + loop)
-    assert text == "no stdout here" or "BlockingIOError" in text
+    # the children's tracebacks interleave and the 256-char cap may cut "BlockingIOError" out: any traceback will do
+    assert text == "no stdout here" or text.startswith("Traceback") or "BlockingIOError" in text
     assert live_processes_with(marker) == []
 
 

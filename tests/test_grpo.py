@@ -118,4 +118,6 @@ def test_no_full_vocabulary_float32_tensor_over_the_batch(monkeypatch):
     with Watch():
         lp = rollout.token_logprobs(model, ids, att, max_chunk_tokens=512)     # as in training: with grad
         (-lp.mean()).backward()
+        with torch.no_grad():                                                  # the old-log-prob pass, with entropy
+            rollout.token_logprobs(model, ids, att, max_chunk_tokens=512, with_entropy=True)
     assert max(biggest) <= 512 < B * (T - 1)

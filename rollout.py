@@ -667,7 +667,7 @@ def _chunk_logprobs(lm_head, hidden, labels, temperature, with_entropy=False):
     if not with_entropy:
         return logprobs
     entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # H = log Z - E_p[logit], [N]
-    return torch.stack([logprobs, entropy])
+    return logprobs, entropy
 
 
 def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, chunk_bytes: int = 256 * 2**20,
@@ -696,9 +696,8 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
                                                            use_reentrant=False))
         else:
             parts.append(_chunk_logprobs(lm_head, h, y, temperature, with_entropy))
-    if with_entropy:
-        logprobs, entropy = torch.cat(parts, dim=-1).view(2, B, Tm1)
-        return logprobs, entropy
+    if with_entropy:  # parts hold (logprobs, entropy) pairs
+        return tuple(torch.cat([p[i] for p in parts]).view(B, Tm1) for i in range(2))
     return torch.cat(parts).view(B, Tm1)
 
 

@@ -44,23 +44,19 @@ MAJ_EXACT_LIMIT = 20_000
 
 
 @dataclass
-class Config:
+class Config(rollout.RolloutConfig):
     """Evaluate models with the tool loop: avg@n, pass@k, maj@k, and the reference's bootstrap best@k."""
     model: list = arg(["runs/sft-student/final"], "one or more models (paths, HF names, toy-student/toy-teacher)")
     data: str = arg("toy", "'toy' (held-out toy split) or comma-separated .parquet/.jsonl eval files")
     num_prompts: int = arg(64, "problems per data file (0: all)")
     n: int = arg(4, "samples per problem (reference 32)")
-    temperature: float = arg(1.0, "sampling temperature (reference 1.0)")
-    top_p: float = arg(0.6, "nucleus sampling (reference 0.6)")
-    max_turns: int = arg(16, "assistant turns per trajectory (reference 16)")
-    max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
-    tool_timeout: float = arg(60.0, "seconds per tool call (reference 60)")
-    autoprint: str = arg("reference", "tool auto-print: reference | expression")
-    tool_failure_rate: float = arg(0.0, "toy: fraction of tool calls that fail transiently ('no stdout here')")
-    backend: str = arg("auto", "auto | hf | vllm")
+    # rollout.RolloutConfig fields whose evaluation default differs from training's
+    top_p: float = arg(0.6, "nucleus sampling (reference 0.6 in evaluation)")
+    max_prompt_tokens: int = arg(4096, "prompts longer than this, measured with the chat template, are dropped "
+                                       "(reference 4096 in evaluation)")
     out_dir: str = arg("runs/eval", "results.md, results.json, generations.jsonl")
     seed: int = arg(0, "sampling seed")
-    device: str = arg("", "cpu / cuda (default: cuda if available)")
+    device: str = arg("", "cpu or cuda (empty: cuda if available)")
 
 
 # -----------------------------------------------------------------------------
@@ -159,18 +155,13 @@ def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
     return benchmarks
 
 
-def rollout_config(cfg: Config) -> rollout.RolloutConfig:
-    return rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
-                                 tool_timeout=cfg.tool_timeout, autoprint=cfg.autoprint, tool_failure_rate=cfg.tool_failure_rate)
-
-
 def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, generations_file=None, model_name="") -> dict:
     """Roll out every benchmark with an engine (HF model or vLLM) and compute its metrics."""
     results = {}
     for name, prompts in benchmarks.items():
         t0 = time.time()
-        trajs = rollout.rollout(engine, tokenizer, prompts, cfg.n, rollout_config(cfg),
-                                rollout.Sampling(cfg.temperature, cfg.top_p), seed=cfg.seed, progress=True)
+        prompts = rollout.drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=name)
+        trajs = rollout.rollout(engine, tokenizer, prompts, cfg.n, cfg, seed=cfg.seed, progress=True)
         by_problem = defaultdict(list)
         for j, t in enumerate(trajs):
             by_problem[t.prompt_index].append((t.pred, t.acc))
@@ -189,7 +180,7 @@ def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, generation
 def greedy_accuracy(model, tokenizer, data: str = "toy:eval", num_prompts: int = 64) -> float:
     """Held-out accuracy with greedy decoding, one sample per problem (used at the end of sft.py / grpo.py)."""
     prompts = rollout.load_prompts(data, num_prompts)
-    trajs = rollout.rollout(model, tokenizer, prompts, 1, rollout.RolloutConfig(), rollout.Sampling(temperature=0.0))
+    trajs = rollout.rollout(model, tokenizer, prompts, 1, rollout.RolloutConfig(temperature=0.0))
     return sum(t.acc for t in trajs) / len(trajs)
 
 

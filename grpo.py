@@ -1,7 +1,7 @@
 """
 grpo.py: stage 2, GRPO with the code-interpreter tool (how the paper's 4B teacher was trained).
 
-One RL step, as the reference runs it (sections 4-5):
+One RL step, as the authors' verl fork runs it:
   1. take B prompts and sample n trajectories each with the multi-turn tool loop (rollout.py);
   2. reward each trajectory R_i (tools.compute_score, optional DAPO overlong penalty);
   3. group-normalise within the n samples of a prompt (unbiased std, eps 1e-6; a group of one uses
@@ -14,31 +14,28 @@ One RL step, as the reference runs it (sections 4-5):
         L_t   = min(L_t, -c A_t)  where A_t < 0                                   c = 3 (dual clip)
         loss  = sum_t m_t L_t / sum_t m_t                                         (token mean)
   6. push the new weights into the generation engine (vLLM) and log.
-There is no critic and, as in the reference, no KL term (--kl_coef adds one to a frozen copy of the
-starting model, with the k3 estimator, for those who want it).
+Every log-prob (l_old, l, the teacher's in sod_distill.py) is taken at the sampling temperature,
+log softmax(logits / T), as the reference does. There is no critic and, as in the reference, no KL
+term (--kl_coef adds one to a frozen copy of the starting checkpoint, with the k3 estimator).
 
-Deviations from the reference, on purpose:
-  - the token mean runs over the whole mini-batch (the reference averages per micro-batch and
-    rescales, which weights micro-batches with few tokens more);
-  - prompt wrappers are chosen per row, not from the file's first row (bug 6);
-  - old log-probs come from the same chunked function as the training forward (rollout.token_logprobs).
+`train` is the one RL loop of this repository. sod_distill.py runs it too and changes a single thing,
+the per-token advantages of step 3, through the `advantages_fn` seam: everything else (dynamic
+sampling, KL, evaluation, checkpoints, the vLLM weight push) is the same code for GRPO and every
+distillation mode.
+
+Deviations from the reference (README, deviations table): the token mean runs over the whole
+mini-batch, not per micro-batch; prompt wrappers are chosen per row.
 
 Reference values (real models): lr 1e-6 constant, AdamW (0.9, 0.999), wd 0.01, clip 1.0, 64 prompts x 16
 samples, 4 mini-batches, T = 1.0, top_p = 1.0, 16 turns, 20480 response tokens, overlong buffer 1024.
 
-The held-out evaluation runs before the first step too (logged as step 0), so a run's own log shows what RL
-added: on the toy, the SFT teacher answers without the tool about half the time (its cold-start data does),
-and 30 steps teach it to always call the tool.
-
     python grpo.py                                          # toy teacher from runs/sft-teacher/final, CPU, ~2.5 min
     python grpo.py --model runs/sft-4b/final --data Open-AgentRL-30K.parquet --backend vllm --out_dir runs/grpo-4b \\
-        --steps 470 --prompts_per_step 64 --n 16 --lr 1e-6 --max_response_tokens 20480 --overlong_buffer 1024 \\
-        --micro_batch_size 4 --eval_data aime_2024_problems.parquet,aime_2025_problems.parquet
+        --steps 470 --prompts_per_step 64 --n 16 --lr 1e-6 --max_prompt_tokens 2560 --max_response_tokens 20480 \\
+        --overlong_buffer 1024 --micro_batch_size 4 --eval_data aime_2024_problems.parquet,aime_2025_problems.parquet
 """
-import copy
 import json
 import logging
-import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -49,35 +46,22 @@ import torch
 
 import evaluate
 import rollout
-import sft
 from rollout import arg
 
 log = logging.getLogger("grpo")
 
 
 @dataclass
-class Config:
+class Config(rollout.RolloutConfig):
     """GRPO with tools (the teacher's RL stage)."""
     # model and data
     model: str = arg("runs/sft-teacher/final", "starting checkpoint (the SFT model)")
     data: str = arg("toy", "'toy' or an RL .parquet/.jsonl (prompt, data_source, reward_model)")
-    toy_prompts: int = arg(2048, "size of the generated toy RL set")
-    backend: str = arg("auto", "generation backend: auto | hf | vllm")
-    # rollout
+    toy_prompts: int = arg(2048, "size of the generated toy RL set (with --data toy)")
+    # RL
     steps: int = arg(30, "RL steps (reference: one epoch of 30K prompts / 64 = ~470)")
     prompts_per_step: int = arg(16, "prompts per step (reference 64)")
     n: int = arg(8, "samples per prompt, the GRPO group (reference 16)")
-    temperature: float = arg(1.0, "rollout temperature (reference 1.0)")
-    top_p: float = arg(1.0, "rollout top_p (reference 1.0)")
-    max_turns: int = arg(16, "assistant turns per trajectory (reference 16)")
-    max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
-    max_prompt_tokens: int = arg(512, "longer prompts are dropped (reference 2560)")
-    tool_timeout: float = arg(60.0, "seconds per tool call (reference 60)")
-    tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) | turns (+0.1 per tool round) | none")
-    overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
-    autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression (bare expressions only)")
-    dedupe_tool_calls: bool = arg(True, "run identical tool calls of one turn batch once (exact for deterministic code)")
-    tool_failure_rate: float = arg(0.0, "toy: fraction of tool calls that fail transiently ('no stdout here')")
     dynamic_sampling: bool = arg(False, "drop groups whose rewards are all equal (DAPO); reference off")
     # optimization
     lr: float = arg(5e-5, "learning rate, constant (reference 1e-6)")
@@ -90,22 +74,22 @@ class Config:
     clip_low: float = arg(0.2, "PPO clip, lower")
     clip_high: float = arg(0.28, "PPO clip, upper (clip-higher)")
     clip_c: float = arg(3.0, "dual clip constant for negative advantages")
-    kl_coef: float = arg(0.0, "k3 KL penalty to the starting model (reference 0: off)")
+    kl_coef: float = arg(0.0, "k3 KL penalty to the starting checkpoint (reference 0: off)")
     # run
     out_dir: str = arg("runs/grpo-teacher", "checkpoints, metrics.jsonl, trajectories.jsonl, final/")
     eval_every: int = arg(10, "held-out evaluation every N steps (0: only at the end)")
     eval_before_train: bool = arg(True, "evaluate the starting checkpoint first, logged as step 0 (verl's val_before_train)")
-    eval_data: str = arg("toy", "evaluation data for evaluate.py's functions")
+    eval_data: str = arg("toy", "held-out data: 'toy' or comma-separated eval files")
     eval_prompts: int = arg(64, "held-out problems per evaluation")
     eval_n: int = arg(4, "samples per held-out problem")
     save_every: int = arg(10, "checkpoint every N steps")
     resume: bool = arg(False, "continue from out_dir/checkpoint")
     seed: int = arg(0, "random seed")
-    device: str = arg("", "cpu / cuda (default: cuda if available)")
+    device: str = arg("", "cpu or cuda (empty: cuda if available)")
 
 
 # -----------------------------------------------------------------------------
-# ALGO LOGIC: the two equations of GRPO
+# ALGO LOGIC: the two equations of GRPO, and the optional KL penalty
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """A_i = (R_i - mean_g) / (std_g + eps) within each group; unbiased std; a group of one: mean 0, std 1.
@@ -146,16 +130,23 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2,
     return loss, stats
 
 
+def kl_penalty(logprobs, ref_logprobs, response_mask, num_tokens: float):
+    """k3 estimator of KL(pi || pi_ref), exp(d) - d - 1 >= 0 with d = l_ref - l, token-mean. [B, T] -> scalar."""
+    d = ref_logprobs - logprobs
+    return ((torch.exp(d) - d - 1) * response_mask).sum() / max(float(num_tokens), 1e-8)
+
+
 # -----------------------------------------------------------------------------
-# Pieces of one RL step (sod_distill.py reuses them)
+# Pieces of the RL step
 
 @torch.no_grad()
-def batched_logprobs(model, batch: dict, micro_batch_size: int, with_entropy: bool = False):
+def batched_logprobs(model, batch: dict, micro_batch_size: int, temperature: float, with_entropy: bool = False):
     """token_logprobs over a batch in micro-batches, no grad: [B, T-1] (and the [B, T-1] entropies if asked)."""
     parts = []
     for s in range(0, batch["input_ids"].shape[0], micro_batch_size):
         parts.append(rollout.token_logprobs(model, batch["input_ids"][s:s + micro_batch_size],
-                                            batch["attention_mask"][s:s + micro_batch_size], with_entropy=with_entropy))
+                                            batch["attention_mask"][s:s + micro_batch_size], temperature,
+                                            with_entropy=with_entropy))
     if with_entropy:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return torch.cat(parts)
@@ -176,12 +167,11 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, cfg, ref
             for s in range(0, len(mb), cfg.micro_batch_size):
                 idx = torch.as_tensor(mb[s:s + cfg.micro_batch_size])
                 ids, att, m = batch["input_ids"][idx], batch["attention_mask"][idx], mask[idx]
-                logprobs = rollout.token_logprobs(model, ids, att)                                 # [b, T-1]
+                logprobs = rollout.token_logprobs(model, ids, att, cfg.temperature)                   # [b, T-1]
                 loss, st = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m,
                                        cfg.clip_low, cfg.clip_high, cfg.clip_c, num_tokens=mb_tokens)
-                if ref_logprobs is not None and cfg.kl_coef > 0:  # k3: exp(ref - l) - (ref - l) - 1 >= 0
-                    d = ref_logprobs[idx] - logprobs
-                    loss = loss + cfg.kl_coef * ((torch.exp(d) - d - 1) * m).sum() / mb_tokens
+                if ref_logprobs is not None:
+                    loss = loss + cfg.kl_coef * kl_penalty(logprobs, ref_logprobs[idx], m, mb_tokens)
                 loss.backward()
                 w = m.sum().item() / max(mb_tokens, 1)
                 for k, v in st.items():
@@ -193,21 +183,11 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, cfg, ref
     return {k: v / max(n_updates, 1) for k, v in stats.items()}
 
 
-def rollout_config(cfg) -> rollout.RolloutConfig:
-    return rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
-                                 tool_timeout=cfg.tool_timeout, tool_shaping=cfg.tool_shaping,
-                                 overlong_buffer=cfg.overlong_buffer, autoprint=cfg.autoprint,
-                                 dedupe_tool_calls=cfg.dedupe_tool_calls, tool_failure_rate=cfg.tool_failure_rate)
-
-
 def load_rl_prompts(cfg, tokenizer) -> list[dict]:
-    """RL prompts, the over-long ones dropped (measured without the tools block, as the reference)."""
+    """RL prompts, the over-long ones dropped (measured as the reference measures them)."""
     data = "toy:train" if cfg.data == "toy" else cfg.data
     prompts = rollout.load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed)
-    kept = [p for p in prompts if len(tokenizer.encode(p["prompt"], add_special_tokens=False)) <= cfg.max_prompt_tokens]
-    if len(kept) < len(prompts):
-        log.info("dropped %d prompts longer than %d tokens", len(prompts) - len(kept), cfg.max_prompt_tokens)
-    return kept
+    return rollout.drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=data)
 
 
 def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -> list[dict]:
@@ -216,6 +196,16 @@ def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -
     epoch, k = divmod(step, per_epoch)
     order = np.random.RandomState(seed + epoch).permutation(len(prompts))
     return [prompts[i] for i in order[k * per_step:(k + 1) * per_step]]
+
+
+def dynamic_sampling_keep(rewards: torch.Tensor, group_ids: torch.Tensor) -> list[int]:
+    """DAPO's filter: the trajectories of groups whose rewards are not all equal (a group of one carries no signal)."""
+    keep = []
+    for i, g in enumerate(group_ids.tolist()):
+        group = rewards[group_ids == g]
+        if len(group) > 1 and group.std().item() > 0:
+            keep.append(i)
+    return keep
 
 
 def rollout_metrics(trajs: list, counts: Counter) -> dict:
@@ -228,108 +218,107 @@ def rollout_metrics(trajs: list, counts: Counter) -> dict:
             "dropped_tool_calls": counts["tool_calls_dropped"]}
 
 
-def setup_run(cfg, model_path: str):
-    """Model, tokenizer, optimizer, generation engine; resumed from out_dir/checkpoint when asked."""
-    device = cfg.device or rollout.default_device()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    tokenizer = rollout.load_tokenizer(model_path)
-    model, state = sft.load_for_training(model_path, out_dir, cfg.resume, device, cfg.seed)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
-    start_step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        sft.set_rng_state(state["rng"])
-        start_step = state["step"]
-        log.info("resumed at step %d", start_step)
-    backend = rollout.resolve_backend(cfg.backend)
-    if backend == "vllm":
-        engine = rollout.make_vllm_engine(str(out_dir / "checkpoint") if state is not None else model_path, seed=cfg.seed)
-    else:
-        engine = model
-    return device, out_dir, tokenizer, model, optimizer, engine, start_step
-
-
-def save_run_checkpoint(out_dir, model, tokenizer, optimizer, step, cfg):
-    sft.save_checkpoint(out_dir, "checkpoint", model, tokenizer,
-                        {"optimizer": optimizer.state_dict(), "step": step, "rng": sft.rng_state(), "config": asdict(cfg)})
-
-
-def held_out_eval(model, tokenizer, cfg, engine=None) -> dict:
-    """avg@n and pass@n on held-out problems through evaluate.py, at the evaluation sampling settings.
-    Generation goes through `engine` when given (the vLLM engine, which holds the pushed weights)."""
-    eval_cfg = evaluate.Config(data=cfg.eval_data, num_prompts=cfg.eval_prompts, n=cfg.eval_n, autoprint=cfg.autoprint,
-                               tool_failure_rate=cfg.tool_failure_rate,
-                               max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens, seed=1234)
+def held_out_eval(model, tokenizer, cfg, engine) -> dict:
+    """avg@n and pass@n on held-out problems through evaluate.py, at evaluate.py's sampling settings
+    (T = 1.0, top_p = 0.6). Generation goes through the rollout engine (vLLM holds the pushed weights)."""
+    settings = rollout.rollout_settings(cfg, temperature=evaluate.Config.temperature, top_p=evaluate.Config.top_p)
+    eval_cfg = evaluate.Config(**asdict(settings), data=cfg.eval_data, num_prompts=cfg.eval_prompts, n=cfg.eval_n,
+                               seed=1234)
     model.eval()
-    results = evaluate.evaluate_engine(model if engine is None else engine, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg)
+    results = evaluate.evaluate_engine(engine, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg)
     model.train()
     return {f"eval/{b}/{k}": v for b, r in results.items() for k, v in r.items() if "@" in k}
 
 
-def eval_before_training(model, tokenizer, cfg, engine, metrics_file, start_step: int) -> None:
-    """Held-out evaluation of the starting checkpoint, written as step 0 of metrics.jsonl (skipped on resume)."""
-    if cfg.eval_before_train and start_step == 0:
-        row = {"step": 0, **held_out_eval(model, tokenizer, cfg, engine)}
-        metrics_file.write(json.dumps(row) + "\n")
-        log.info("held-out before training: %s", {k: round(v, 4) for k, v in row.items() if "avg@" in k})
-
-
-def report_start_and_end(metrics_path: Path) -> None:
+def report_start_and_end(metrics_path: Path, name: str) -> None:
     """One log line with the held-out avg@n of the first and the last evaluation of the run."""
     evals = [r for r in map(json.loads, open(metrics_path)) if any("avg@" in k for k in r)]
     if evals:
         first, last = evals[0], evals[-1]
         for k in (k for k in last if "avg@" in k):
-            log.info("held-out %s: %.4f (step %d) -> %.4f (step %d)", k, first.get(k, float("nan")), first["step"], last[k], last["step"])
+            logging.getLogger(name).info("held-out %s: %.4f (step %d) -> %.4f (step %d)", k,
+                                         first.get(k, float("nan")), first["step"], last[k], last["step"])
 
 
 # -----------------------------------------------------------------------------
+# The RL loop
 
-def main(cfg: Config):
-    device, out_dir, tokenizer, model, optimizer, engine, start_step = setup_run(cfg, cfg.model)
-    ref_model = copy.deepcopy(model).eval() if cfg.kl_coef > 0 else None
+def train(cfg, start: str, advantages_fn=None, summarize_fn=None, name: str = "grpo"):
+    """RL from checkpoint `start`. The one seam: advantages_fn(prompts, trajs, batch, old_logprobs, grpo_advantages,
+    step) returns the per-token advantages [B, T-1] that PPO optimises, and per-step records (written to steps.jsonl,
+    summarised into metrics.jsonl by summarize_fn). Without it this is GRPO: A_{i,t} = A_i m_t."""
+    if cfg.data != "toy":
+        rollout.reject_unused(cfg, ["toy_prompts"], "with --data other than toy")
+    device = cfg.device or rollout.default_device()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rollout.seed_everything(cfg.seed)
+    tokenizer = rollout.load_tokenizer(start)
+    model, state = rollout.load_for_training(start, out_dir, cfg.resume, device, cfg.seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    start_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        rollout.set_rng_state(state["rng"])
+        start_step = state["step"]
+        log.info("resumed at step %d", start_step)
+    # the KL anchor is the starting checkpoint, also when resuming
+    ref_model = rollout.load_model(start, device=device).requires_grad_(False) if cfg.kl_coef > 0 else None
+    if rollout.resolve_backend(cfg.backend) == "vllm":
+        engine = rollout.make_vllm_engine(str(out_dir / "checkpoint") if state is not None else start, seed=cfg.seed)
+    else:
+        engine = model
     prompts = load_rl_prompts(cfg, tokenizer)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
-    eval_before_training(model, tokenizer, cfg, engine, metrics_file, start_step)
+    if cfg.eval_before_train and start_step == 0:  # the starting checkpoint, as step 0 (skipped on resume)
+        row = {"step": 0, **held_out_eval(model, tokenizer, cfg, engine)}
+        metrics_file.write(json.dumps(row) + "\n")
+        log.info("held-out before training: %s", {k: round(v, 4) for k, v in row.items() if "avg@" in k})
     from tqdm import tqdm
-    bar = tqdm(range(start_step, cfg.steps), desc="grpo", initial=start_step, total=cfg.steps)
+    bar = tqdm(range(start_step, cfg.steps), desc=name, initial=start_step, total=cfg.steps)
     for step in bar:
         t0 = time.time()
         # 1-2. rollouts with the tool, and their rewards
         counts = Counter()
         model.eval()
-        trajs = rollout.rollout(engine, tokenizer, prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed), cfg.n,
-                                rollout_config(cfg), rollout.Sampling(cfg.temperature, cfg.top_p),
-                                seed=cfg.seed * 100_003 + step, counts=counts)
+        step_prompts = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
+        trajs = rollout.rollout(engine, tokenizer, step_prompts, cfg.n, cfg, seed=cfg.seed * 100_003 + step, counts=counts)
         model.train()
-        t_rollout = time.time() - t0
+        row = {"step": step + 1, **rollout_metrics(trajs, counts), "t_rollout": time.time() - t0,
+               "t_tools": counts["tool_seconds"]}
         rewards = torch.tensor([t.reward for t in trajs])                                    # [B]
         group_ids = torch.tensor([t.prompt_index for t in trajs])                            # [B]
-        # 3. group-normalised advantages (optionally only the groups that carry signal)
-        adv = group_advantages(rewards, group_ids)                                           # [B]
-        keep = list(range(len(trajs)))
-        if cfg.dynamic_sampling:
-            spread = {g: rewards[group_ids == g].std().item() if (group_ids == g).sum() > 1 else 0.0 for g in group_ids.unique().tolist()}
-            keep = [i for i, t in enumerate(trajs) if spread[t.prompt_index] > 0]
-        row = {"step": step + 1, **rollout_metrics(trajs, counts), "t_rollout": t_rollout, "t_tools": counts["tool_seconds"]}
+        # 3. group-normalised advantages (with dynamic sampling, only the groups that carry signal)
+        grpo_adv = group_advantages(rewards, group_ids)                                      # [B]
+        keep = dynamic_sampling_keep(rewards, group_ids) if cfg.dynamic_sampling else list(range(len(trajs)))
+        row["kept_trajectories"] = len(keep)
         if keep:
-            batch = rollout.pad_trajectories([trajs[i] for i in keep], tokenizer.pad_token_id, device)
-            advantages = adv[keep].to(device)[:, None] * batch["response_mask"]              # [B, T-1]
-            # 4. old log-probs of the sampled tokens (no grad)
+            kept = [trajs[i] for i in keep]
+            batch = rollout.pad_trajectories(kept, tokenizer.pad_token_id, device)
+            mask = batch["response_mask"]                                                    # [B, T-1]
+            # 4. old log-probs of the sampled tokens (no grad), at the sampling temperature
             t1 = time.time()
-            old_logprobs, entropy = batched_logprobs(model, batch, cfg.micro_batch_size, with_entropy=True)  # [B, T-1] x2
-            row["entropy"] = rollout.masked_mean(entropy, batch["response_mask"]).item()  # of the rollout policy
-            ref_logprobs = batched_logprobs(ref_model, batch, cfg.micro_batch_size) if ref_model is not None else None
+            old_logprobs, entropy = batched_logprobs(model, batch, cfg.micro_batch_size, cfg.temperature,
+                                                     with_entropy=True)                      # [B, T-1] x2
+            row["entropy"] = rollout.masked_mean(entropy, mask).item()  # of the rollout policy
+            ref_logprobs = batched_logprobs(ref_model, batch, cfg.micro_batch_size, cfg.temperature) if ref_model else None
+            # 3'. THE SEAM: per-token advantages, A_i m_t for GRPO, plus the teacher's signal when distilling
+            adv = grpo_adv[keep].to(device)
+            if advantages_fn is None:
+                advantages = adv[:, None] * mask                                             # [B, T-1]
+            else:
+                advantages, records = advantages_fn(step_prompts, kept, batch, old_logprobs, adv, step + 1)
+                row.update(summarize_fn(records) if summarize_fn else {})
+                rollout.write_jsonl(out_dir / "steps.jsonl", records)
+            row["t_advantages"] = time.time() - t1
             # 5. PPO updates
+            t2 = time.time()
             row.update(ppo_update(model, optimizer, batch, advantages, old_logprobs, cfg, ref_logprobs))
-            row["t_train"] = time.time() - t1
+            row["t_train"] = time.time() - t2
             # 6. the generation engine gets the new weights
             if engine is not model:
                 rollout.push_weights_to_vllm(engine, model)
-        row["kept_trajectories"] = len(keep)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
             row.update(held_out_eval(model, tokenizer, cfg, engine))
         metrics_file.write(json.dumps(row) + "\n")
@@ -337,13 +326,18 @@ def main(cfg: Config):
         rollout.write_jsonl(out_dir / "trajectories.jsonl", [dict(t.log_record(), step=step + 1) for t in trajs[:cfg.n * 2]])
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:  # the last one lets --resume extend a run
-            save_run_checkpoint(out_dir, model, tokenizer, optimizer, step + 1, cfg)
+            rollout.save_checkpoint(out_dir, "checkpoint", model, tokenizer, {
+                "optimizer": optimizer.state_dict(), "step": step + 1, "rng": rollout.rng_state(), "config": asdict(cfg)})
     metrics_file.close()
-    report_start_and_end(out_dir / "metrics.jsonl")
+    report_start_and_end(out_dir / "metrics.jsonl", name)
     model.eval()
-    sft.save_checkpoint(out_dir, "final", model, tokenizer)
-    log.info("saved %s", out_dir / "final")
+    rollout.save_checkpoint(out_dir, "final", model, tokenizer)
+    logging.getLogger(name).info("saved %s", out_dir / "final")
     return model
+
+
+def main(cfg: Config):
+    return train(cfg, cfg.model)
 
 
 if __name__ == "__main__":

@@ -1,44 +1,45 @@
 """
-rollout.py: the engine every stage shares. Data, models, the multi-turn tool loop, log-probs.
+rollout.py: what every stage shares, from a data file and a checkpoint to scored trajectories and back.
 
-What is here, top to bottom:
-  1. Data. The reference's prompt wrappers (chosen per row from `data_source`), loaders for
-     JSONL/parquet, and the built-in toy task: arithmetic chains that need several dependent
-     calls to a stateless Python interpreter, so that one bad call cascades into the next turns.
-  2. Models. Loading a tokenizer and a Qwen3 model from a local path, a Hugging Face name, or
-     the tiny built-in configs ("toy-student", "toy-teacher"); a check that teacher and student
-     share one tokenizer (on-policy distillation scores the student's token ids with the teacher).
-  3. Generation backends behind one function: Hugging Face `generate` (default on CPU) and vLLM
-     (default on CUDA when installed), colocated in-process, with new weights pushed after each
-     optimizer step.
-  4. The tool loop (reference sections 2.4 and 3), token-in/token-out:
+Top to bottom:
+  1. Settings. `arg` and `parse_args` turn each stage's config dataclass into command-line flags;
+     `RolloutConfig` declares the tool loop's settings once, and every stage that rolls out inherits it.
+  2. Data. The reference's prompt wrappers (chosen per row from `data_source`) and loaders for
+     JSONL/parquet files (the toy task lives in toy/task.py).
+  3. Models and checkpoints. A tokenizer and a Qwen3 model from a local path, a Hugging Face name, or
+     the tiny built-in configs ("toy-student", "toy-teacher"); a check that teacher and student share
+     one tokenizer; atomic checkpoints and the RNG state that makes a resumed run exact.
+  4. Generation backends behind one function: Hugging Face `generate` (default on CPU) and vLLM
+     (default on CUDA when installed), colocated in-process, with new weights pushed after each update.
+  5. The tool loop (token-in/token-out):
         response = [turn_1][tool_1][turn_2][tool_2] ... [turn_K]
         response_mask = 1 on tokens the model generated (its closing <|im_end|> included),
                         0 on tool-response tokens.
      Generated ids are appended as they are, never decoded and re-encoded. A "step" (what SOD
      weights) is one assistant turn = one maximal run of response_mask == 1.
-  5. `token_logprobs`: log p(x_{t+1} | x_<=t) gathered in chunks, so no [B, T, V] float32
-     tensor is ever built (at V = 151,936 and T = 16k that would be 10 GB per sequence).
+  6. `token_logprobs`: log p(x_{t+1} | x_<=t) at a temperature, gathered in chunks, so no [B, T, V]
+     float32 tensor is ever built (at V = 151,936 and T = 16k that would be 10 GB per sequence).
 
-Deviation from the reference rollout (section 2.2 / bug 14): the reference appends a tool
-response right after the assistant's <|im_end|>, while the chat template puts "\\n" between them.
-We prepend that "\\n" to the tool segment (mask 0), so a rollout has exactly the token ids the
-Qwen3 chat template gives the same conversation, and sft.py trains on the same ids.
+The rollout's ids equal the chat template's rendering of the same conversation (README, deviations:
+the newline after <|im_end|>), so sft.py trains on exactly the ids the RL stages roll out.
 
 The toy default runs on a CPU with nothing downloaded:
     python rollout.py                       # 8 toy prompts x 4 samples with the untrained student
     python rollout.py --model runs/sft-student/final --num_prompts 64 --n 8
     python rollout.py --model Qwen/Qwen3-0.6B --data Open-AgentRL-30K.parquet --backend vllm --n 16   # GPU
 """
+import argparse
 import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import tools
@@ -50,7 +51,82 @@ TOY_MODELS = {"toy-student": TOY_DIR / "student_config.json", "toy-teacher": TOY
 
 
 # -----------------------------------------------------------------------------
-# 1. Data: the reference's prompt wrappers (section 1.5), byte-exact
+# 1. Settings: config dataclasses as command-line flags
+
+def arg(default, help: str):
+    """A config field with its command-line help string (every stage's config is a dataclass of these)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def parse_bool(text: str) -> bool:
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if text.lower() not in value:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value[text.lower()]
+
+
+def parse_args(cls, argv=None):
+    """Dataclass -> argparse flags, one per field. A bool is `--flag`, `--no-flag` or `--flag true|false`."""
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
+    for f in fields(cls):
+        default = f.default if f.default_factory is MISSING else f.default_factory()
+        text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help strings with %
+        if default != "" and "default" not in text:
+            text += f" (default: {default})".replace("%", "%%")
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", nargs="?", const=True, default=default, type=parse_bool,
+                                metavar="true|false", help=text)
+            parser.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        elif isinstance(default, list):
+            parser.add_argument(f"--{f.name}", nargs="+", default=default, help=text)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=default, help=text)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def reject_unused(cfg, names: list[str], why: str):
+    """A flag that is accepted and ignored is a bug: refuse the ones that `why` makes meaningless."""
+    for name in names:
+        if getattr(cfg, name) != getattr(type(cfg), name):
+            raise SystemExit(f"--{name} is not used {why}")
+
+
+@dataclass
+class RolloutConfig:
+    """The multi-turn tool loop's settings: one declaration, inherited by every stage that rolls out."""
+    # generation
+    backend: str = arg("auto", "generation backend: auto (vllm on CUDA if installed, else hf) | hf | vllm")
+    temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature (reference 1.0)")
+    top_p: float = arg(1.0, "nucleus sampling (reference 1.0 in training, 0.6 in evaluation)")
+    # the loop
+    max_turns: int = arg(16, "assistant turns, and tool responses, per trajectory (reference 16)")
+    max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
+    max_prompt_tokens: int = arg(512, "prompts longer than this, measured with the chat template, are dropped "
+                                      "(reference 2560 in training, 4096 in evaluation)")
+    max_tool_calls_per_turn: int = arg(1, "tool calls executed per assistant turn (reference 1: the first)")
+    # the tool
+    tool_timeout: float = arg(60.0, "seconds per tool call (reference 60)")
+    tool_memory_mb: int = arg(2048, "memory per tool call in MB (reference 2048)")
+    max_tool_response_chars: int = arg(256, "tool output shown to the model, cut around the middle (reference 256)")
+    autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression "
+                                      "(bare expressions only)")
+    dedupe_tool_calls: bool = arg(True, "run identical tool calls of one turn batch once (exact for deterministic code)")
+    tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently ('no stdout here'), a toy option")
+    # the reward
+    tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) | turns (+0.1 per tool round) | none")
+    overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
+    overlong_penalty: float = arg(1.0, "DAPO overlong penalty factor (reference 1.0)")
+
+
+def rollout_settings(cfg, **changes) -> RolloutConfig:
+    """The RolloutConfig part of a stage's config (a copy, with `changes` applied)."""
+    return RolloutConfig(**{f.name: changes.get(f.name, getattr(cfg, f.name)) for f in fields(RolloutConfig)})
+
+
+# -----------------------------------------------------------------------------
+# 2. Data: the reference's prompt wrappers, byte-exact, and the loaders
 
 MATH1 = "Analyze and solve the following math problem step by step. \n\n"
 MATH2 = "\n\nThe tool could be used for more precise and efficient calculation and could help you to verify your result before you reach the final answer."
@@ -70,11 +146,9 @@ def _maybe_json(x):
 def wrap_prompt(row: dict) -> tuple[str, str, object]:
     """One data row -> (user prompt text, data_source, ground truth), wrapped as the reference does.
 
-    The reference picks the wrapper once per *file* from the first row's data_source (bug 6);
-    we pick it per row, which is what that code evidently meant for the mixed 30K file.
-    Accepted layouts: the RL schema (prompt / data_source / reward_model), and the eval files
-    (AIME2024: Problem/Answer, AIME2025: problem/answer, GPQA: problem/solution/domain,
-    LiveCodeBench: problem + reward_model as a JSON string).
+    The wrapper is picked per row (README, deviations: first-row dispatch). Accepted layouts: the RL schema
+    (prompt / data_source / reward_model), and the eval files (AIME2024: Problem/Answer, AIME2025:
+    problem/answer, GPQA: problem/solution/domain, LiveCodeBench: problem + reward_model as a JSON string).
     """
     source = str(row.get("data_source", ""))
     reward_model = _maybe_json(row.get("reward_model")) or {}
@@ -97,7 +171,7 @@ def wrap_prompt(row: dict) -> tuple[str, str, object]:
         text = (f"Analyze and solve the following {row['domain']} problem step by step. \n\n" + row["problem"]
                 + MATH2 + AGENT + ANSFMT + "\n Here you need to put the final uppercase letter option of this problem into \\boxed{}")
         return text, source or "gpqa_diamond", str(row["solution"])
-    if "problem" in row and reward_model:  # LiveCodeBench v6: the "examples" are the scoring tests (bug 5)
+    if "problem" in row and reward_model:  # LiveCodeBench v6: the "examples" are the scoring tests
         truth = _maybe_json(reward_model["ground_truth"])
         examples = "\nHere are some input and output examples of the expected code:\nInput:" + str(truth["inputs"]) + "\nOutput:\n" + str(truth["outputs"])
         return LCB_START + row["problem"] + examples + AGENT + LCB_CODEP + CODE_SUFFIX, source or "LiveCodeBench_v6", truth
@@ -141,10 +215,11 @@ def _to_plain(x):
 
 
 def load_prompts(path: str, n: int | None = None, seed: int = 0) -> list[dict]:
-    """RL / eval prompts as {"prompt", "data_source", "ground_truth", "id"}. "toy[:split]" builds the toy split."""
+    """RL / eval prompts as {"prompt", "data_source", "ground_truth", "hint", "id"}; "toy[:split]" builds a toy split."""
     if path.startswith("toy"):
+        from toy import task
         split = path.split(":")[1] if ":" in path else "train"
-        rows = toy_rl_rows(n or 256, split=split, seed=seed)
+        rows = task.rl_rows(n or 256, split=split, seed=seed)
     else:
         rows = load_rows(path)
     out, bad = [], Counter()
@@ -158,7 +233,8 @@ def load_prompts(path: str, n: int | None = None, seed: int = 0) -> list[dict]:
             if len(bad) == 1 and sum(bad.values()) == 1:
                 log.warning("%s row %d skipped: %s", path, i, e)
             continue
-        out.append({"prompt": text, "data_source": source, "ground_truth": truth, "id": row.get("id", i)})
+        out.append({"prompt": text, "data_source": source, "ground_truth": truth, "hint": row.get("hint"),
+                    "id": row.get("id", i)})
     if bad:
         log.warning("%s: skipped %d malformed rows (%s)", path, sum(bad.values()), dict(bad))
     if not out:
@@ -166,138 +242,31 @@ def load_prompts(path: str, n: int | None = None, seed: int = 0) -> list[dict]:
     return out[:n] if n else out
 
 
-# -----------------------------------------------------------------------------
-# 1b. The built-in toy task
-#
-# "a = 347 * 29; b = a % 97; c = b + 13; what is c?" The interpreter forgets variables between
-# calls (as the reference's SandboxFusion does), so each call must copy the previous call's
-# printed number. Two natural tool errors exist, and the student's SFT data recovers from them:
-#   - referring to a variable of an earlier call -> NameError traceback;
-#   - writing an assignment as the last line -> the reference's auto-print turns `a = 1 * 2` into
-#     `print(a = 1 * 2)` -> TypeError traceback.
-# After such an error the context holds a traceback, which a teacher trained only on clean
-# solutions has never seen: exactly the drift SOD's step weights are meant to detect.
-
-TOY_SOURCE = "toy_arith"
-TOY_VARS = "abcd"
-TOY_INSTRUCTION = ("Solve it with the code interpreter, one step per call. The interpreter forgets "
-                   "variables between calls, so use the printed numbers.\n")
-
-
-def _apply(op: str, x: int, y: int) -> int:
-    return {"+": x + y, "-": x - y, "*": x * y, "%": x % y}[op]
-
-
-def make_toy_problem(rng: random.Random) -> dict:
-    """A chain of 2-4 dependent operations. Returns the prompt, the answer and the clean tool calls."""
-    num_steps = rng.randint(2, 4)
-    x, y, op = rng.randint(10, 99), rng.randint(2, 40), rng.choice("*+-")
-    value = _apply(op, x, y)
-    lines, calls, outputs = [f"a = {x} {op} {y}"], [f"print({x} {op} {y})"], [value]
-    for k in range(1, num_steps):
-        op = rng.choice("%+-*" if abs(value) < 1000 else "%%+-")
-        c = rng.randint(2, 9) if op == "*" else rng.randint(2, 40)
-        lines.append(f"{TOY_VARS[k]} = {TOY_VARS[k - 1]} {op} {c}")
-        calls.append(f"print({value} {op} {c})")
-        value = _apply(op, value, c)
-        outputs.append(value)
-    question = (TOY_INSTRUCTION + "\n".join(lines) + f"\nWhat is {TOY_VARS[num_steps - 1]}? "
-                "Put the final answer in \\boxed{}.")
-    return {"question": question, "answer": str(value), "calls": calls, "outputs": outputs, "lines": lines}
-
-
-def _toy_traceback(line: str, error: str, caret_col: int | None = None) -> str:
-    """The text CPython 3.11 prints for an error on line 1 of /tmp/main.py (checked against the sandbox in tests)."""
-    caret = "" if caret_col is None else " " * (4 + caret_col) + "^\n"
-    return f'Traceback (most recent call last):\n  File "/tmp/main.py", line 1, in <module>\n    {line}\n{caret}{error}\n'
-
-
-def _tool_call(code: str) -> dict:
-    return {"type": "function", "function": {"name": tools.TOOL_NAME, "arguments": {"code": code}}}
-
-
-def toy_sft_conversation(problem: dict, rng: random.Random, recovery: bool, retry: bool = False,
-                         direct: bool = False) -> list[dict]:
-    """A solved toy problem as chat messages. With `recovery`, one step first fails by the model's fault
-    (a traceback) and is then redone; with `retry`, one call meets a transient sandbox failure (the
-    reference's "no stdout here") and the same call is sent again; with `direct`, the answer is given at
-    once, without the tool (right in the data, but mental arithmetic a tiny model cannot reproduce)."""
-    messages = [{"role": "user", "content": problem["question"]}]
-    if direct:
-        return messages + [{"role": "assistant", "content": f"The answer is \\boxed{{{problem['answer']}}}."}]
-    bad_step = rng.randrange(len(problem["calls"])) if recovery else -1
-    flaky_step = rng.randrange(len(problem["calls"])) if retry else -1
-    for k, (call, out) in enumerate(zip(problem["calls"], problem["outputs"])):
-        if k == flaky_step:
-            messages += [{"role": "assistant", "content": "", "tool_calls": [_tool_call(call)]},
-                         {"role": "tool", "content": tools.NO_STDOUT}]
-        if k == bad_step:
-            if k == 0:  # assignment as the last line: auto-print makes it print(a = ...)
-                wrong = problem["lines"][0]
-                text = _toy_traceback(f"print({wrong})", "TypeError: 'a' is an invalid keyword argument for print()")
-            else:  # refers to the previous call's variable, which the interpreter forgot
-                var = TOY_VARS[k - 1]
-                wrong = call.replace(str(problem["outputs"][k - 1]), var, 1)
-                text = _toy_traceback(wrong, f"NameError: name '{var}' is not defined", caret_col=wrong.index(var))
-            messages += [{"role": "assistant", "content": "", "tool_calls": [_tool_call(wrong)]},
-                         {"role": "tool", "content": text}]
-        messages += [{"role": "assistant", "content": "", "tool_calls": [_tool_call(call)]},
-                     {"role": "tool", "content": f"{out}\n"}]
-    messages.append({"role": "assistant", "content": f"The answer is \\boxed{{{problem['answer']}}}."})
-    return messages
-
-
-_TOY_SEEDS = {"train": 1, "sft": 2, "eval": 3}
-
-
-def _toy_problems(n: int, split: str, seed: int) -> list[dict]:
-    """n distinct problems of a split; eval problems never occur in the train or sft splits."""
-    rng = random.Random(_TOY_SEEDS[split] * 1_000_003 + seed)
-    held_out = set()
-    if split != "eval":
-        eval_rng = random.Random(_TOY_SEEDS["eval"] * 1_000_003)
-        held_out = {make_toy_problem(eval_rng)["question"] for _ in range(512)}
-    out, seen = [], set()
-    while len(out) < n:
-        p = make_toy_problem(rng)
-        if p["question"] not in seen and p["question"] not in held_out:
-            seen.add(p["question"])
-            out.append(p)
-    return out
-
-
-def toy_rl_rows(n: int, split: str = "train", seed: int = 0) -> list[dict]:
-    """Toy prompts in the RL schema of the real data (section 1.3)."""
-    if split == "eval":
-        seed = 0  # the held-out set is fixed, whatever the run's seed
-    return [{"prompt": [{"role": "user", "content": p["question"]}], "data_source": TOY_SOURCE,
-             "reward_model": {"ground_truth": p["answer"]}, "ability": "math", "agent_name": "tool_agent",
-             "extra_info": {"index": i, "split": split, "num_steps": len(p["calls"])}}
-            for i, p in enumerate(_toy_problems(n, split, seed))]
-
-
-def toy_sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0, retry_frac: float = 0.0,
-                 direct_frac: float = 0.0) -> list[dict]:
-    """Toy trajectories in the SFT schema of the real data (messages + tools, section 1.2)."""
-    rng = random.Random(seed)
-    rows = []
-    for p in _toy_problems(n, "sft", seed):
-        recovery = rng.random() < recovery_frac
-        retry = retry_frac > 0 and rng.random() < retry_frac  # no extra draw when off: old seeds give old data
-        direct = direct_frac > 0 and rng.random() < direct_frac
-        rows.append({"messages": toy_sft_conversation(p, rng, recovery, retry, direct), "tools": [tools.TOOL_SCHEMA]})
-    return rows
+def drop_long_prompts(prompts: list[dict], tokenizer, max_tokens: int, name: str = "") -> list[dict]:
+    """The reference's filter_overlong_prompts: the user turn rendered by the chat template with the generation
+    prompt, *without* the tools block, must fit in max_tokens."""
+    def length(p):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
+                                             add_generation_prompt=True)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+    kept = [p for p in prompts if length(p) <= max_tokens]
+    if len(kept) < len(prompts):
+        log.info("%sdropped %d of %d prompts longer than %d tokens", f"{name}: " if name else "",
+                 len(prompts) - len(kept), len(prompts), max_tokens)
+    return kept
 
 
 # -----------------------------------------------------------------------------
-# 2. Models and tokenizers
+# 3. Models, tokenizers and checkpoints
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
+    """The tokenizer of a checkpoint, with `stop_token_ids`: every end-of-sequence id of the model (Qwen3's
+    generation config lists <|im_end|> and <|endoftext|>), where generation stops."""
+    from transformers import AutoTokenizer, GenerationConfig
     path = TOY_DIR / "tokenizer" if name_or_path in TOY_MODELS else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -307,7 +276,18 @@ def load_tokenizer(name_or_path: str):
                          f"or one of the built-in toy models {sorted(TOY_MODELS)}.") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    stop = [tokenizer.eos_token_id]
+    try:
+        eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
+        stop += [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None and i not in stop]
+    except OSError:
+        pass  # no generation_config.json: the tokenizer's eos alone
+    tokenizer.stop_token_ids = stop
     return tokenizer
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    return getattr(tokenizer, "stop_token_ids", None) or [tokenizer.eos_token_id]
 
 
 def check_model_path(name_or_path: str):
@@ -351,38 +331,74 @@ def check_same_tokenizer(student_tok, teacher_tok, student_name="student", teach
         raise SystemExit(f"tokenizer mismatch: eos ids differ ({student_tok.eos_token_id} vs {teacher_tok.eos_token_id})")
 
 
-def render_prompt_ids(tokenizer, prompt: str, tools_schema: list[dict] | None = None) -> list[int]:
-    """The initial context: system block declaring the tools, the user turn, and `<|im_start|>assistant\\n`.
-    `enable_thinking` is not passed, as in the reference, so no empty think block is pre-filled."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tools=tools_schema or [tools.TOOL_SCHEMA],
-                                         tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+def save_checkpoint(out_dir: Path, name: str, model, tokenizer, extra_state: dict | None = None):
+    """out_dir/name as a Hugging Face folder (plus trainer_state.pt when given), written whole before it appears."""
+    tmp = out_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if extra_state is not None:
+        torch.save(extra_state, tmp / "trainer_state.pt")
+    final = out_dir / name
+    old = out_dir / f".{name}.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)  # the rename is the commit point: a crash leaves either the old or the new folder
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def render_tool_response_ids(tokenizer, outputs: list[str]) -> list[int]:
-    """Tool outputs as the chat template renders `tool` messages, plus the next generation prompt.
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
-    "\\n" first: the newline that follows the assistant's <|im_end|> in the template (see docstring).
-    """
-    text = tokenizer.apply_chat_template([{"role": "tool", "content": o} for o in outputs],
-                                         tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode("\n" + text, add_special_tokens=False)
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int):
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def load_for_training(start: str, out_dir: Path, resume: bool, device: str, seed: int):
+    """The model to train: out_dir/checkpoint when resuming, else `start`. Returns (model, trainer_state or None)."""
+    ckpt = out_dir / "checkpoint"
+    if resume and (ckpt / "trainer_state.pt").exists():
+        model = load_model(str(ckpt), device=device, dtype=torch.float32)
+        return model, torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    if resume:
+        log.info("no checkpoint in %s: starting fresh", out_dir)
+    return load_model(start, device=device, dtype=torch.float32, seed=seed), None
+
+
+def write_jsonl(path, records: list[dict]):
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r, default=str) + "\n")
 
 
 # -----------------------------------------------------------------------------
-# 3. Generation backends: Hugging Face generate (CPU default) and vLLM (GPU default)
+# 4. Generation backends: Hugging Face generate (CPU default) and vLLM (GPU default)
 
-@dataclass
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1 = off (vLLM's convention)
+def _cut_at_stop(ids: list[int], stop_ids: list[int], budget: int) -> list[int]:
+    """A turn ends with the first stop token the model sampled (kept: it is trained on) or at its budget."""
+    ids = ids[:budget]
+    for i, tok in enumerate(ids):
+        if tok in stop_ids:
+            return ids[:i + 1]
+    return ids
 
 
 @torch.no_grad()
-def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], sampling: Sampling,
-                eos_id: int, pad_id: int, batch_size: int = 256) -> list[list[int]]:
-    """Sample one continuation per context, each cut after its first eos and to its own budget."""
+def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], temperature: float, top_p: float,
+                stop_ids: list[int], pad_id: int, batch_size: int = 256) -> list[list[int]]:
+    """Sample one continuation per context, each cut after its first stop token and to its own budget."""
     device = next(model.parameters()).device
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))  # similar lengths together: less padding
     outputs: list[list[int]] = [[] for _ in contexts]
@@ -394,19 +410,14 @@ def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], sam
         for row, i in enumerate(idx):  # left padding: generation continues from the right edge
             input_ids[row, width - len(contexts[i]):] = torch.tensor(contexts[i])
             attention_mask[row, width - len(contexts[i]):] = 1
-        greedy = sampling.temperature <= 0
+        greedy = temperature <= 0
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              max_new_tokens=max(max_new_tokens[i] for i in idx), do_sample=not greedy,
-                             temperature=None if greedy else sampling.temperature,
-                             top_p=None if greedy else sampling.top_p,
-                             top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
-                             eos_token_id=eos_id, pad_token_id=pad_id)
+                             temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+                             top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id)
         new_tokens = out[:, width:].tolist()
         for row, i in enumerate(idx):
-            ids = new_tokens[row][:max_new_tokens[i]]
-            if eos_id in ids:
-                ids = ids[:ids.index(eos_id) + 1]
-            outputs[i] = ids
+            outputs[i] = _cut_at_stop(new_tokens[row], stop_ids, max_new_tokens[i])
     return outputs
 
 
@@ -429,20 +440,14 @@ def make_vllm_engine(model_path: str, seed: int = 0, gpu_memory_utilization: flo
     return LLM(**kwargs)
 
 
-def generate_vllm(llm, contexts: list[list[int]], max_new_tokens: list[int], sampling: Sampling, eos_id: int,
-                  seed: int | None = None) -> list[list[int]]:
+def generate_vllm(llm, contexts: list[list[int]], max_new_tokens: list[int], temperature: float, top_p: float,
+                  stop_ids: list[int], seed: int | None = None) -> list[list[int]]:
+    """vLLM keeps the stop token it sampled in token_ids; nothing is appended that the model did not sample."""
     from vllm import SamplingParams
-    params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                             max_tokens=max(1, m), stop_token_ids=[eos_id],
+    params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max(1, m), stop_token_ids=list(stop_ids),
                              seed=None if seed is None else seed + i) for i, m in enumerate(max_new_tokens)]
     results = llm.generate([{"prompt_token_ids": c} for c in contexts], params, use_tqdm=False)
-    outputs = []
-    for r in results:
-        ids = list(r.outputs[0].token_ids)
-        if r.outputs[0].finish_reason == "stop" and (not ids or ids[-1] != eos_id):
-            ids.append(eos_id)  # keep the eos that ended the turn: the model generated it and is trained on it
-        outputs.append(ids)
-    return outputs
+    return [_cut_at_stop(list(r.outputs[0].token_ids), stop_ids, m) for r, m in zip(results, max_new_tokens)]
 
 
 def push_weights_to_vllm(llm, model):
@@ -451,33 +456,47 @@ def push_weights_to_vllm(llm, model):
     runner.reload_weights(weights_iterator=iter((k, v.detach()) for k, v in model.state_dict().items()))
 
 
-def generate(engine, contexts, max_new_tokens, sampling, eos_id, pad_id, seed=None):
+def generate(engine, contexts, max_new_tokens, cfg: RolloutConfig, stop_ids, pad_id, seed=None):
     """One function over both backends: `engine` is an HF model or a vLLM `LLM` (or, in tests, any
-    function (contexts, max_new_tokens, sampling) -> continuations)."""
+    function (contexts, max_new_tokens, cfg) -> continuations)."""
     if isinstance(engine, torch.nn.Module):
-        return generate_hf(engine, contexts, max_new_tokens, sampling, eos_id, pad_id)
+        return generate_hf(engine, contexts, max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, pad_id)
     if hasattr(engine, "llm_engine"):
-        return generate_vllm(engine, contexts, max_new_tokens, sampling, eos_id, seed=seed)
-    return engine(contexts, max_new_tokens, sampling)
+        return generate_vllm(engine, contexts, max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, seed=seed)
+    return engine(contexts, max_new_tokens, cfg)
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in ("auto", "hf", "vllm"):
+        raise SystemExit(f"--backend must be auto, hf or vllm, not {backend!r}")
+    if backend != "auto":
+        return backend
+    try:
+        import vllm  # noqa: F401
+        return "vllm" if torch.cuda.is_available() else "hf"
+    except ImportError:
+        return "hf"
 
 
 # -----------------------------------------------------------------------------
-# 4. The multi-turn tool loop (reference section 2.4)
+# 5. The multi-turn tool loop
 
-@dataclass
-class RolloutConfig:
-    max_turns: int = 16             # assistant turns, and tool responses, per trajectory (reference: 16)
-    max_response_tokens: int = 320  # generated + tool tokens per trajectory (reference: 20480)
-    max_tool_calls_per_turn: int = 1  # the reference executes the first call only
-    tool_timeout: float = 60.0
-    tool_memory_mb: int = 2048
-    max_tool_response_chars: int = 256
-    autoprint: str = "reference"    # "reference" or "expression" (see tools.execute_code)
-    tool_shaping: str = "reference"  # see tools.compute_score
-    overlong_buffer: int = 0        # DAPO overlong penalty buffer in tokens (0 = off; reference 1024)
-    overlong_penalty: float = 1.0
-    dedupe_tool_calls: bool = True  # identical calls of one turn batch run once (the reference runs each)
-    tool_failure_rate: float = 0.0  # toy option: a call fails with the sandbox-failure text this often (transient)
+def render_prompt_ids(tokenizer, prompt: str, tools_schema: list[dict] | None = None) -> list[int]:
+    """The initial context: system block declaring the tools, the user turn, and `<|im_start|>assistant\\n`.
+    `enable_thinking` is not passed, as in the reference, so no empty think block is pre-filled."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tools=tools_schema or [tools.TOOL_SCHEMA],
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def render_tool_response_ids(tokenizer, outputs: list[str]) -> list[int]:
+    """Tool outputs as the chat template renders `tool` messages, plus the next generation prompt.
+
+    "\\n" first: the newline that follows the assistant's <|im_end|> in the template (see docstring).
+    """
+    text = tokenizer.apply_chat_template([{"role": "tool", "content": o} for o in outputs],
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode("\n" + text, add_special_tokens=False)
 
 
 @dataclass
@@ -513,15 +532,14 @@ def _finish(traj: Trajectory, reason: str, cfg: RolloutConfig):
     traj.steps = [(s, min(e, cfg.max_response_tokens)) for s, e in traj.steps if s < cfg.max_response_tokens]
 
 
-def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, sampling: Sampling,
-            seed: int | None = None, counts: Counter | None = None, progress: bool = False) -> list[Trajectory]:
+def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, seed: int | None = None,
+            counts: Counter | None = None, progress: bool = False) -> list[Trajectory]:
     """n trajectories per prompt. All live trajectories generate together, turn by turn; finished ones drop out.
-
-    Trajectories of prompt i are at positions [i*n, (i+1)*n) of the result (the GRPO groups).
+    Sampling follows cfg.temperature and cfg.top_p. Trajectories of prompt i sit at [i*n, (i+1)*n) (the GRPO groups).
     """
     from tqdm import tqdm
     counts = counts if counts is not None else Counter()
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stop_ids, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
     if seed is not None:
         torch.manual_seed(seed)
     trajs = []
@@ -535,7 +553,7 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
     while live:
         # (per turn) budget = what is left of the trajectory's token budget, as the reference's max_tokens
         budgets = [cfg.max_response_tokens - len(t.response_ids) for t in live]
-        outs = generate(engine, [t.prompt_ids + t.response_ids for t in live], budgets, sampling, eos_id, pad_id,
+        outs = generate(engine, [t.prompt_ids + t.response_ids for t in live], budgets, cfg, stop_ids, pad_id,
                         seed=None if seed is None else seed + 7919 * len(live[0].steps))
         pending: list[tuple[Trajectory, list[dict]]] = []
         for t, ids in zip(live, outs):
@@ -620,20 +638,14 @@ def score_trajectory(t: Trajectory, tokenizer, cfg: RolloutConfig):
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int, factor: float = 1.0) -> float:
-    """DAPO soft overlong penalty (section 4.4): 0 until max_length - buffer, then linear down to -factor."""
+    """DAPO soft overlong penalty: 0 until max_length - buffer, then linear down to -factor."""
     if buffer <= 0:
         return 0.0
     return min(-(length - (max_length - buffer)) / buffer * factor, 0.0)
 
 
-def write_jsonl(path, records: list[dict]):
-    with open(path, "a") as f:
-        for r in records:
-            f.write(json.dumps(r, default=str) + "\n")
-
-
 # -----------------------------------------------------------------------------
-# 5. Batches and log-probs
+# 6. Batches and log-probs
 
 def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device="cpu"):
     """Right-padded [B, T] input_ids and attention_mask, and the per-token masks moved to *label* space
@@ -672,14 +684,16 @@ def _chunk_logprobs(lm_head, hidden, labels, temperature, with_entropy=False):
 
 def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, chunk_bytes: int = 256 * 2**20,
                    max_chunk_tokens: int = 2048, with_entropy: bool = False):
-    """[B, T-1] float32, entry [b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]).
-    With `with_entropy`, also the entropy of that next-token distribution: a pair of [B, T-1] tensors.
+    """[B, T-1] float32, entry [b, t] = log p_T(input_ids[b, t+1] | input_ids[b, :t+1]) with p_T = softmax(logits / T),
+    the distribution the rollout sampled from at temperature T. With `with_entropy`, also the entropy of that
+    next-token distribution: a pair of [B, T-1] tensors.
 
     The body runs once over the whole batch; the vocabulary projection runs on chunks of positions sized so a
     chunk's float32 logits stay under `chunk_bytes` (and at most `max_chunk_tokens` positions, so even a small
     vocabulary never gets logits for a whole batch at once). Under autograd each chunk is checkpointed, so the backward
     pass recomputes its logits instead of keeping all of them alive.
     """
+    temperature = temperature if temperature > 0 else 1.0  # greedy decoding samples no distribution: score at T = 1
     # bf16 autocast on CUDA (fp32 master weights, like the reference's mixed precision); a no-op on CPU
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=input_ids.is_cuda):
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # [B, T-1, H]
@@ -708,53 +722,15 @@ def masked_mean(x, mask, dim=None):
 # -----------------------------------------------------------------------------
 # A small command-line run: rollouts of the toy task, timed
 
-def arg(default, help: str):
-    """A config field with its command-line help string (every stage's config is a dataclass of these)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def parse_args(cls, argv=None):
-    """Dataclass -> argparse flags, one per field, with the field's default and help string."""
-    import argparse
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(cls):
-        kind = type(f.default if f.default_factory is MISSING else f.default_factory())
-        if kind is list:
-            parser.add_argument(f"--{f.name}", nargs="+", default=f.default_factory(), help=f.metadata.get("help", ""))
-        elif kind is bool:
-            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
-                                help=f.metadata.get("help", ""))
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""))
-    return cls(**vars(parser.parse_args(argv)))
-
-
 @dataclass
-class Args:
+class Args(RolloutConfig):
     """Roll out a model on toy or real prompts with the tool loop, and time it."""
     model: str = arg("toy-student", "local path, Hugging Face name, or toy-student / toy-teacher")
     data: str = arg("toy:eval", "'toy[:split]' or a .jsonl/.parquet file")
     num_prompts: int = arg(8, "prompts to roll out")
     n: int = arg(4, "samples per prompt")
-    backend: str = arg("auto", "auto (vllm on CUDA if installed, else hf) | hf | vllm")
-    temperature: float = arg(1.0, "sampling temperature")
-    top_p: float = arg(1.0, "nucleus sampling")
-    max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
     seed: int = arg(0, "random seed")
     log_file: str = arg("", "optional per-trajectory JSONL")
-
-
-def resolve_backend(backend: str) -> str:
-    if backend != "auto":
-        return backend
-    try:
-        import vllm  # noqa: F401
-        return "vllm" if torch.cuda.is_available() else "hf"
-    except ImportError:
-        return "hf"
 
 
 if __name__ == "__main__":
@@ -766,9 +742,7 @@ if __name__ == "__main__":
     prompts = load_prompts(args.data, args.num_prompts, seed=args.seed)
     counts = Counter()
     t0 = time.time()
-    trajs = rollout(engine, tokenizer, prompts, args.n, RolloutConfig(max_response_tokens=args.max_response_tokens),
-                    Sampling(args.temperature, args.top_p),
-                    seed=args.seed, counts=counts, progress=True)
+    trajs = rollout(engine, tokenizer, prompts, args.n, args, seed=args.seed, counts=counts, progress=True)
     dt = time.time() - t0
     tokens = sum(sum(t.response_mask) for t in trajs)
     print(f"{len(trajs)} trajectories in {dt:.1f}s ({tokens / dt:.0f} generated tokens/s); "

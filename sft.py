@@ -17,7 +17,7 @@ the assistant spans; each piece is tokenized on its own, exactly as rollout.py b
 (prompt encoded once, model tokens appended, tool responses encoded as a segment). Tests check
 that the ids equal both the template's whole-text tokenization and a rollout of the same turns.
 
-Think blocks (reference section 7.3). We render the conversation once, as the Qwen3 template
+Think blocks. We render the conversation once, as the Qwen3 template
 renders the whole of it: reasoning written inside <think>...</think> is kept on the turns after the
 last user message, and the template's empty "<think>\\n\\n</think>\\n\\n" appears on the final
 assistant turn only (the turn that answers), not on the tool-calling turns. A model trained this way
@@ -28,7 +28,7 @@ think block.
 Deviations from the reference trainer, on purpose:
   - the loss of predicting token t uses the mask of token t (the label); the reference uses the mask
     of token t-1, so it skips the first token of every assistant turn and trains the token after its
-    closing newline (section 7.2);
+    closing newline (verl/trainer/fsdp_sft_trainer.py);
   - the "\\n" after an assistant's <|im_end|> is not trained (m = 0): a rollout never generates it
     (generation stops at <|im_end|>, rollout.py appends it as part of the tool segment);
   - loss is a token mean over the whole optimizer batch, not a mean of per-micro-batch means.
@@ -44,9 +44,6 @@ cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocas
 import json
 import logging
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +53,7 @@ import torch
 
 import rollout
 from rollout import arg
+from toy import task
 
 log = logging.getLogger("sft")
 
@@ -90,7 +88,7 @@ class Config:
     resume: bool = arg(False, "continue from out_dir/checkpoint if it exists")
     eval_prompts: int = arg(64, "toy held-out prompts for the greedy accuracy at the end (0: skip)")
     seed: int = arg(0, "random seed (data order, init of toy models)")
-    device: str = arg("", "cpu / cuda (default: cuda if available)")
+    device: str = arg("", "cpu or cuda (empty: cuda if available)")
 
 
 # -----------------------------------------------------------------------------
@@ -145,8 +143,8 @@ def check_conversation(row) -> str | None:
 def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]]]:
     """All rows tokenized; malformed rows are reported with file and row number, then skipped (or fatal)."""
     if cfg.data == "toy":
-        rows, name = rollout.toy_sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, cfg.seed, cfg.toy_retry_frac,
-                                          cfg.toy_direct_frac), "toy"
+        rows, name = task.sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, cfg.seed, cfg.toy_retry_frac,
+                                   cfg.toy_direct_frac), "toy"
     else:
         rows, name = rollout.load_rows(cfg.data), cfg.data
     examples, problems = [], []
@@ -186,48 +184,6 @@ def collate(batch, pad_id, device):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: atomic (written to a temporary folder, then renamed) and resumable
-
-def save_checkpoint(out_dir: Path, name: str, model, tokenizer, extra_state: dict | None = None):
-    tmp = out_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if extra_state is not None:
-        torch.save(extra_state, tmp / "trainer_state.pt")
-    final = out_dir / name
-    old = out_dir / f".{name}.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)  # the rename is the commit point: a crash leaves either the old or the new folder
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_for_training(cfg_model: str, out_dir: Path, resume: bool, device: str, seed: int):
-    """The model to train: out_dir/checkpoint when resuming, else cfg_model. Returns (model, trainer_state or None)."""
-    ckpt = out_dir / "checkpoint"
-    if resume and (ckpt / "trainer_state.pt").exists():
-        model = rollout.load_model(str(ckpt), device=device, dtype=torch.float32)
-        return model, torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    if resume:
-        log.info("no checkpoint in %s: starting fresh", out_dir)
-    return rollout.load_model(cfg_model, device=device, dtype=torch.float32, seed=seed), None
-
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     """Multiplier of the peak lr: linear warmup, then cosine down to 0."""
@@ -240,10 +196,13 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
+    if cfg.data != "toy":
+        rollout.reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac",
+                                    "eval_prompts"], "with --data other than toy")
     device = cfg.device or rollout.default_device()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    rollout.seed_everything(cfg.seed)
     tokenizer = rollout.load_tokenizer(cfg.model)
     examples = load_sft_examples(cfg, tokenizer)
     steps_per_epoch = max(1, len(examples) // cfg.batch_size)  # drop_last, as the reference
@@ -251,7 +210,7 @@ def main(cfg: Config):
     n_tokens = sum(sum(m) for _, m in examples)
     log.info("%d examples, %d trained tokens, %d steps", len(examples), n_tokens, total_steps)
 
-    model, state = load_for_training(cfg.model, out_dir, cfg.resume, device, cfg.seed)
+    model, state = rollout.load_for_training(cfg.model, out_dir, cfg.resume, device, cfg.seed)
     model.train()
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
@@ -262,7 +221,7 @@ def main(cfg: Config):
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        rollout.set_rng_state(state["rng"])
         start_step = state["step"]
         log.info("resumed at step %d", start_step)
 
@@ -294,12 +253,12 @@ def main(cfg: Config):
         metrics.flush()
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:  # the last one lets --resume extend a run
-            save_checkpoint(out_dir, "checkpoint", model, tokenizer, {
+            rollout.save_checkpoint(out_dir, "checkpoint", model, tokenizer, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1,
-                "rng": rng_state(), "config": asdict(cfg)})
+                "rng": rollout.rng_state(), "config": asdict(cfg)})
     metrics.close()
     model.eval()
-    save_checkpoint(out_dir, "final", model, tokenizer)
+    rollout.save_checkpoint(out_dir, "final", model, tokenizer)
     log.info("saved %s", out_dir / "final")
     if cfg.data == "toy" and cfg.eval_prompts > 0:
         import evaluate

@@ -7,9 +7,9 @@ but carry no signal); the per-token signal is the teacher-student log-prob gap
 
     r_t = (l^T_t - l^S_t) * m_t,        l^S = log pi_old(y_t | .),  l^T = log pi_teacher(y_t | .)
 
-(minus a one-sample estimate of the reverse KL at t). Plain on-policy distillation (OPD) adds r_t to
-the GRPO advantage everywhere. SOD first asks, per assistant turn ("step") k, how far the student has
-drifted from what the teacher would do,
+(minus a one-sample estimate of the reverse KL at t; both log-probs at the sampling temperature).
+Plain on-policy distillation (OPD) adds r_t to the GRPO advantage everywhere. SOD first asks, per
+assistant turn ("step") k, how far the student has drifted from what the teacher would do,
 
     d_k = mean_{t in step k} |l^S_t - l^T_t|,
 
@@ -21,32 +21,37 @@ and turns the teacher down on steps that drifted more than the first one did:
 then feeds A_t to grpo.policy_loss unchanged. After a bad tool call the context holds something the
 teacher rarely saw (a traceback), its advice there is poor, d_k grows and w_k shrinks.
 
-The reference writes w_k as a running product, w_k = min(prod_{u=1}^{k-1} (d_u+eps)/(d_{u+1}+eps), 1+delta),
-with the clip applied outside the product. The product telescopes: each (d_u + eps) in a numerator
-cancels the same term in the previous factor's denominator, leaving (d_1 + eps)/(d_k + eps). So every
-step is compared with the first one only, and there is no lower bound (w -> 0 as d_k grows).
+The authors write w_k as a running product, w_k = min(prod_{u=1}^{k-1} (d_u+eps)/(d_{u+1}+eps), 1+delta),
+with the clip applied outside the product (verl/trainer/ppo/ray_trainer.py: compute_stepwise_opd_weights).
+The product telescopes: each (d_u + eps) in a numerator cancels the same term in the previous factor's
+denominator, leaving (d_1 + eps)/(d_k + eps). So every step is compared with the first one only, and
+there is no lower bound (w -> 0 as d_k grows).
 
-Modes (--mode): sod (default); opd (w = 1, the OPD baseline); gated (section 6.5: A_t = (A_i + beta_i r_t) m_t,
-beta_i = beta_min + (beta_max - beta_min) sigmoid(-gamma A_i)); opsd_gt / opsd_hint (on-policy *self*-
-distillation: the teacher is the frozen starting student, shown the ground-truth answer or a hint in its
-prompt, with uniform weights as in OPD. The reference has no code for these; this definition is inferred
-from the paper it cites).
+This file holds only what distillation adds to grpo.py: the frozen teacher, its log-probs on the student's
+ids, the step weights, the advantages of each mode, and the per-step diagnostics. The RL loop itself is
+grpo.train, entered through its `advantages_fn` seam.
 
-Deviations from the reference: step_weights is vectorised (the reference loops over tokens with .item());
-the rest follows grpo.py. Reference values: eps 1e-6, delta 0.2, lambda 1.0 (the dataclass default
-delta = 0.5 of the reference code is not what its SOD script runs).
+Modes (--mode): sod (default); opd (w = 1, the OPD baseline); gated (the reference's non-stepwise
+variant: A_t = (A_i + beta_i r_t) m_t, beta_i = beta_min + (beta_max - beta_min) sigmoid(-gamma A_i));
+opsd_gt / opsd_hint (on-policy *self*-distillation: the teacher is the frozen starting student, shown the
+ground-truth answer or the row's `hint` in its prompt, with uniform weights as in OPD; the authors have
+no code for these, this definition is inferred from the paper they cite).
+
+Deviation: step_weights is vectorised (the reference loops over tokens with .item()). Reference values:
+eps 1e-6, delta 0.2, lambda 1.0 (the dataclass default delta = 0.5 of the authors' code is not what
+their SOD script runs).
 
     python sod_distill.py                                   # toy student, teacher runs/grpo-teacher/final, CPU
     python sod_distill.py --mode opd --out_dir runs/opd-student
     python sod_distill.py --student runs/sft-0.6b/final --teacher youngzhong/SOD-GRPO_teacher-4B \\
         --data Open-AgentRL-30K.parquet --backend vllm --steps 470 --prompts_per_step 64 --n 16 --lr 1e-6 \\
-        --max_response_tokens 20480 --overlong_buffer 1024 --micro_batch_size 4 --teacher_offload true
+        --max_prompt_tokens 2560 --max_response_tokens 20480 --overlong_buffer 1024 --micro_batch_size 4 \\
+        --teacher_offload
 """
 import copy
 import json
 import logging
-import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,27 +60,27 @@ import torch
 
 import grpo
 import rollout
-import sft
 from rollout import arg
 
 log = logging.getLogger("sod")
+MODES = ("sod", "opd", "gated", "opsd_gt", "opsd_hint")
 
 
 @dataclass
 class Config(grpo.Config):
     """Step-wise on-policy distillation: GRPO plus a per-step weighted teacher signal."""
     student: str = arg("runs/sft-student/final", "the student's starting checkpoint (its SFT model)")
-    teacher: str = arg("runs/grpo-teacher/final", "the frozen teacher (ignored by opsd_* modes)")
+    teacher: str = arg("", "the frozen teacher (empty: runs/grpo-teacher/final; the opsd_* modes use the student)")
     mode: str = arg("sod", "sod | opd | gated | opsd_gt | opsd_hint")
-    coef: float = arg(1.0, "lambda, weight of the teacher signal (reference 1.0)")
-    eps: float = arg(1e-6, "epsilon in the step weights (reference 1e-6)")
-    delta: float = arg(0.2, "weights are capped at 1 + delta (reference 0.2)")
-    gated_gamma: float = arg(1.0, "gated mode: gamma")
-    gated_beta_min: float = arg(0.0, "gated mode: beta_min")
-    gated_beta_max: float = arg(0.1, "gated mode: beta_max")
+    coef: float = arg(1.0, "lambda, weight of the teacher signal in sod, opd and opsd_* (reference 1.0)")
+    eps: float = arg(1e-6, "sod: epsilon in the step weights (reference 1e-6)")
+    delta: float = arg(0.2, "sod: weights are capped at 1 + delta (reference 0.2)")
+    gated_gamma: float = arg(1.0, "gated: gamma")
+    gated_beta_min: float = arg(0.0, "gated: beta_min")
+    gated_beta_max: float = arg(0.1, "gated: beta_max")
     teacher_offload: bool = arg(False, "keep the teacher on CPU between steps (GPU memory)")
-    # grpo.Config fields whose default differs for the student
-    model: str = arg("", "unused here: the student is --student")
+    # grpo.Config fields whose meaning or default differs here
+    model: str = arg("", "not used: the student is --student")
     out_dir: str = arg("runs/sod-student", "checkpoints, metrics.jsonl, steps.jsonl, step_weights.png, final/")
 
 
@@ -90,38 +95,42 @@ def step_index(response_mask: torch.Tensor) -> torch.Tensor:
 
 
 def step_divergence(student_logprobs, teacher_logprobs, response_mask):
-    """d[b, k] = mean |l^S - l^T| over step k of row b (column 0 unused). Returns (step_id [B, T], d [B, K+1], sizes [B, K+1])."""
+    """d[b, k] = mean |l^S - l^T| over step k of row b. Returns (step_id [B, T], d [B, K+1]); column 0 collects
+    the non-step tokens and is never read, and K + 1 >= 2 so that d_1 exists even for a batch with no step."""
     step_id = step_index(response_mask)                                              # [B, T]
-    B, K = step_id.shape[0], int(step_id.max()) + 1 if step_id.numel() else 1
-    flat = (torch.arange(B, device=step_id.device)[:, None] * K + step_id).reshape(-1)  # [B*T] slot per (row, step)
-    gap = (student_logprobs - teacher_logprobs).abs().double().reshape(-1) * (step_id.reshape(-1) > 0)
-    sums = torch.zeros(B * K, dtype=torch.float64, device=gap.device).index_add_(0, flat, gap).view(B, K)
-    sizes = torch.zeros(B * K, dtype=torch.float64, device=gap.device).index_add_(0, flat, (step_id.reshape(-1) > 0).double()).view(B, K)
-    return step_id, sums / sizes.clamp(min=1), sizes
+    B = step_id.shape[0]
+    K1 = max(2, int(step_id.max()) + 1 if step_id.numel() else 2)
+    slot = (torch.arange(B, device=step_id.device)[:, None] * K1 + step_id).reshape(-1)  # [B*T] one slot per (row, step)
+    gap = (student_logprobs - teacher_logprobs).abs().double().reshape(-1)
+    sums = torch.zeros(B * K1, dtype=torch.float64, device=gap.device).index_add_(0, slot, gap).view(B, K1)
+    sizes = torch.bincount(slot, minlength=B * K1).view(B, K1)
+    return step_id, sums / sizes.clamp(min=1)
 
 
-def step_weights(student_logprobs, teacher_logprobs, response_mask, eps: float = 1e-6, delta: float = 0.2) -> torch.Tensor:
-    """w per token [B, T]: tokens of step k get min((d_1 + eps) / (d_k + eps), 1 + delta), w_1 = 1, non-step tokens 0."""
-    step_id, d, _ = step_divergence(student_logprobs, teacher_logprobs, response_mask)
+def step_weights(d, step_id, eps: float = 1e-6, delta: float = 0.2) -> torch.Tensor:
+    """w per token [B, T] from the divergences of step_divergence: tokens of step k get
+    min((d_1 + eps) / (d_k + eps), 1 + delta), so w_1 = 1; non-step tokens get 0."""
     w = ((d[:, 1:2] + eps) / (d + eps)).clamp(max=1 + delta)                          # [B, K+1]
-    w[:, 1] = 1.0
-    return torch.gather(w, 1, step_id).to(student_logprobs.dtype) * (step_id > 0)    # [B, T]
+    w[:, 1] = 1.0  # (d_1 + eps) / (d_1 + eps), exactly
+    return torch.gather(w, 1, step_id) * (step_id > 0)                                # [B, T] float64
 
 
 def distill_advantages(mode: str, grpo_adv, student_logprobs, teacher_logprobs, response_mask, cfg):
-    """The advantage each mode feeds to grpo.policy_loss. grpo_adv: [B]; the rest [B, T]."""
+    """The advantage each mode feeds to grpo.policy_loss, with what went into it.
+    grpo_adv: [B]; the rest [B, T]. Returns (advantages [B, T], signal r [B, T], weight on r [B, T], d [B, K+1], step_id)."""
     m = response_mask
     r = (teacher_logprobs - student_logprobs) * m                                    # [B, T] per-token teacher signal
+    step_id, d = step_divergence(student_logprobs, teacher_logprobs, m)
     if mode == "sod":
-        w = step_weights(student_logprobs, teacher_logprobs, m, cfg.eps, cfg.delta)
+        w = cfg.coef * step_weights(d, step_id, cfg.eps, cfg.delta).to(r.dtype)
     elif mode in ("opd", "opsd_gt", "opsd_hint"):  # uniform: the OPD baseline, and self-distillation with a privileged teacher
-        w = m
-    elif mode == "gated":
+        w = cfg.coef * m
+    elif mode == "gated":  # beta_i, per trajectory: wrong samples (A < 0) get more teacher pull
         beta = cfg.gated_beta_min + (cfg.gated_beta_max - cfg.gated_beta_min) * torch.sigmoid(-cfg.gated_gamma * grpo_adv)
-        return (grpo_adv[:, None] + beta[:, None] * r) * m, r, m
+        w = beta[:, None].to(r.dtype) * m
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    return grpo_adv[:, None] * m + cfg.coef * w * r, r, w
+    return grpo_adv[:, None] * m + w * r, r, w, d, step_id
 
 
 # -----------------------------------------------------------------------------
@@ -131,27 +140,21 @@ def privileged_prompt(prompt: dict, mode: str) -> str:
     """opsd_* teachers see extra text in the user turn (inferred definition, see the docstring)."""
     if mode == "opsd_gt":
         return prompt["prompt"] + f"\n(The correct final answer is {prompt['ground_truth']}.)"
-    hint = prompt.get("hint")
-    if hint is None and prompt["data_source"].startswith("toy"):
-        # the toy hint: the value of the first line, e.g. "a = 57 * 26" -> "a = 1482"
-        first = next(line for line in prompt["prompt"].split("\n") if line.startswith("a = "))
-        x, op, y = first.split("=")[1].split()
-        hint = f"a = {rollout._apply(op, int(x), int(y))}"
-    if hint is None:
-        raise ValueError("opsd_hint needs a `hint` field in the data rows")
-    return prompt["prompt"] + f"\n(Hint: {hint}.)"
+    if not prompt.get("hint"):
+        raise SystemExit("--mode opsd_hint needs a `hint` column in the data rows (the toy rows carry one)")
+    return prompt["prompt"] + f"\n(Hint: {prompt['hint']}.)"
 
 
 @torch.no_grad()
 def teacher_logprobs_for(teacher, tokenizer, trajs, batch, prompts, cfg) -> torch.Tensor:
     """l^T on the student's response tokens, in the student batch's [B, T-1] label layout."""
     if cfg.mode in ("sod", "opd", "gated"):
-        return grpo.batched_logprobs(teacher, batch, cfg.micro_batch_size)  # the very same input ids
+        return grpo.batched_logprobs(teacher, batch, cfg.micro_batch_size, cfg.temperature)  # the very same input ids
     teacher_trajs = [copy.copy(t) for t in trajs]
     for t in teacher_trajs:
         t.prompt_ids = rollout.render_prompt_ids(tokenizer, privileged_prompt(prompts[t.prompt_index], cfg.mode))
     tb = rollout.pad_trajectories(teacher_trajs, tokenizer.pad_token_id, batch["input_ids"].device)
-    lp = grpo.batched_logprobs(teacher, tb, cfg.micro_batch_size)
+    lp = grpo.batched_logprobs(teacher, tb, cfg.micro_batch_size, cfg.temperature)
     out = torch.zeros_like(batch["response_mask"])
     for b, (s, t) in enumerate(zip(trajs, teacher_trajs)):  # move each response's slice to the student's positions
         n = len(s.response_ids)
@@ -162,21 +165,27 @@ def teacher_logprobs_for(teacher, tokenizer, trajs, batch, prompts, cfg) -> torc
 # -----------------------------------------------------------------------------
 # Diagnostics: per-step records, a per-RL-step summary, a picture
 
-def step_records(trajs, step_id, d, w, rl_step) -> list[dict]:
-    """One record per (trajectory, assistant turn): tokens, d_k, w_k, the tool call and its status, reward."""
-    w_step = torch.zeros_like(d)
-    w_step.scatter_reduce_(1, step_id, w.double(), reduce="amax", include_self=False)  # w is constant on a step
+def step_records(trajs, step_id, d, w, r, rl_step) -> list[dict]:
+    """One record per (trajectory, assistant turn): tokens, d_k, the weight on the teacher signal, the mean signal,
+    the tool call and its status, the reward."""
+    K1 = d.shape[1]
+    w_step = torch.zeros_like(d).scatter_reduce_(1, step_id, w.double(), reduce="amax", include_self=False)  # [B, K+1]
+    r_step = torch.zeros_like(d).scatter_add_(1, step_id, r.double())                # [B, K+1] sum of r per step
     records = []
     for b, t in enumerate(trajs):
         for k, turn in enumerate(t.turns[:len(t.steps)], start=1):
+            if k >= K1:
+                break
             records.append({"rl_step": rl_step, "traj": b, "step": k, "tokens": turn["tokens"], "d": d[b, k].item(),
-                            "w": w_step[b, k].item(), "tool_call": turn.get("tool_call"), "tool_status": turn.get("tool_status"),
+                            "w": w_step[b, k].item(), "signal": r_step[b, k].item() / max(turn["tokens"], 1),
+                            "tool_call": turn.get("tool_call"), "tool_status": turn.get("tool_status"),
                             "after_tool_error": any(x.get("tool_status") == "error" for x in t.turns[:k - 1]),
                             "reward": t.reward})
     return records
 
 
 def summarize_steps(records: list[dict]) -> dict:
+    """Per-RL-step metrics from the step records: mean w_k and d_k per turn index, and around tool errors."""
     by_k = defaultdict(list)
     for r in records:
         by_k[r["step"]].append(r)
@@ -185,6 +194,8 @@ def summarize_steps(records: list[dict]) -> dict:
     later = [r for r in records if r["step"] > 1]
     out["frac_w_below_0.5"] = float(np.mean([r["w"] < 0.5 for r in later])) if later else 0.0
     out["d1_mean"] = float(np.mean([r["d"] for r in by_k[1]])) if by_k[1] else 0.0
+    tokens = sum(r["tokens"] for r in records)
+    out["teacher_signal_mean"] = sum(r["signal"] * r["tokens"] for r in records) / max(tokens, 1)
     after = [r for r in later if r["after_tool_error"]]
     clean = [r for r in later if not r["after_tool_error"]]
     out["d_after_tool_error"] = float(np.mean([r["d"] for r in after])) if after else None
@@ -224,69 +235,47 @@ def plot_steps(metrics_path: Path, png_path: Path):
 
 # -----------------------------------------------------------------------------
 
+def check_flags(cfg: Config):
+    """Reject the flags that this mode would ignore."""
+    default = Config()
+    if cfg.mode not in MODES:
+        raise SystemExit(f"--mode must be one of {', '.join(MODES)}, not {cfg.mode!r}")
+    if cfg.model:
+        raise SystemExit("sod_distill.py takes the student as --student, not --model")
+    owners = {"eps": ("sod",), "delta": ("sod",), "coef": ("sod", "opd", "opsd_gt", "opsd_hint"),
+              "gated_gamma": ("gated",), "gated_beta_min": ("gated",), "gated_beta_max": ("gated",)}
+    for name, modes in owners.items():
+        if getattr(cfg, name) != getattr(default, name) and cfg.mode not in modes:
+            raise SystemExit(f"--{name} applies to --mode {' / '.join(modes)}, not to --mode {cfg.mode}")
+    if cfg.mode.startswith("opsd") and cfg.teacher:
+        raise SystemExit(f"--mode {cfg.mode} distils from the frozen starting student: --teacher is not used")
+
+
 def main(cfg: Config):
-    device, out_dir, tokenizer, model, optimizer, engine, start_step = grpo.setup_run(cfg, cfg.student)
+    check_flags(cfg)
+    device = cfg.device or rollout.default_device()
+    tokenizer = rollout.load_tokenizer(cfg.student)
     if cfg.mode.startswith("opsd"):
         teacher = rollout.load_model(cfg.student, device=device)            # frozen copy of the starting student
     else:
-        rollout.check_same_tokenizer(tokenizer, rollout.load_tokenizer(cfg.teacher), cfg.student, cfg.teacher)
-        teacher = rollout.load_model(cfg.teacher, device=device)            # bf16 on GPU, fp32 on CPU
+        teacher_path = cfg.teacher or "runs/grpo-teacher/final"
+        rollout.check_same_tokenizer(tokenizer, rollout.load_tokenizer(teacher_path), cfg.student, teacher_path)
+        teacher = rollout.load_model(teacher_path, device=device)           # bf16 on GPU, fp32 on CPU
     teacher.requires_grad_(False)
     teacher_home = "cpu" if cfg.teacher_offload else device
     teacher.to(teacher_home)
-    prompts = grpo.load_rl_prompts(cfg, tokenizer)
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
-    grpo.eval_before_training(model, tokenizer, cfg, engine, metrics_file, start_step)
-    from tqdm import tqdm
-    bar = tqdm(range(start_step, cfg.steps), desc=f"{cfg.mode}", initial=start_step, total=cfg.steps)
-    for step in bar:
-        t0 = time.time()
-        step_prompts = grpo.prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
-        # student rollouts with tools, rewards, GRPO advantages: exactly grpo.py
-        counts = Counter()
-        model.eval()
-        trajs = rollout.rollout(engine, tokenizer, step_prompts, cfg.n, grpo.rollout_config(cfg),
-                                rollout.Sampling(cfg.temperature, cfg.top_p), seed=cfg.seed * 100_003 + step, counts=counts)
-        model.train()
-        row = {"step": step + 1, **grpo.rollout_metrics(trajs, counts), "t_rollout": time.time() - t0,
-               "t_tools": counts["tool_seconds"]}
-        rewards = torch.tensor([t.reward for t in trajs])                                     # [B]
-        grpo_adv = grpo.group_advantages(rewards, torch.tensor([t.prompt_index for t in trajs])).to(device)
-        batch = rollout.pad_trajectories(trajs, tokenizer.pad_token_id, device)
-        mask = batch["response_mask"]                                                         # [B, T-1]
-        t1 = time.time()
-        old_logprobs, entropy = grpo.batched_logprobs(model, batch, cfg.micro_batch_size, with_entropy=True)  # l^S [B, T-1]
-        row["entropy"] = rollout.masked_mean(entropy, mask).item()
-        # what SOD adds: the teacher's log-probs of the same tokens, and the step-weighted signal
+
+    def advantages_fn(step_prompts, trajs, batch, old_logprobs, grpo_adv, rl_step):
+        """What SOD adds to the GRPO step: the teacher's log-probs of the same tokens, and the weighted signal."""
+        mask = batch["response_mask"]                                                      # [B, T-1]
         teacher.to(device)
         teacher_lp = teacher_logprobs_for(teacher, tokenizer, trajs, batch, step_prompts, cfg)  # l^T [B, T-1]
         teacher.to(teacher_home)
-        advantages, r, w = distill_advantages(cfg.mode, grpo_adv, old_logprobs, teacher_lp, mask, cfg)
-        row["t_teacher"] = time.time() - t1
-        step_id, d, _ = step_divergence(old_logprobs, teacher_lp, mask)
-        records = step_records(trajs, step_id, d, w * mask, step + 1)
-        row.update(summarize_steps(records))
-        row["teacher_signal_mean"] = rollout.masked_mean(r, mask).item()
-        # the PPO update of grpo.py, unchanged
-        t2 = time.time()
-        row.update(grpo.ppo_update(model, optimizer, batch, advantages, old_logprobs, cfg))
-        row["t_train"] = time.time() - t2
-        if engine is not model:
-            rollout.push_weights_to_vllm(engine, model)
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-            row.update(grpo.held_out_eval(model, tokenizer, cfg, engine))
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        rollout.write_jsonl(out_dir / "steps.jsonl", records)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:  # the last one lets --resume extend a run
-            grpo.save_run_checkpoint(out_dir, model, tokenizer, optimizer, step + 1, cfg)
-    metrics_file.close()
-    grpo.report_start_and_end(out_dir / "metrics.jsonl")
-    model.eval()
-    sft.save_checkpoint(out_dir, "final", model, tokenizer)
-    plot_steps(out_dir / "metrics.jsonl", out_dir / "step_weights.png")
-    log.info("saved %s", out_dir / "final")
+        advantages, r, w, d, step_id = distill_advantages(cfg.mode, grpo_adv, old_logprobs, teacher_lp, mask, cfg)
+        return advantages, step_records(trajs, step_id, d, w, r, rl_step)
+
+    model = grpo.train(cfg, cfg.student, advantages_fn, summarize_steps, name=cfg.mode)
+    plot_steps(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "step_weights.png")
     return model
 
 

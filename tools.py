@@ -3,20 +3,21 @@ The code_interpreter tool, the tool-call parser and the reward functions of SOD.
 
 What is here
 - execute_code(code) returns exactly the text the model is shown after a tool
-  call (SOD_REFERENCE.md section 2.3): take the first ```python block if there
+  call (recipe/demystify/reward.py: CustomSandboxFusionTool.execute): take the first ```python block if there
   is one, auto-print the last line, run it, show stdout + stderr (so a traceback
   is visible), or the literal "no stdout here" on a timeout or a sandbox
   failure, and cut the text to 256 characters around the middle.
 - parse_tool_calls(text) reads Hermes-style <tool_call>{json}</tool_call> calls
-  (section 2.2); run_tool_calls answers them, a malformed call getting the
+  (verl/experimental/agent_loop/tool_parser.py); run_tool_calls answers them, a malformed call getting the
   reference's "Error when executing tool: ..." text instead of an exception.
 - score_math: the strict box of verl's math_dapo (exact string match of the
   last \\boxed{} in the last 100 characters); score_math_lenient: math_verify;
   score_code: unit tests with partial credit; compute_score: the dispatch on
-  data_source plus the reference's shaping of wrong answers (section 4).
+  data_source plus the reference's shaping of wrong answers (recipe/demystify/reward.py:
+  compute_score).
 
 Where this departs from the authors' code (defaults are the reference unless
-noted; see section 9 of the reference for why each one matters)
+noted; the README's deviations table says why each one matters)
 - autoprint="expression" prints the last statement only if it is a bare
   expression; the default "reference" heuristic turns `x = 5` into
   `print(x = 5)`.
@@ -87,7 +88,7 @@ from concurrent.futures import ThreadPoolExecutor
 logger = logging.getLogger("tools")
 
 TOOL_NAME = "code_interpreter"
-# exactly what the reference passes as tools= to apply_chat_template (section 2.1), key order too
+# exactly what the reference passes as tools= to apply_chat_template (verl/tools/schemas.py), key order too
 TOOL_SCHEMA = {"type": "function", "function": {"name": "code_interpreter", "description": "A tool for executing code.", "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "The code to execute."}}, "required": ["code"]}}}
 NO_STDOUT = "no stdout here"  # the reference's text for a timeout or any sandbox failure
 
@@ -416,17 +417,12 @@ def _autoprint_last_expression(code):
     return code[:start] + "print(" + code[start:end] + ")" + code[end:]
 
 
-def truncate_output(text: str, max_chars: int = 256, side: str = "middle") -> str:
-    """The reference's tool-response truncation; max_chars <= 0 keeps everything."""
+def truncate_output(text: str, max_chars: int = 256) -> str:
+    """The reference's tool-response truncation ("middle": the first and last max_chars / 2 characters);
+    max_chars <= 0 keeps everything."""
     if max_chars <= 0 or len(text) <= max_chars:
         return text
-    if side == "middle":
-        return text[:max_chars // 2] + "...(truncated)..." + text[-(max_chars // 2):]
-    if side == "left":  # "left" keeps the head...
-        return text[:max_chars] + "...(truncated)"
-    if side == "right":  # ...and "right" the tail, as the reference names them
-        return "(truncated)..." + text[-max_chars:]
-    raise ValueError(f"unknown truncate side {side!r}")
+    return text[:max_chars // 2] + "...(truncated)..." + text[-(max_chars // 2):]
 
 
 def _tool_text(result):
@@ -446,25 +442,15 @@ def _tool_text(result):
 
 
 def execute_code(code: str, timeout: float = 60.0, memory_mb: int = 2048, *, autoprint: str = "reference",
-                 max_output_chars: int = 256, truncate_side: str = "middle", sandbox_url: str | None = None) -> str:
+                 max_output_chars: int = 256, sandbox_url: str | None = None) -> str:
     """The text the model is shown for one code_interpreter call."""
     code = add_autoprint(extract_code_block(code), autoprint)
     if sandbox_url:
         text = _run_code_http(code, sandbox_url, timeout, memory_mb)
     else:
         text = _tool_text(run_python(code, timeout=timeout, memory_mb=memory_mb))
-    return truncate_output(text, max_output_chars, truncate_side)
+    return truncate_output(text, max_output_chars)
 
-
-def execute_many(codes: list[str], timeout: float = 60.0, memory_mb: int = 2048, *,
-                 max_workers: int | None = None, **kwargs) -> list[str]:
-    """execute_code over many programs at once, results in input order.
-
-    Threads are enough: each one only waits on its own subprocess."""
-    if not codes:
-        return []
-    with ThreadPoolExecutor(max_workers or min(len(codes), 32)) as pool:  # 32 = the reference's num_workers
-        return list(pool.map(lambda code: execute_code(code, timeout, memory_mb, **kwargs), codes))
 
 # -----------------------------------------------------------------------------
 # tool calls
@@ -522,8 +508,7 @@ def run_tool_calls(calls: list[dict], timeout=60.0, memory_mb=2048, **kwargs) ->
         try:
             code = _code_argument(call)
         except Exception as e:
-            return truncate_output(f"Error when executing tool: {e}", kwargs.get("max_output_chars", 256),
-                                   kwargs.get("truncate_side", "middle"))
+            return truncate_output(f"Error when executing tool: {e}", kwargs.get("max_output_chars", 256))
         return execute_code(code, timeout, memory_mb, **kwargs)
 
     if not calls:
@@ -665,7 +650,7 @@ def _code_cases(code, tree, tests):
 
 def score_code(solution_str: str, tests: dict | str, timeout: float = 30.0, *,
                reference_think_split: bool = False, reference_unescape_newlines: bool = False) -> dict:
-    """The fraction of unit tests the last ```python block passes (reference section 4.3).
+    """The fraction of unit tests the last ```python block passes (verl/utils/reward_score/livecodebench/code_math.py).
 
     tests: {"inputs", "outputs"} (stdin/stdout), {"inputs", "outputs", "fn_name"}
     (functional) or {"import_prefix", "test_code", "entry_point"} (LeetCode), or
@@ -701,7 +686,7 @@ def score_code(solution_str: str, tests: dict | str, timeout: float = 30.0, *,
 
 def compute_score(data_source: str, solution_str: str, ground_truth, extra_info: dict | None = None, *,
                   tool_shaping: str = "reference", lenient_math: bool = False) -> dict:
-    """The reference's reward (section 4.1): a scorer by data source, then shaping of wrong answers.
+    """The reference's reward (recipe/demystify/reward.py: compute_score): a scorer by data source, then shaping of wrong answers.
 
     tool_shaping:
       "reference": what the reference computes. Its formula reads num_turns from

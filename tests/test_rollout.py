@@ -12,6 +12,7 @@ import torch
 
 import rollout
 import tools
+from toy import task
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,7 +151,7 @@ def call_text(code):
 def test_tool_loop_builds_response_and_mask(tok):
     engine, calls = scripted(tok, [call_text("print(6 * 7)"), "The answer is \\boxed{42}.<|im_end|>"])
     prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "42"}]
-    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_response_tokens=200), rollout.Sampling())
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_response_tokens=200))
     assert t.acc and t.reward == 1.0 and t.num_turns == 4 and t.num_tool_calls == 1 and t.stop_reason == "answer"
     tool_text = tok.decode([i for i, m in zip(t.response_ids, t.response_mask) if m == 0])
     assert tool_text == "\n<|im_start|>user\n<tool_response>\n42\n\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
@@ -161,7 +162,7 @@ def test_tool_loop_builds_response_and_mask(tok):
 def test_generation_is_batched_across_trajectories(tok):
     engine, calls = scripted(tok, [call_text("print(1)"), call_text("print(2)"), "done \\boxed{2}<|im_end|>"])
     prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "2"} for i in range(8)]
-    trajs = rollout.rollout(engine, tok, prompts, 4, rollout.RolloutConfig(max_response_tokens=300), rollout.Sampling())
+    trajs = rollout.rollout(engine, tok, prompts, 4, rollout.RolloutConfig(max_response_tokens=300))
     assert len(trajs) == 32 and calls["batches"] == 3   # one generate call per turn, not per trajectory
     assert [t.prompt_index for t in trajs] == [i for i in range(8) for _ in range(4)]
 
@@ -169,7 +170,7 @@ def test_generation_is_batched_across_trajectories(tok):
 def test_max_turns_stops_the_loop(tok):
     engine, _ = scripted(tok, [call_text("print(1)")])
     prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "1"}]
-    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_turns=3, max_response_tokens=2000), rollout.Sampling())
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_turns=3, max_response_tokens=2000))
     assert len(t.steps) == 3 and t.num_tool_calls == 2 and t.stop_reason == "max_turns"
     assert t.response_mask[-1] == 1   # ends with a model turn
 
@@ -177,7 +178,7 @@ def test_max_turns_stops_the_loop(tok):
 def test_token_budget_counts_tool_tokens_and_never_ends_on_a_tool_segment(tok):
     engine, _ = scripted(tok, [call_text("print(123456789)")])
     prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "1"}]
-    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_response_tokens=100), rollout.Sampling())
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_response_tokens=100))
     assert len(t.response_ids) <= 100 and t.stop_reason == "length" and t.response_mask[-1] == 1
 
 
@@ -186,19 +187,19 @@ def test_malformed_and_unknown_tool_calls_follow_the_reference(tok):
     engine, _ = scripted(tok, [bad_json])
     prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "1"}]
     counts = Counter()
-    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(), rollout.Sampling(), counts=counts)
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(), counts=counts)
     assert t.stop_reason == "answer" and counts["tool_calls_dropped"] == 1   # no valid call: the episode ends
     unknown = '<tool_call>\n{"name": "web_search", "arguments": {"q": "x"}}\n</tool_call><|im_end|>'
     engine, _ = scripted(tok, [unknown, "\\boxed{1}<|im_end|>"])
-    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(), rollout.Sampling())
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig())
     assert "Error when executing tool" in t.text and t.num_tool_errors == 1 and t.acc
 
 
 def test_rollout_of_the_toy_student_with_hf_generate(tok, student):
     prompts = rollout.load_prompts("toy:eval", 4)
-    trajs = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), rollout.Sampling(), seed=0)
+    trajs = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), seed=0)
     assert len(trajs) == 8 and all(len(t.response_ids) <= 64 for t in trajs)
-    again = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), rollout.Sampling(), seed=0)
+    again = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), seed=0)
     assert [t.response_ids for t in trajs] == [t.response_ids for t in again]   # seeded: reproducible
 
 
@@ -255,16 +256,16 @@ def test_broken_rows_are_skipped_and_counted(tmp_path, caplog):
 
 
 def test_toy_splits_are_disjoint_and_seeded():
-    train = {r["prompt"][0]["content"] for r in rollout.toy_rl_rows(500, "train")}
-    held_out = {r["prompt"][0]["content"] for r in rollout.toy_rl_rows(200, "eval")}
+    train = {r["prompt"][0]["content"] for r in task.rl_rows(500, "train")}
+    held_out = {r["prompt"][0]["content"] for r in task.rl_rows(200, "eval")}
     assert not train & held_out
-    assert rollout.toy_rl_rows(5, "train", seed=1) == rollout.toy_rl_rows(5, "train", seed=1)
+    assert task.rl_rows(5, "train", seed=1) == task.rl_rows(5, "train", seed=1)
 
 
 def test_toy_problems_need_dependent_tool_calls():
     rng = random.Random(0)
     for _ in range(50):
-        p = rollout.make_toy_problem(rng)
+        p = task.make_problem(rng)
         assert 2 <= len(p["calls"]) <= 4
         for k in range(1, len(p["calls"])):   # each call starts from the previous call's output
             assert p["calls"][k].startswith(f"print({p['outputs'][k - 1]} ")
@@ -276,7 +277,7 @@ def test_toy_tracebacks_are_what_the_sandbox_prints():
         pytest.skip("the traceback path /tmp/main.py is the full sandbox's")
     seen = set()
     for seed in range(12):
-        conv = rollout.toy_sft_conversation(rollout.make_toy_problem(random.Random(seed)), random.Random(seed), recovery=True)
+        conv = task.sft_conversation(task.make_problem(random.Random(seed)), random.Random(seed), recovery=True)
         for i, m in enumerate(conv):
             if m["role"] == "tool" and "Traceback" in m["content"]:
                 code = conv[i - 1]["tool_calls"][0]["function"]["arguments"]["code"]
@@ -308,27 +309,27 @@ def test_parquet_files_in_the_real_schemas_load(tmp_path):
 def test_transient_tool_failures_show_the_reference_failure_text(tok):
     engine, _ = scripted(tok, [call_text("print(6 * 7)"), "\\boxed{42}<|im_end|>"])
     prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "42"}]
-    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(tool_failure_rate=1.0), rollout.Sampling(), seed=0)
+    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(tool_failure_rate=1.0), seed=0)
     assert "<tool_response>\nno stdout here\n</tool_response>" in tok.decode(t.response_ids)
     assert t.num_tool_errors == 1
 
 
 def test_toy_retry_conversations_resend_the_failed_call():
-    row = rollout.toy_sft_rows(1, recovery_frac=0.0, retry_frac=1.0)[0]
+    row = task.sft_rows(1, recovery_frac=0.0, retry_frac=1.0)[0]
     msgs = row["messages"]
     k = next(i for i, m in enumerate(msgs) if m["role"] == "tool" and m["content"] == tools.NO_STDOUT)
     assert msgs[k - 1]["tool_calls"] == msgs[k + 1]["tool_calls"]
 
 
 def test_toy_direct_answers_skip_the_tool_and_keep_the_problem_set():
-    rows = rollout.toy_sft_rows(400, recovery_frac=0.0, seed=5, direct_frac=0.5)
+    rows = task.sft_rows(400, recovery_frac=0.0, seed=5, direct_frac=0.5)
     direct = [r for r in rows if len(r["messages"]) == 2]
     assert 150 < len(direct) < 250  # about half
     for r in direct:
         user, answer = r["messages"]
         assert user["role"] == "user" and answer["role"] == "assistant" and "tool_calls" not in answer
     # the same problems in the same order as without direct answers: only the solutions change
-    plain = rollout.toy_sft_rows(400, recovery_frac=0.0, seed=5)
+    plain = task.sft_rows(400, recovery_frac=0.0, seed=5)
     assert [r["messages"][0] for r in rows] == [r["messages"][0] for r in plain]
     for r, p in zip(rows, plain):
         if len(r["messages"]) == 2:

@@ -8,6 +8,7 @@ import torch
 import rollout
 import sft
 import tools
+from toy import task
 from test_rollout import conversation
 
 
@@ -58,7 +59,7 @@ def test_think_block_follows_the_template_on_the_final_turn_only(tok):
 
 def test_sft_ids_equal_a_rollout_of_the_same_turns(tok):
     """Train as you roll out: replay the assistant turns through the tool loop and compare ids."""
-    row = rollout.toy_sft_rows(1, recovery_frac=1.0, seed=3)[0]
+    row = task.sft_rows(1, recovery_frac=1.0, seed=3)[0]
     ids, mask = sft.tokenize_conversation(tok, row["messages"], row["tools"])
     turns = [tok.encode(s, add_special_tokens=False) for s in assistant_spans(tok.decode(ids))]
 
@@ -68,7 +69,7 @@ def test_sft_ids_equal_a_rollout_of_the_same_turns(tok):
 
     prompt = row["messages"][0]["content"]
     (t,) = rollout.rollout(replay, tok, [{"prompt": prompt, "data_source": "toy_arith", "ground_truth": "0"}], 1,
-                           rollout.RolloutConfig(max_response_tokens=10_000), rollout.Sampling())
+                           rollout.RolloutConfig(max_response_tokens=10_000))
     assert t.prompt_ids + t.response_ids == ids[:-1]                   # SFT keeps the template's final "\n"
     assert [0] * len(t.prompt_ids) + t.response_mask == mask[:-1]
     assert "Traceback" in t.text                                        # the replayed tool error came from the real sandbox
@@ -95,7 +96,7 @@ def test_bad_rows_are_named(row, problem):
 
 
 def test_bad_rows_are_reported_with_file_and_row(tmp_path, tok, caplog):
-    good = rollout.toy_sft_rows(1)[0]
+    good = task.sft_rows(1)[0]
     path = tmp_path / "sft.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [good, {"messages": [{"role": "user", "content": "x"}]}, good]))
     cfg = sft.Config(data=str(path), max_length=4096)
@@ -132,7 +133,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch
 
 def test_sft_parquet_with_openai_tool_calls_loads(tmp_path, tok):
     pd = pytest.importorskip("pandas")
-    row = rollout.toy_sft_rows(1, recovery_frac=0.0)[0]
+    row = task.sft_rows(1, recovery_frac=0.0)[0]
     for m in row["messages"]:  # OpenAI form: arguments as a JSON string
         for call in m.get("tool_calls", []):
             call["function"]["arguments"] = json.dumps(call["function"]["arguments"])

@@ -187,18 +187,20 @@ def test_run_python_feeds_stdin_and_keeps_streams_apart():
 # the tool text
 
 
-def test_execute_many_runs_in_parallel_and_keeps_order():
+def test_tool_calls_run_in_parallel_and_keep_their_order():
+    """Prints the speed-up of 64 calls at once over one after another (a figure, not a pass/fail: it depends
+    on what else the machine is doing)."""
     codes = [f"print(sum(range(10**6)) + {i})" for i in range(64)]
+    calls = [{"name": tools.TOOL_NAME, "arguments": {"code": c}} for c in codes]
     tools.execute_code("1")  # the isolation probe is not part of either timing
     start = time.perf_counter()
     sequential = [tools.execute_code(c) for c in codes]
     t_sequential = time.perf_counter() - start
     start = time.perf_counter()
-    parallel = tools.execute_many(codes)
+    parallel = tools.run_tool_calls(calls)
     t_parallel = time.perf_counter() - start
-    print(f"execute_many speed-up: {t_sequential / t_parallel:.2f}x ({t_sequential:.2f} s -> {t_parallel:.2f} s)")
+    print(f"64 tool calls at once: {t_sequential / t_parallel:.2f}x ({t_sequential:.2f} s -> {t_parallel:.2f} s)")
     assert parallel == sequential == [f"{499999500000 + i}\n" for i in range(64)]
-    assert t_sequential / t_parallel >= 1.5
 
 
 def test_reference_autoprint_wraps_the_last_nonempty_line():
@@ -232,11 +234,9 @@ def test_only_the_first_fenced_python_block_runs():
     assert tools.execute_code(text) == "1\n"
 
 
-def test_truncation_variants_and_markers():
+def test_truncation_keeps_the_middle_out():
     text = "".join(chr(ord("a") + i % 26) for i in range(300))
-    assert tools.truncate_output(text, 256, "middle") == text[:128] + "...(truncated)..." + text[-128:]
-    assert tools.truncate_output(text, 256, "left") == text[:256] + "...(truncated)"
-    assert tools.truncate_output(text, 256, "right") == "(truncated)..." + text[-256:]
+    assert tools.truncate_output(text, 256) == text[:128] + "...(truncated)..." + text[-128:]
     assert tools.truncate_output(text, 300) == text
     assert tools.truncate_output(text, 0) == text
     assert tools.execute_code("print('y' * 1000)") == "y" * 128 + "...(truncated)..." + "y" * 127 + "\n"

@@ -32,14 +32,12 @@ def vllm_logprobs(llm, ids):
 def test_tool_loop_on_the_vllm_backend(engine_and_model):
     llm, _, tok = engine_and_model
     prompts = rollout.load_prompts("toy:eval", 3)
-    trajs = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3),
-                            rollout.Sampling(temperature=1.0), seed=0)
+    trajs = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3), seed=0)
     assert len(trajs) == 6
     for t in trajs:
         assert 0 < len(t.response_ids) <= 48 and len(t.response_mask) == len(t.response_ids)
         assert t.response_mask[0] == 1 and t.stop_reason in ("answer", "length", "max_turns")
-    again = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3),
-                            rollout.Sampling(temperature=1.0), seed=0)
+    again = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3), seed=0)
     assert [t.response_ids for t in trajs] == [t.response_ids for t in again]  # per-request seeds
 
 

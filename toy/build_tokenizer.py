@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE.parent))
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-import rollout  # noqa: E402
+from toy import task  # noqa: E402
 
 VOCAB_SIZE = 1024
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -34,14 +34,14 @@ def corpus(chat_template: str) -> list[str]:
     """Rendered toy conversations (half of them with a tool error) plus a few generic Python error lines."""
     render = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=chat_template)
     texts = [render.apply_chat_template(r["messages"], tools=r["tools"], tokenize=False)
-             for r in rollout.toy_sft_rows(3000, recovery_frac=0.5, seed=123)]
+             for r in task.sft_rows(3000, recovery_frac=0.5, seed=123)]
     texts += ["SyntaxError: invalid syntax\nZeroDivisionError: integer division or modulo by zero\n"
               "Error when executing tool: no stdout here\n...(truncated)...\nIndentationError: unexpected indent\n"] * 50
     return texts
 
 
 def main():
-    chat_template = (HERE / "qwen3_chat_template.jinja").read_text()
+    chat_template = (HERE / "tokenizer" / "chat_template.jinja").read_text()  # the real Qwen3 template
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
@@ -58,7 +58,7 @@ def main():
     out = HERE / "tokenizer"
     hf.save_pretrained(str(out))
     print(f"saved {len(hf)} tokens to {out}")
-    sample = rollout.toy_sft_rows(1, recovery_frac=1.0, seed=7)[0]
+    sample = task.sft_rows(1, recovery_frac=1.0, seed=7)[0]
     text = hf.apply_chat_template(sample["messages"], tools=sample["tools"], tokenize=False)
     ids = hf.encode(text, add_special_tokens=False)
     assert hf.decode(ids) == text, "round trip failed"

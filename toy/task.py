@@ -1,0 +1,134 @@
+"""
+The built-in toy task: arithmetic chains that need several dependent calls to a stateless interpreter.
+
+    "a = 347 * 29; b = a % 97; c = b + 13; what is c?"
+
+The interpreter forgets variables between calls (as the reference's SandboxFusion does), so each call
+must copy the previous call's printed number, and one bad call cascades into the next turns. Two natural
+tool errors exist, and the student's SFT data can recover from them:
+  - referring to a variable of an earlier call -> NameError traceback;
+  - writing an assignment as the last line -> the reference's auto-print turns `a = 1 * 2` into
+    `print(a = 1 * 2)` -> TypeError traceback.
+After such an error the context holds a traceback, which a teacher trained only on clean solutions has
+never seen: the drift SOD's step weights are meant to detect.
+
+The generator emits rows in the schemas of the real data: SFT rows as `messages` + `tools`
+(Open-AgentRL-SFT-3K), RL rows as `prompt` / `data_source` / `reward_model` (Open-AgentRL-30K), plus a
+`hint` column (the value of the first line) that the opsd_hint teacher of sod_distill.py reads.
+Every split is a pure function of its seed, and the held-out split never overlaps the others.
+
+    python -c "from toy import task; print(task.toy_rl_rows(1)[0])"
+"""
+import random
+
+import tools
+
+SOURCE = "toy_arith"
+VARS = "abcd"
+INSTRUCTION = ("Solve it with the code interpreter, one step per call. The interpreter forgets "
+               "variables between calls, so use the printed numbers.\n")
+SPLIT_SEEDS = {"train": 1, "sft": 2, "eval": 3}
+
+
+def apply(op: str, x: int, y: int) -> int:
+    return {"+": x + y, "-": x - y, "*": x * y, "%": x % y}[op]
+
+
+def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4) -> dict:
+    """A chain of dependent operations. Returns the prompt, the answer, the clean tool calls and the hint."""
+    num_steps = rng.randint(min_steps, max_steps)
+    x, y, op = rng.randint(10, 99), rng.randint(2, 40), rng.choice("*+-")
+    value = apply(op, x, y)
+    lines, calls, outputs = [f"a = {x} {op} {y}"], [f"print({x} {op} {y})"], [value]
+    hint = f"a = {value}"
+    for k in range(1, num_steps):
+        op = rng.choice("%+-*" if abs(value) < 1000 else "%%+-")
+        c = rng.randint(2, 9) if op == "*" else rng.randint(2, 40)
+        lines.append(f"{VARS[k]} = {VARS[k - 1]} {op} {c}")
+        calls.append(f"print({value} {op} {c})")
+        value = apply(op, value, c)
+        outputs.append(value)
+    question = (INSTRUCTION + "\n".join(lines) + f"\nWhat is {VARS[num_steps - 1]}? "
+                "Put the final answer in \\boxed{}.")
+    return {"question": question, "answer": str(value), "calls": calls, "outputs": outputs, "lines": lines,
+            "hint": hint}
+
+
+def traceback_text(line: str, error: str, caret_col: int | None = None) -> str:
+    """The text CPython 3.11 prints for an error on line 1 of /tmp/main.py (checked against the sandbox in tests)."""
+    caret = "" if caret_col is None else " " * (4 + caret_col) + "^\n"
+    return f'Traceback (most recent call last):\n  File "/tmp/main.py", line 1, in <module>\n    {line}\n{caret}{error}\n'
+
+
+def tool_call(code: str) -> dict:
+    return {"type": "function", "function": {"name": tools.TOOL_NAME, "arguments": {"code": code}}}
+
+
+def sft_conversation(problem: dict, rng: random.Random, recovery: bool, retry: bool = False,
+                     direct: bool = False) -> list[dict]:
+    """A solved toy problem as chat messages. With `recovery`, one step first fails by the model's fault
+    (a traceback) and is then redone; with `retry`, one call meets a transient sandbox failure (the
+    reference's "no stdout here") and the same call is sent again; with `direct`, the answer is given at
+    once, without the tool (right in the data, but mental arithmetic a tiny model cannot reproduce)."""
+    messages = [{"role": "user", "content": problem["question"]}]
+    if direct:
+        return messages + [{"role": "assistant", "content": f"The answer is \\boxed{{{problem['answer']}}}."}]
+    bad_step = rng.randrange(len(problem["calls"])) if recovery else -1
+    flaky_step = rng.randrange(len(problem["calls"])) if retry else -1
+    for k, (call, out) in enumerate(zip(problem["calls"], problem["outputs"])):
+        if k == flaky_step:
+            messages += [{"role": "assistant", "content": "", "tool_calls": [tool_call(call)]},
+                         {"role": "tool", "content": tools.NO_STDOUT}]
+        if k == bad_step:
+            if k == 0:  # assignment as the last line: auto-print makes it print(a = ...)
+                wrong = problem["lines"][0]
+                text = traceback_text(f"print({wrong})", "TypeError: 'a' is an invalid keyword argument for print()")
+            else:  # refers to the previous call's variable, which the interpreter forgot
+                var = VARS[k - 1]
+                wrong = call.replace(str(problem["outputs"][k - 1]), var, 1)
+                text = traceback_text(wrong, f"NameError: name '{var}' is not defined", caret_col=wrong.index(var))
+            messages += [{"role": "assistant", "content": "", "tool_calls": [tool_call(wrong)]},
+                         {"role": "tool", "content": text}]
+        messages += [{"role": "assistant", "content": "", "tool_calls": [tool_call(call)]},
+                     {"role": "tool", "content": f"{out}\n"}]
+    messages.append({"role": "assistant", "content": f"The answer is \\boxed{{{problem['answer']}}}."})
+    return messages
+
+
+def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int = 4) -> list[dict]:
+    """n distinct problems of a split; eval problems never occur in the other splits."""
+    rng = random.Random(SPLIT_SEEDS[split] * 1_000_003 + seed)
+    held_out = set()
+    if split != "eval":
+        eval_rng = random.Random(SPLIT_SEEDS["eval"] * 1_000_003)
+        held_out = {make_problem(eval_rng, min_steps, max_steps)["question"] for _ in range(512)}
+    out, seen = [], set()
+    while len(out) < n:
+        p = make_problem(rng, min_steps, max_steps)
+        if p["question"] not in seen and p["question"] not in held_out:
+            seen.add(p["question"])
+            out.append(p)
+    return out
+
+
+def rl_rows(n: int, split: str = "train", seed: int = 0, min_steps: int = 2, max_steps: int = 4) -> list[dict]:
+    """Toy prompts in the RL schema of the real data, with a `hint` column."""
+    if split == "eval":
+        seed = 0  # the held-out set is fixed, whatever the run's seed
+    return [{"prompt": [{"role": "user", "content": p["question"]}], "data_source": SOURCE,
+             "reward_model": {"ground_truth": p["answer"]}, "ability": "math", "agent_name": "tool_agent",
+             "hint": p["hint"], "extra_info": {"index": i, "split": split, "num_steps": len(p["calls"])}}
+            for i, p in enumerate(problems(n, split, seed, min_steps, max_steps))]
+
+
+def sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0, retry_frac: float = 0.0,
+             direct_frac: float = 0.0, min_steps: int = 2, max_steps: int = 4) -> list[dict]:
+    """Toy trajectories in the SFT schema of the real data (messages + tools)."""
+    rng = random.Random(seed)
+    rows = []
+    for p in problems(n, "sft", seed, min_steps, max_steps):
+        recovery = rng.random() < recovery_frac
+        retry = retry_frac > 0 and rng.random() < retry_frac  # no extra draw when off: old seeds give old data
+        direct = direct_frac > 0 and rng.random() < direct_frac
+        rows.append({"messages": sft_conversation(p, rng, recovery, retry, direct), "tools": [tools.TOOL_SCHEMA]})
+    return rows

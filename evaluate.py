@@ -21,14 +21,15 @@ Writes to --out_dir: results.md (the table), results.json (every number), genera
 sample: problem id, sample index, text, pred, acc, turns, tool calls).
 
     python evaluate.py                                         # toy held-out split, the toy SFT checkpoints
-    python evaluate.py --model runs/sft-student/final runs/sod-student/final --n 8
+    python evaluate.py --model runs/sft-student/final runs/sod-student/final --n_samples 8
     python evaluate.py --model runs/sod-0.6b/final --data aime_2024_problems.parquet,aime_2025_problems.parquet,gpqa_diamond.parquet,lcb_v6.parquet \\
-        --n 32 --max_response_tokens 20480 --backend vllm        # the paper's protocol
+        --n_samples 32 --max_response_tokens 20480 --backend vllm        # the paper's protocol
 """
 import itertools
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -49,7 +50,7 @@ class Config(rollout.RolloutConfig):
     model: list = arg(["runs/sft-student/final"], "one or more models (paths, HF names, toy-student/toy-teacher)")
     data: str = arg("toy", "'toy' (held-out toy split) or comma-separated .parquet/.jsonl eval files")
     num_prompts: int = arg(64, "problems per data file (0: all)")
-    n: int = arg(4, "samples per problem (reference 32)")
+    n_samples: int = arg(4, "samples per problem, n (reference 32)")
     # rollout.RolloutConfig fields whose evaluation default differs from training's
     top_p: float = arg(0.6, "nucleus sampling (reference 0.6 in evaluation)")
     max_prompt_tokens: int = arg(4096, "prompts longer than this, measured with the chat template, are dropped "
@@ -155,25 +156,42 @@ def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
     return benchmarks
 
 
-def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, generations_file=None, model_name="") -> dict:
-    """Roll out every benchmark with an engine (HF model or vLLM) and compute its metrics."""
+PROBLEMS_PER_ROLLOUT = 64  # problems rolled out together; their seed is fixed by their position, not by the ranks
+
+
+def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, d=None, generations_file=None,
+                    model_name="") -> dict:
+    """Roll out every benchmark with an engine (HF model or vLLM) and compute its metrics.
+
+    The problems go in fixed chunks of PROBLEMS_PER_ROLLOUT, each sampled with its own seed; under torchrun the
+    ranks share the chunks out and gather every sample, so the numbers do not depend on the number of ranks."""
+    d = d or rollout.Dist()
     results = {}
     for name, prompts in benchmarks.items():
         t0 = time.time()
         prompts = rollout.drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=name)
-        trajs = rollout.rollout(engine, tokenizer, prompts, cfg.n, cfg, seed=cfg.seed, progress=True)
+        if not prompts:
+            raise SystemExit(f"{name}: every problem is longer than --max_prompt_tokens {cfg.max_prompt_tokens}")
+        chunks = range(0, len(prompts), PROBLEMS_PER_ROLLOUT)
+        samples = []  # (problem index, sample index, trajectory record)
+        for c in chunks[d.rank::d.world]:
+            part = prompts[c:c + PROBLEMS_PER_ROLLOUT]
+            trajs = rollout.rollout(engine, tokenizer, part, cfg.n_samples, cfg, seed=cfg.seed + c, progress=d.main)
+            samples += [(c + t.prompt_index, j % cfg.n_samples, t.pred, t.acc, t.text, t.num_turns, t.num_tool_calls,
+                         t.num_tool_errors, t.stop_reason) for j, t in enumerate(trajs)]
+        samples = sorted(s for part in rollout.all_gather(samples, d) for s in part)
         by_problem = defaultdict(list)
-        for j, t in enumerate(trajs):
-            by_problem[t.prompt_index].append((t.pred, t.acc))
+        for problem, sample, pred, acc, text, turns, calls, errors, stop in samples:
+            by_problem[problem].append((pred, acc))
             if generations_file is not None:
                 generations_file.write(json.dumps({
-                    "model": model_name, "benchmark": name, "problem_id": prompts[t.prompt_index]["id"], "sample": j % cfg.n,
-                    "text": t.text, "pred": t.pred, "acc": t.acc, "turns": t.num_turns, "tool_calls": t.num_tool_calls,
-                    "tool_errors": t.num_tool_errors, "stop_reason": t.stop_reason}, default=str) + "\n")
+                    "model": model_name, "benchmark": name, "problem_id": prompts[problem]["id"], "sample": sample,
+                    "text": text, "pred": pred, "acc": acc, "turns": turns, "tool_calls": calls,
+                    "tool_errors": errors, "stop_reason": stop}, default=str) + "\n")
         results[name] = problem_metrics(by_problem)
         results[name]["seconds"] = round(time.time() - t0, 1)
-        results[name]["tool_calls_per_sample"] = float(np.mean([t.num_tool_calls for t in trajs]))
-        results[name]["tool_error_rate"] = sum(t.num_tool_errors for t in trajs) / max(1, sum(t.num_tool_calls for t in trajs))
+        results[name]["tool_calls_per_sample"] = float(np.mean([s[6] for s in samples]))
+        results[name]["tool_error_rate"] = sum(s[7] for s in samples) / max(1, sum(s[6] for s in samples))
     return results
 
 
@@ -196,29 +214,32 @@ def markdown_table(all_results: dict) -> str:
 
 def main(cfg: Config) -> dict:
     models = cfg.model if isinstance(cfg.model, list) else [cfg.model]
-    for m in models:  # fail before anything heavy loads
+    for m in models:  # every input is checked before anything loads or is written
         rollout.check_model_path(m)
-    benchmarks = load_benchmarks(cfg)
     backend = rollout.resolve_backend(cfg.backend)
+    benchmarks = load_benchmarks(cfg)
+    d, device = rollout.init_processes(cfg.device)  # torchrun: the ranks share the problems out
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rollout.lock_out_dir(out_dir, d)
     all_results = {}
-    with open(out_dir / "generations.jsonl", "w") as gen_file:
+    generations = out_dir / ".generations.jsonl.tmp"
+    with open(generations, "w") if d.main else open(os.devnull, "w") as gen_file:
         for m in models:
             tokenizer = rollout.load_tokenizer(m)
             if backend == "vllm":
-                engine = rollout.make_vllm_engine(m, seed=cfg.seed)
+                engine = rollout.make_vllm_engine(m, seed=cfg.seed, d=d, kv_cache_gb=cfg.vllm_kv_cache_gb)
             else:
-                engine = rollout.load_model(m, device=cfg.device or None, seed=cfg.seed)
-            all_results[m] = evaluate_engine(engine, tokenizer, benchmarks, cfg, gen_file, model_name=m)
+                engine = rollout.load_model(m, device=device, seed=cfg.seed)
+            all_results[m] = evaluate_engine(engine, tokenizer, benchmarks, cfg, d, gen_file, model_name=m)
             del engine
-    table = markdown_table(all_results)
-    (out_dir / "results.md").write_text(table + "\n")
-    (out_dir / "results.json").write_text(json.dumps({"config": asdict(cfg), "results": all_results}, indent=2))
-    print(table)
+    if d.main:  # the outputs appear whole, once every model is evaluated
+        os.replace(generations, out_dir / "generations.jsonl")
+        table = markdown_table(all_results)
+        (out_dir / "results.md").write_text(table + "\n")
+        (out_dir / "results.json").write_text(json.dumps({"config": asdict(cfg), "results": all_results}, indent=2))
+        print(table)
     return all_results
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(rollout.parse_args(Config))
+    rollout.run_script(main, Config)

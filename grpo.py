@@ -31,7 +31,7 @@ samples, 4 mini-batches, T = 1.0, top_p = 1.0, 16 turns, 20480 response tokens, 
 
     python grpo.py                                          # toy teacher from runs/sft-teacher/final, CPU, ~2.5 min
     python grpo.py --model runs/sft-4b/final --data Open-AgentRL-30K.parquet --backend vllm --out_dir runs/grpo-4b \\
-        --steps 470 --prompts_per_step 64 --n 16 --lr 1e-6 --max_prompt_tokens 2560 --max_response_tokens 20480 \\
+        --steps 470 --prompts_per_step 64 --n_samples 16 --lr 1e-6 --max_prompt_tokens 2560 --max_response_tokens 20480 \\
         --overlong_buffer 1024 --micro_batch_size 4 --eval_data aime_2024_problems.parquet,aime_2025_problems.parquet
 """
 import json
@@ -61,7 +61,7 @@ class Config(rollout.RolloutConfig):
     # RL
     steps: int = arg(30, "RL steps (reference: one epoch of 30K prompts / 64 = ~470)")
     prompts_per_step: int = arg(16, "prompts per step (reference 64)")
-    n: int = arg(8, "samples per prompt, the GRPO group (reference 16)")
+    n_samples: int = arg(8, "samples per prompt, the GRPO group n (reference 16)")
     dynamic_sampling: bool = arg(False, "drop groups whose rewards are all equal (DAPO); reference off")
     # optimization
     lr: float = arg(5e-5, "learning rate, constant (reference 1e-6)")
@@ -140,47 +140,56 @@ def kl_penalty(logprobs, ref_logprobs, response_mask, num_tokens: float):
 # Pieces of the RL step
 
 @torch.no_grad()
-def batched_logprobs(model, batch: dict, micro_batch_size: int, temperature: float, with_entropy: bool = False):
-    """token_logprobs over a batch in micro-batches, no grad: [B, T-1] (and the [B, T-1] entropies if asked)."""
+def batched_logprobs(model, batch: dict, micro_batch_size: int, temperature: float, with_entropy: bool = False,
+                     forward_passes: int | None = None):
+    """token_logprobs over a batch in micro-batches, no grad: [B, T-1] (and the [B, T-1] entropies if asked).
+    A sharded model must run `forward_passes` forwards on every rank: the extra ones run on row 0 and are dropped."""
+    B = batch["input_ids"].shape[0]
+    count = forward_passes or rollout.n_micro_batches(B, micro_batch_size)
     parts = []
-    for s in range(0, batch["input_ids"].shape[0], micro_batch_size):
-        parts.append(rollout.token_logprobs(model, batch["input_ids"][s:s + micro_batch_size],
-                                            batch["attention_mask"][s:s + micro_batch_size], temperature,
-                                            with_entropy=with_entropy))
+    for rows in rollout.micro_batches(list(range(B)), micro_batch_size, count):
+        out = rollout.token_logprobs(model, batch["input_ids"][rows or [0]], batch["attention_mask"][rows or [0]],
+                                     temperature, with_entropy=with_entropy)
+        if rows:
+            parts.append(out)
     if with_entropy:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return torch.cat(parts)
 
 
-def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, cfg, ref_logprobs=None) -> dict:
-    """cfg.ppo_epochs passes of cfg.mini_batches optimizer steps over the batch. advantages: [B, T-1]."""
-    B = advantages.shape[0]
+def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logprobs, minibatches, cfg, d, health) -> dict:
+    """cfg.ppo_epochs passes of one optimizer step per mini-batch. advantages, old_logprobs: [B, T-1] of this rank's rows.
+    minibatches: per mini-batch (this rank's rows, the mini-batch's token count over all ranks, forward passes)."""
     mask = batch["response_mask"]
-    stats = Counter()
+    stats, extremes = Counter(), {}
     n_updates = 0
     for _ in range(cfg.ppo_epochs):
-        for mb in np.array_split(np.arange(B), cfg.mini_batches):  # in order, no shuffle (reference)
-            if len(mb) == 0:
-                continue
-            mb_tokens = mask[mb].sum().item()
-            optimizer.zero_grad(set_to_none=True)
-            for s in range(0, len(mb), cfg.micro_batch_size):
-                idx = torch.as_tensor(mb[s:s + cfg.micro_batch_size])
-                ids, att, m = batch["input_ids"][idx], batch["attention_mask"][idx], mask[idx]
-                logprobs = rollout.token_logprobs(model, ids, att, cfg.temperature)                   # [b, T-1]
+        for rows, mb_tokens, passes in minibatches:  # in order, no shuffle (reference)
+            for micro in rollout.micro_batches(rows, cfg.micro_batch_size, passes):
+                idx = torch.as_tensor(micro or rows[:1])
+                m = mask[idx] * bool(micro)   # an empty turn of a short rank: a forward with nothing to learn
+                logprobs = rollout.token_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx],
+                                                  cfg.temperature)                                        # [b, T-1]
                 loss, st = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m,
                                        cfg.clip_low, cfg.clip_high, cfg.clip_c, num_tokens=mb_tokens)
                 if ref_logprobs is not None:
                     loss = loss + cfg.kl_coef * kl_penalty(logprobs, ref_logprobs[idx], m, mb_tokens)
-                loss.backward()
+                (loss * d.world).backward()  # FSDP averages gradients over ranks: x world makes the average a sum
                 w = m.sum().item() / max(mb_tokens, 1)
-                for k, v in st.items():
-                    stats[k] += v * w
+                for k in ("clip_frac", "dual_clip_frac", "approx_kl"):   # token means over the mini-batch
+                    stats[k] += st[k] * w
+                if micro:
+                    extremes["ratio_max"] = max(extremes.get("ratio_max", 1.0), st["ratio_max"])
+                    extremes["ratio_min"] = min(extremes.get("ratio_min", 1.0), st["ratio_min"])
                 stats["loss"] += loss.item()
-            stats["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            optimizer.step()
+            stats["grad_norm"] += rollout.optimizer_step(optimizer, model, cfg.grad_clip, health)
             n_updates += 1
-    return {k: v / max(n_updates, 1) for k, v in stats.items()}
+    grad_norm = stats.pop("grad_norm", 0.0)  # already the same on every rank
+    stats = rollout.all_sum(dict(stats), d)
+    every = rollout.all_gather(extremes, d)
+    return {**{k: v / max(n_updates, 1) for k, v in stats.items()}, "grad_norm": grad_norm / max(n_updates, 1),
+            "ratio_max": max(e.get("ratio_max", 1.0) for e in every),
+            "ratio_min": min(e.get("ratio_min", 1.0) for e in every), "skipped_updates": health["skipped"]}
 
 
 def load_rl_prompts(cfg, tokenizer) -> list[dict]:
@@ -218,14 +227,14 @@ def rollout_metrics(trajs: list, counts: Counter) -> dict:
             "dropped_tool_calls": counts["tool_calls_dropped"]}
 
 
-def held_out_eval(model, tokenizer, cfg, engine) -> dict:
+def held_out_eval(model, tokenizer, cfg, engine, d) -> dict:
     """avg@n and pass@n on held-out problems through evaluate.py, at evaluate.py's sampling settings
     (T = 1.0, top_p = 0.6). Generation goes through the rollout engine (vLLM holds the pushed weights)."""
     settings = rollout.rollout_settings(cfg, temperature=evaluate.Config.temperature, top_p=evaluate.Config.top_p)
-    eval_cfg = evaluate.Config(**asdict(settings), data=cfg.eval_data, num_prompts=cfg.eval_prompts, n=cfg.eval_n,
+    eval_cfg = evaluate.Config(**asdict(settings), data=cfg.eval_data, num_prompts=cfg.eval_prompts, n_samples=cfg.eval_n,
                                seed=1234)
     model.eval()
-    results = evaluate.evaluate_engine(engine, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg)
+    results = evaluate.evaluate_engine(engine, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg, d)
     model.train()
     return {f"eval/{b}/{k}": v for b, r in results.items() for k, v in r.items() if "@" in k}
 
@@ -240,98 +249,158 @@ def report_start_and_end(metrics_path: Path, name: str) -> None:
                                          first.get(k, float("nan")), first["step"], last[k], last["step"])
 
 
+def check_inputs(cfg, start: str):
+    """Everything a run reads, checked before anything is written."""
+    if cfg.data != "toy":
+        rollout.reject_unused(cfg, ["toy_prompts"], "with --data other than toy")
+        rollout.load_rows(cfg.data)
+    for path in ([] if cfg.eval_data == "toy" else cfg.eval_data.split(",")):
+        rollout.load_rows(path.strip())
+    rollout.check_model_path(start)
+    rollout.resolve_backend(cfg.backend)
+
+
 # -----------------------------------------------------------------------------
 # The RL loop
+
+LOGS = ["metrics.jsonl", "trajectories.jsonl", "steps.jsonl"]
+
 
 def train(cfg, start: str, advantages_fn=None, summarize_fn=None, name: str = "grpo"):
     """RL from checkpoint `start`. The one seam: advantages_fn(prompts, trajs, batch, old_logprobs, grpo_advantages,
     step) returns the per-token advantages [B, T-1] that PPO optimises, and per-step records (written to steps.jsonl,
     summarised into metrics.jsonl by summarize_fn). Without it this is GRPO: A_{i,t} = A_i m_t."""
-    if cfg.data != "toy":
-        rollout.reject_unused(cfg, ["toy_prompts"], "with --data other than toy")
-    device = cfg.device or rollout.default_device()
+    check_inputs(cfg, start)
+    d, device = rollout.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rollout.seed_everything(cfg.seed)
     tokenizer = rollout.load_tokenizer(start)
-    model, state = rollout.load_for_training(start, out_dir, cfg.resume, device, cfg.seed)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    prompts = load_rl_prompts(cfg, tokenizer)
+    rollout.lock_out_dir(out_dir, d)
+    ckpt, state = rollout.start_or_resume(out_dir, cfg.resume, d, LOGS)
+    rollout.seed_everything(cfg.seed)
+    model, optimizer = rollout.training_model(
+        start, ckpt, d, device, cfg.seed,
+        make_optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2),
+                                                        weight_decay=cfg.weight_decay))
     start_step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
         rollout.set_rng_state(state["rng"])
         start_step = state["step"]
-        log.info("resumed at step %d", start_step)
-    # the KL anchor is the starting checkpoint, also when resuming
+    run_id = rollout.new_run(out_dir, cfg, state, d)
+    # the KL anchor is the starting checkpoint, also when resuming; frozen models are replicated on every rank
     ref_model = rollout.load_model(start, device=device).requires_grad_(False) if cfg.kl_coef > 0 else None
+    # the generation engine: vLLM, or the trained model itself (a plain replica of it when the model is sharded)
     if rollout.resolve_backend(cfg.backend) == "vllm":
-        engine = rollout.make_vllm_engine(str(out_dir / "checkpoint") if state is not None else start, seed=cfg.seed)
+        engine = rollout.make_vllm_engine(start, seed=cfg.seed + d.rank, d=d)
     else:
-        engine = model
-    prompts = load_rl_prompts(cfg, tokenizer)
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
+        engine = model if d.world == 1 else rollout.load_model(start, device=device, dtype=torch.float32)
+    if engine is not model and (ckpt is not None or d.world > 1):
+        rollout.push_weights(engine, model, d)
+    health = Counter()  # optimizer steps skipped for a non-finite gradient
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if d.main else None
+
+    def log_row(row: dict):
+        if d.main:
+            metrics_file.write(json.dumps(dict(row, run_id=run_id)) + "\n")
+            metrics_file.flush()
+
     if cfg.eval_before_train and start_step == 0:  # the starting checkpoint, as step 0 (skipped on resume)
-        row = {"step": 0, **held_out_eval(model, tokenizer, cfg, engine)}
-        metrics_file.write(json.dumps(row) + "\n")
-        log.info("held-out before training: %s", {k: round(v, 4) for k, v in row.items() if "avg@" in k})
+        row = {"step": 0, **held_out_eval(model, tokenizer, cfg, engine, d)}
+        log_row(row)
+        logging.getLogger(name).info("held-out before training: %s", {k: round(v, 4) for k, v in row.items() if "avg@" in k})
     from tqdm import tqdm
-    bar = tqdm(range(start_step, cfg.steps), desc=name, initial=start_step, total=cfg.steps)
-    for step in bar:
-        t0 = time.time()
-        # 1-2. rollouts with the tool, and their rewards
-        counts = Counter()
-        model.eval()
-        step_prompts = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
-        trajs = rollout.rollout(engine, tokenizer, step_prompts, cfg.n, cfg, seed=cfg.seed * 100_003 + step, counts=counts)
-        model.train()
-        row = {"step": step + 1, **rollout_metrics(trajs, counts), "t_rollout": time.time() - t0,
-               "t_tools": counts["tool_seconds"]}
-        rewards = torch.tensor([t.reward for t in trajs])                                    # [B]
-        group_ids = torch.tensor([t.prompt_index for t in trajs])                            # [B]
-        # 3. group-normalised advantages (with dynamic sampling, only the groups that carry signal)
-        grpo_adv = group_advantages(rewards, group_ids)                                      # [B]
-        keep = dynamic_sampling_keep(rewards, group_ids) if cfg.dynamic_sampling else list(range(len(trajs)))
-        row["kept_trajectories"] = len(keep)
-        if keep:
-            kept = [trajs[i] for i in keep]
-            batch = rollout.pad_trajectories(kept, tokenizer.pad_token_id, device)
-            mask = batch["response_mask"]                                                    # [B, T-1]
-            # 4. old log-probs of the sampled tokens (no grad), at the sampling temperature
-            t1 = time.time()
-            old_logprobs, entropy = batched_logprobs(model, batch, cfg.micro_batch_size, cfg.temperature,
-                                                     with_entropy=True)                      # [B, T-1] x2
-            row["entropy"] = rollout.masked_mean(entropy, mask).item()  # of the rollout policy
-            ref_logprobs = batched_logprobs(ref_model, batch, cfg.micro_batch_size, cfg.temperature) if ref_model else None
-            # 3'. THE SEAM: per-token advantages, A_i m_t for GRPO, plus the teacher's signal when distilling
-            adv = grpo_adv[keep].to(device)
-            if advantages_fn is None:
-                advantages = adv[:, None] * mask                                             # [B, T-1]
-            else:
-                advantages, records = advantages_fn(step_prompts, kept, batch, old_logprobs, adv, step + 1)
-                row.update(summarize_fn(records) if summarize_fn else {})
-                rollout.write_jsonl(out_dir / "steps.jsonl", records)
-            row["t_advantages"] = time.time() - t1
-            # 5. PPO updates
-            t2 = time.time()
-            row.update(ppo_update(model, optimizer, batch, advantages, old_logprobs, cfg, ref_logprobs))
-            row["t_train"] = time.time() - t2
-            # 6. the generation engine gets the new weights
-            if engine is not model:
-                rollout.push_weights_to_vllm(engine, model)
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-            row.update(held_out_eval(model, tokenizer, cfg, engine))
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        rollout.write_jsonl(out_dir / "trajectories.jsonl", [dict(t.log_record(), step=step + 1) for t in trajs[:cfg.n * 2]])
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:  # the last one lets --resume extend a run
-            rollout.save_checkpoint(out_dir, "checkpoint", model, tokenizer, {
-                "optimizer": optimizer.state_dict(), "step": step + 1, "rng": rollout.rng_state(), "config": asdict(cfg)})
-    metrics_file.close()
-    report_start_and_end(out_dir / "metrics.jsonl", name)
-    model.eval()
-    rollout.save_checkpoint(out_dir, "final", model, tokenizer)
+    bar = tqdm(range(start_step, cfg.steps), desc=name, initial=start_step, total=cfg.steps, disable=not d.main)
+    step = start_step
+    try:
+        for step in bar:
+            t0 = time.time()
+            # 1-2. rollouts with the tool, and their rewards: each rank rolls out whole GRPO groups of its share of
+            # the step's prompts; every rank then holds all trajectories, in prompt order
+            step_prompts = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
+            share = rollout.my_share(len(step_prompts), d)
+            counts = Counter()
+            model.eval()
+            mine = rollout.rollout(engine, tokenizer, step_prompts[share.start:share.stop], cfg.n_samples, cfg,
+                                   seed=cfg.seed * 100_003 + step + 1_000_003 * d.rank, counts=counts)
+            model.train()
+            for t in mine:
+                t.prompt_index += share.start
+            trajs = [t for part in rollout.all_gather(mine, d) for t in part]
+            counts = Counter(rollout.all_sum(dict(counts), d))
+            row = {"step": step + 1, **rollout_metrics(trajs, counts), "t_rollout": time.time() - t0,
+                   "t_tools": counts["tool_seconds"]}
+            rewards = torch.tensor([t.reward for t in trajs])                                    # [B]
+            group_ids = torch.tensor([t.prompt_index for t in trajs])                            # [B]
+            # 3. group-normalised advantages (with dynamic sampling, only the groups that carry signal)
+            grpo_adv = group_advantages(rewards, group_ids)                                      # [B]
+            keep = dynamic_sampling_keep(rewards, group_ids) if cfg.dynamic_sampling else list(range(len(trajs)))
+            if len(keep) < d.world:
+                keep = []  # too few to give every rank a row: no update this step
+            row["kept_trajectories"] = len(keep)
+            if keep:
+                # PPO mini-batches over the kept trajectories, in order; each rank takes every world-th row of each
+                minibatches = np.array_split(np.arange(len(keep)), cfg.mini_batches)
+                mine_per_mb = [mb[d.rank::d.world].tolist() for mb in minibatches]
+                local = [i for rows in mine_per_mb for i in rows]                                # positions in keep
+                kept = [trajs[keep[i]] for i in local]
+                batch = rollout.pad_trajectories(kept, tokenizer.pad_token_id, device)
+                mask = batch["response_mask"]                                                    # [b, T-1]
+                largest = sum(len(mb[0::d.world]) for mb in minibatches)                          # rank 0 has the most
+                batch["forward_passes"] = rollout.n_micro_batches(largest, cfg.micro_batch_size)
+                # 4. old log-probs of the sampled tokens (no grad), at the sampling temperature
+                t1 = time.time()
+                old_logprobs, entropy = batched_logprobs(model, batch, cfg.micro_batch_size, cfg.temperature,
+                                                         with_entropy=True, forward_passes=batch["forward_passes"])
+                ent = rollout.all_sum({"sum": (entropy * mask).sum().item(), "tokens": mask.sum().item()}, d)
+                row["entropy"] = ent["sum"] / max(ent["tokens"], 1)  # of the rollout policy on its own tokens
+                ref_logprobs = batched_logprobs(ref_model, batch, cfg.micro_batch_size, cfg.temperature) if ref_model else None
+                # 3'. THE SEAM: per-token advantages, A_i m_t for GRPO, plus the teacher's signal when distilling
+                adv = grpo_adv[[keep[i] for i in local]].to(device)
+                if advantages_fn is None:
+                    advantages = adv[:, None] * mask                                             # [b, T-1]
+                else:
+                    advantages, records = advantages_fn(step_prompts, kept, batch, old_logprobs, adv, step + 1)
+                    for r in records:
+                        r["traj"] = local[r["traj"]]  # this rank's row -> position among the kept trajectories
+                    records = sorted((r for part in rollout.all_gather(records, d) for r in part),
+                                     key=lambda r: (r["traj"], r["step"]))
+                    row.update(summarize_fn(records) if summarize_fn else {})
+                    if d.main:
+                        rollout.write_jsonl(out_dir / "steps.jsonl", records)
+                row["t_advantages"] = time.time() - t1
+                # 5. PPO updates; each mini-batch's token mean is over all its rows, on every rank
+                t2 = time.time()
+                tokens = [sum(sum(trajs[keep[i]].response_mask) for i in mb) for mb in minibatches]
+                offsets = np.cumsum([0] + [len(rows) for rows in mine_per_mb])
+                layout = [(list(range(offsets[k], offsets[k + 1])), tokens[k],
+                           rollout.n_micro_batches(len(mb[0::d.world]), cfg.micro_batch_size))
+                          for k, mb in enumerate(minibatches)]
+                row.update(ppo_update(model, optimizer, batch, advantages, old_logprobs, ref_logprobs, layout, cfg,
+                                      d, health))
+                row["t_train"] = time.time() - t2
+                # 6. the generation engine gets the new weights
+                if engine is not model:
+                    rollout.push_weights(engine, model, d)
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+                row.update(held_out_eval(model, tokenizer, cfg, engine, d))
+            log_row(row)
+            if d.main:
+                rollout.write_jsonl(out_dir / "trajectories.jsonl",
+                                    [dict(t.log_record(), step=step + 1) for t in trajs[:cfg.n_samples * 2]])
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:  # the last one lets --resume extend a run
+                rollout.save_checkpoint(out_dir, step + 1, model, tokenizer, optimizer, d, {
+                    "step": step + 1, "rng": rollout.rng_state(), "run_id": run_id, "config": asdict(cfg),
+                    "start": start})
+    except KeyboardInterrupt:
+        saved = rollout.latest_checkpoint(out_dir)
+        logging.getLogger(name).warning("interrupted at step %d; the last checkpoint is %s", step,
+                                        saved.name if saved else "none")
+        raise
+    if d.main:
+        metrics_file.close()
+        report_start_and_end(out_dir / "metrics.jsonl", name)
+    rollout.save_final(out_dir, model, tokenizer, d)
     logging.getLogger(name).info("saved %s", out_dir / "final")
     return model
 
@@ -341,5 +410,4 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(rollout.parse_args(Config))
+    rollout.run_script(main, Config)

@@ -25,8 +25,8 @@ the newline after <|im_end|>), so sft.py trains on exactly the ids the RL stages
 
 The toy default runs on a CPU with nothing downloaded:
     python rollout.py                       # 8 toy prompts x 4 samples with the untrained student
-    python rollout.py --model runs/sft-student/final --num_prompts 64 --n 8
-    python rollout.py --model Qwen/Qwen3-0.6B --data Open-AgentRL-30K.parquet --backend vllm --n 16   # GPU
+    python rollout.py --model runs/sft-student/final --num_prompts 64 --n_samples 8
+    python rollout.py --model Qwen/Qwen3-0.6B --data Open-AgentRL-30K.parquet --backend vllm --n_samples 16   # GPU
 """
 import argparse
 import json
@@ -34,9 +34,10 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
 from collections import Counter
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,7 @@ class RolloutConfig:
     """The multi-turn tool loop's settings: one declaration, inherited by every stage that rolls out."""
     # generation
     backend: str = arg("auto", "generation backend: auto (vllm on CUDA if installed, else hf) | hf | vllm")
+    vllm_kv_cache_gb: float = arg(4.0, "vLLM's KV-cache budget in GiB, on a GPU or a CPU")
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature (reference 1.0)")
     top_p: float = arg(1.0, "nucleus sampling (reference 1.0 in training, 0.6 in evaluation)")
     # the loop
@@ -181,25 +183,38 @@ def wrap_prompt(row: dict) -> tuple[str, str, object]:
 
 
 def load_rows(path: str) -> list[dict]:
-    """Read a .jsonl / .json / .parquet file into a list of dicts, with errors that name the file and row."""
+    """Read a .jsonl / .json / .parquet file into a list of dicts; a file that cannot be read stops the run with
+    its name and the reason."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+    if not p.is_file():
+        raise SystemExit(f"data file not found: {path}")
+    if p.stat().st_size == 0:
+        raise SystemExit(f"{path}: the file is empty (0 bytes)")
     if p.suffix == ".parquet":
         try:
             import pandas as pd
         except ImportError as e:
             raise ImportError("reading parquet needs pandas and pyarrow: pip install pandas pyarrow") from e
-        return [_to_plain(r) for r in pd.read_parquet(p).to_dict(orient="records")]
+        try:
+            frame = pd.read_parquet(p)
+        except Exception as e:  # pyarrow's errors name neither the file nor the problem in plain words
+            raise SystemExit(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        return [_to_plain(r) for r in frame.to_dict(orient="records")]
     if p.suffix == ".json":
-        return json.loads(p.read_text())
+        try:
+            rows = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise SystemExit(f"{path}: expected a JSON list of rows, got a {type(rows).__name__}")
+        return rows
     rows = []
     for i, line in enumerate(p.read_text().splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+                raise SystemExit(f"{path}:{i}: not valid JSON ({e})") from None
     return rows
 
 
@@ -214,31 +229,45 @@ def _to_plain(x):
     return x
 
 
+KNOWN_SOURCES = {"toy_arith", "math_dapo", "mega-science", "AIME2024", "AIME2025", "gpqa_diamond"}  # plus any "code"
+
+
 def load_prompts(path: str, n: int | None = None, seed: int = 0) -> list[dict]:
-    """RL / eval prompts as {"prompt", "data_source", "ground_truth", "hint", "id"}; "toy[:split]" builds a toy split."""
+    """RL / eval prompts as {"prompt", "data_source", "ground_truth", "hint", "id"}; "toy[:split]" builds a toy split.
+    Malformed rows are skipped and counted; rows of a data_source no grader knows are counted and graded as math."""
     if path.startswith("toy"):
         from toy import task
         split = path.split(":")[1] if ":" in path else "train"
         rows = task.rl_rows(n or 256, split=split, seed=seed)
     else:
         rows = load_rows(path)
-    out, bad = [], Counter()
+    out, bad, unknown = [], Counter(), Counter()
     for i, row in enumerate(rows):
         try:
+            if not isinstance(row, dict):
+                raise ValueError(f"a row must be an object, not a {type(row).__name__}")
             text, source, truth = wrap_prompt(row)
             if truth is None:
                 raise ValueError("no ground truth")
+            if "code" in source.lower():
+                tools.check_code_tests(truth)
         except (ValueError, KeyError, TypeError) as e:
             bad[str(e)[:400]] += 1
-            if len(bad) == 1 and sum(bad.values()) == 1:
+            if sum(bad.values()) == 1:
                 log.warning("%s row %d skipped: %s", path, i, e)
             continue
+        if source not in KNOWN_SOURCES and "code" not in source.lower():
+            unknown[source] += 1
         out.append({"prompt": text, "data_source": source, "ground_truth": truth, "hint": row.get("hint"),
                     "id": row.get("id", i)})
     if bad:
         log.warning("%s: skipped %d malformed rows (%s)", path, sum(bad.values()), dict(bad))
+    if unknown:
+        log.warning("%s: %d rows have a data_source without a grader of its own (%s): graded as math with the strict "
+                    "box, as the authors' reward does for every source without 'code'", path, sum(unknown.values()),
+                    dict(unknown))
     if not out:
-        raise ValueError(f"{path}: no usable rows" + (f"; first problem: {next(iter(bad))}" if bad else ""))
+        raise SystemExit(f"{path}: no usable rows" + (f"; the first problem: {next(iter(bad))}" if bad else ""))
     return out[:n] if n else out
 
 
@@ -257,23 +286,51 @@ def drop_long_prompts(prompts: list[dict], tokenizer, max_tokens: int, name: str
 
 
 # -----------------------------------------------------------------------------
-# 3. Models, tokenizers and checkpoints
+# 3. Models and tokenizers
+
+# the toy checkpoints the stages look for by default, and the command that makes each
+DEFAULT_CHECKPOINTS = {
+    "runs/sft-student/final": "python sft.py",
+    "runs/sft-teacher/final": "python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 "
+                              "--toy_direct_frac 0.5 --epochs 5",
+    "runs/grpo-teacher/final": "python grpo.py",
+}
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_model_path(name_or_path: str):
+    """Fail early, before anything is written, on a model that is neither a toy name, nor a local folder, nor a
+    Hugging Face id (namespace/name whose namespace is not a local folder). No hub access here."""
+    if name_or_path in TOY_MODELS:
+        return
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SystemExit(f"not a model folder (no config.json): {name_or_path}")
+        return
+    parts = name_or_path.split("/")
+    looks_like_hub_id = (len(parts) == 2 and all(parts) and not name_or_path.startswith((".", "~"))
+                         and not Path(parts[0]).exists())
+    if not looks_like_hub_id:
+        made_by = DEFAULT_CHECKPOINTS.get(name_or_path.rstrip("/"))
+        hint = (f"; it is made by: {made_by} (or all at once: python pipeline.py)" if made_by else
+                f"; the toy models are {', '.join(sorted(TOY_MODELS))}")
+        raise SystemExit(f"model path does not exist: {name_or_path}{hint}")
 
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a checkpoint, with `stop_token_ids`: every end-of-sequence id of the model (Qwen3's
     generation config lists <|im_end|> and <|endoftext|>), where generation stops."""
     from transformers import AutoTokenizer, GenerationConfig
+    check_model_path(name_or_path)
     path = TOY_DIR / "tokenizer" if name_or_path in TOY_MODELS else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"could not load a tokenizer from {name_or_path!r}: {e}\n"
-                         "Give a local checkpoint folder, a Hugging Face name with the weights available, "
-                         f"or one of the built-in toy models {sorted(TOY_MODELS)}.") from None
+        raise SystemExit(f"could not load a tokenizer from {name_or_path!r}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     stop = [tokenizer.eos_token_id]
@@ -290,20 +347,13 @@ def stop_token_ids(tokenizer) -> list[int]:
     return getattr(tokenizer, "stop_token_ids", None) or [tokenizer.eos_token_id]
 
 
-def check_model_path(name_or_path: str):
-    """Fail early and clearly on a local path that does not exist (anything else may be a Hugging Face name)."""
-    if name_or_path in TOY_MODELS or Path(name_or_path).exists():
-        return
-    if name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
-        raise SystemExit(f"model path does not exist: {name_or_path} (the toy checkpoints come from sft.py, grpo.py, "
-                         "or all at once from pipeline.py)")
-
-
 def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0):
-    """A causal LM in eval mode; toy names build a randomly initialised tiny Qwen3 from its config."""
+    """A causal LM in eval mode; toy names build a randomly initialised tiny Qwen3 from its config.
+    A checkpoint whose weights are not all finite is refused, with the file named."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    device = device or default_device()
+    device = str(device or default_device())
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    check_model_path(name_or_path)
     if name_or_path in TOY_MODELS:
         config = AutoConfig.from_pretrained(str(TOY_MODELS[name_or_path]))
         torch.manual_seed(seed)
@@ -311,11 +361,16 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
         model.generation_config.eos_token_id = config.eos_token_id
         model.generation_config.pad_token_id = config.pad_token_id
     else:
-        check_model_path(name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-        except OSError as e:
-            raise SystemExit(f"could not load model {name_or_path!r}: {e}") from None
+        except Exception as e:  # a truncated safetensors file, a missing shard, a hub error: name what was read
+            files = sorted(p.name for p in Path(name_or_path).glob("*.safetensors")) if Path(name_or_path).is_dir() else []
+            where = f"{name_or_path}/{files[0]}" if len(files) == 1 else name_or_path
+            raise SystemExit(f"could not load model weights from {where}: {type(e).__name__}: {e}") from None
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise SystemExit(f"{name_or_path}: the weights are not finite (NaN or inf) in {len(bad)} tensors, "
+                             f"e.g. {bad[0]}; refusing to start from them")
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -323,58 +378,13 @@ def check_same_tokenizer(student_tok, teacher_tok, student_name="student", teach
     """On-policy distillation reads the teacher's log-prob of the *student's token ids*: the vocabularies must be identical."""
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
     if sv != tv:
-        only_s = len(set(sv.items()) - set(tv.items()))
-        raise SystemExit(f"tokenizer mismatch: {student_name} and {teacher_name} map {only_s} tokens differently "
-                         f"(vocab sizes {len(sv)} vs {len(tv)}). The teacher must share the student's tokenizer "
-                         "(Qwen3-0.6B/1.7B/4B do).")
-    if student_tok.eos_token_id != teacher_tok.eos_token_id:
-        raise SystemExit(f"tokenizer mismatch: eos ids differ ({student_tok.eos_token_id} vs {teacher_tok.eos_token_id})")
-
-
-def save_checkpoint(out_dir: Path, name: str, model, tokenizer, extra_state: dict | None = None):
-    """out_dir/name as a Hugging Face folder (plus trainer_state.pt when given), written whole before it appears."""
-    tmp = out_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if extra_state is not None:
-        torch.save(extra_state, tmp / "trainer_state.pt")
-    final = out_dir / name
-    old = out_dir / f".{name}.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)  # the rename is the commit point: a crash leaves either the old or the new folder
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int):
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-
-
-def load_for_training(start: str, out_dir: Path, resume: bool, device: str, seed: int):
-    """The model to train: out_dir/checkpoint when resuming, else `start`. Returns (model, trainer_state or None)."""
-    ckpt = out_dir / "checkpoint"
-    if resume and (ckpt / "trainer_state.pt").exists():
-        model = load_model(str(ckpt), device=device, dtype=torch.float32)
-        return model, torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    if resume:
-        log.info("no checkpoint in %s: starting fresh", out_dir)
-    return load_model(start, device=device, dtype=torch.float32, seed=seed), None
+        differ = sorted({t for t in sv.keys() | tv.keys() if sv.get(t) != tv.get(t)}, key=lambda t: sv.get(t, tv.get(t)))
+        raise SystemExit(f"tokenizer mismatch: {student_name} ({len(sv)} tokens) and {teacher_name} ({len(tv)} tokens) "
+                         f"disagree on {len(differ)} tokens, e.g. {differ[:3]}. The teacher scores the student's token "
+                         "ids, so both must share one tokenizer (Qwen3-0.6B/1.7B/4B do).")
+    if stop_token_ids(student_tok) != stop_token_ids(teacher_tok) or student_tok.eos_token_id != teacher_tok.eos_token_id:
+        raise SystemExit(f"tokenizer mismatch: end-of-sequence ids differ ({stop_token_ids(student_tok)} vs "
+                         f"{stop_token_ids(teacher_tok)})")
 
 
 def write_jsonl(path, records: list[dict]):
@@ -421,20 +431,26 @@ def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], tem
     return outputs
 
 
-def make_vllm_engine(model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.5, max_model_len: int | None = None):
-    """A colocated, in-process vLLM engine. In-process is what lets us push weights without a disk round trip."""
+def make_vllm_engine(model_path: str, seed: int = 0, d: "Dist | None" = None, kv_cache_gb: float = 4.0,
+                     max_model_len: int | None = None):
+    """A colocated, in-process vLLM engine (in-process is what lets us push weights without a disk round trip),
+    with an explicit KV-cache budget in GiB, on a GPU or a CPU. Under torchrun every rank holds its own engine
+    (vLLM's external launcher, data parallel: each rank generates for its own prompts)."""
+    check_model_path(model_path)
     if model_path in TOY_MODELS:
         raise SystemExit(f"vLLM loads weights from a folder; {model_path!r} is a random toy model: run sft.py first")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
     try:
         from vllm import LLM
     except ImportError as e:
         raise SystemExit("--backend vllm needs vLLM (pip install vllm; on CPU: pip install -r requirements-vllm.txt)") from e
-    on_gpu = torch.cuda.is_available()
     kwargs = dict(model=model_path, seed=seed, dtype="bfloat16" if on_gpu else "float32", enforce_eager=not on_gpu,
-                  enable_prefix_caching=True)
-    if on_gpu:
-        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+                  enable_prefix_caching=True, kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
+    if d is not None and d.world > 1:
+        kwargs.update(distributed_executor_backend="external_launcher", data_parallel_size=d.world)
     if max_model_len:
         kwargs["max_model_len"] = max_model_len
     return LLM(**kwargs)
@@ -450,10 +466,15 @@ def generate_vllm(llm, contexts: list[list[int]], max_new_tokens: list[int], tem
     return [_cut_at_stop(list(r.outputs[0].token_ids), stop_ids, m) for r, m in zip(results, max_new_tokens)]
 
 
-def push_weights_to_vllm(llm, model):
-    """Copy the trainer's current weights into the colocated vLLM engine (no restart, no disk)."""
-    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
-    runner.reload_weights(weights_iterator=iter((k, v.detach()) for k, v in model.state_dict().items()))
+def push_weights(engine, model, d: "Dist | None" = None):
+    """Copy the trainer's current weights into the generation engine: a colocated vLLM engine (no restart, no
+    disk), or the plain replica that generates for a sharded model."""
+    weights = full_state_dict(model, d or Dist(), everywhere=True)
+    if hasattr(engine, "llm_engine"):
+        runner = engine.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.reload_weights(weights_iterator=iter((k, v.detach()) for k, v in weights.items()))
+    else:
+        engine.load_state_dict(weights)
 
 
 def generate(engine, contexts, max_new_tokens, cfg: RolloutConfig, stop_ids, pad_id, seed=None):
@@ -682,6 +703,19 @@ def _chunk_logprobs(lm_head, hidden, labels, temperature, with_entropy=False):
     return logprobs, entropy
 
 
+def final_hidden_states(model, input_ids, attention_mask):
+    """[B, T, H]: the decoder's output after its final norm, taken by a hook during a call of the *whole* model
+    that computes logits for one position only. Calling the model itself, not its decoder, is what lets FSDP2
+    gather every parameter the root owns (embeddings, final norm, the tied output head) in a sharded run."""
+    captured = []
+    hook = model.get_decoder().norm.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
 def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, chunk_bytes: int = 256 * 2**20,
                    max_chunk_tokens: int = 2048, with_entropy: bool = False):
     """[B, T-1] float32, entry [b, t] = log p_T(input_ids[b, t+1] | input_ids[b, :t+1]) with p_T = softmax(logits / T),
@@ -696,7 +730,7 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
     temperature = temperature if temperature > 0 else 1.0  # greedy decoding samples no distribution: score at T = 1
     # bf16 autocast on CUDA (fp32 master weights, like the reference's mixed precision); a no-op on CPU
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=input_ids.is_cuda):
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # [B, T-1, H]
+        hidden = final_hidden_states(model, input_ids, attention_mask)[:, :-1]                    # [B, T-1, H]
     labels = input_ids[:, 1:]                                                                                   # [B, T-1]
     B, Tm1, H = hidden.shape
     lm_head = model.get_output_embeddings()
@@ -720,6 +754,388 @@ def masked_mean(x, mask, dim=None):
 
 
 # -----------------------------------------------------------------------------
+# 7. Runs: one process or many, an output folder of one's own, checkpoints that survive a kill
+#
+#   out_dir/.lock                    held (flock) for the life of the run; says who holds it
+#   out_dir/run.json                 the run's settings, code version and run id
+#   out_dir/checkpoint-000010/       a complete checkpoint: a Hugging Face folder (full weights, tokenizer) plus
+#                                    trainer/ (model and optimizer, sharded, torch.distributed.checkpoint) and
+#                                    trainer_state.pt (step, RNG, run id, scheduler)
+#   out_dir/latest                   the name of the newest complete checkpoint
+#   out_dir/metrics.jsonl ...        one row per step, each with the run id
+#   out_dir/final/                   the trained model (Hugging Face folder) and run.json
+#
+# A checkpoint is written whole under .checkpoint-N.tmp/ and then renamed: a kill at any instant leaves either no
+# new checkpoint or a complete one, and the older one is deleted only after the new one is in place.
+
+MAX_NONFINITE_IN_A_ROW = 3  # optimizer steps skipped for a non-finite gradient norm before the run stops
+
+
+@dataclass
+class Dist:
+    """Where this process sits. `python FILE.py` is rank 0 of 1 and nothing distributed runs; under torchrun
+    (RANK, WORLD_SIZE, LOCAL_RANK in the environment) the collectives below use the default process group."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_processes(device: str = "") -> tuple[Dist, str]:
+    """(Dist, device) for this process; starts the process group under torchrun and says once how the run is laid out."""
+    device = device or default_device()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        log.info("one process, device %s", device)
+        return Dist(), device
+    import torch.distributed as dist
+    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.startswith("cuda"):
+        device = f"cuda:{d.local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if d.main:
+        log.info("world size %d, rank %d, local rank %d, backend %s, device %s", d.world, d.rank, d.local_rank,
+                 dist.get_backend(), device)
+    else:
+        logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs, the others only warn
+    return d, device
+
+
+def shard(model, d: Dist, device: str):
+    """FSDP2: every decoder layer and then the whole model sharded over the ranks (bf16 compute with fp32
+    reductions on GPU, fp32 on CPU). One process: the model as it is."""
+    if d.world == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.startswith("cuda") else None
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mp_policy=mp or MixedPrecisionPolicy())
+    fully_shard(model, mp_policy=mp or MixedPrecisionPolicy())
+    return model
+
+
+def full_state_dict(model, d: Dist, everywhere: bool = False) -> dict:
+    """The unsharded weights: on rank 0 (on CPU), or on every rank with `everywhere` (for a weight push)."""
+    if d.world == 1:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+
+
+def all_gather(obj, d: Dist) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if d.world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values: dict, d: Dist) -> dict:
+    """Every value summed over the ranks (same keys on every rank)."""
+    if d.world == 1:
+        return dict(values)
+    return {k: sum(v[k] for v in all_gather(values, d)) for k in values}
+
+
+def barrier(d: Dist):
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def my_share(n: int, d: Dist) -> range:
+    """This rank's contiguous part of range(n): the ranks' parts differ in size by at most one."""
+    per, extra = divmod(n, d.world)
+    start = d.rank * per + min(d.rank, extra)
+    return range(start, start + per + (d.rank < extra))
+
+
+def micro_batches(rows: list[int], size: int, count: int) -> list[list[int]]:
+    """`rows` cut into `count` micro-batches of at most `size`; the last ones may be empty. Every rank of a sharded
+    model runs the same number of forward passes (each one is a collective), so short ranks run empty ones."""
+    return [rows[i * size:(i + 1) * size] for i in range(count)]
+
+
+def n_micro_batches(largest_share: int, size: int) -> int:
+    return max(1, -(-largest_share // size))
+
+
+_locks = {}  # out_dir -> its open lock file: a lock lives as long as this process
+
+
+def lock_out_dir(out_dir: Path, d: Dist):
+    """One run per out_dir: an exclusive flock on out_dir/.lock, released by the kernel when the process ends
+    (a process that runs several stages one after another, like pipeline.py, keeps the locks it took)."""
+    if not d.main or str(out_dir.resolve()) in _locks:
+        return
+    import fcntl
+    import socket
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        raise SystemExit(f"{out_dir} is in use by {holder}. Wait for that run to end, stop it, or choose another "
+                         f"--out_dir. (The lock dies with its process; on a filesystem without working locks, "
+                         f"delete {path} once you are sure no run is using the folder.)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+            f"({' '.join(sys.argv)[:300]})\n")
+    f.flush()
+    _locks[str(out_dir.resolve())] = f
+
+
+def code_version() -> str:
+    """A hash of the repository's code and toy files: a stage made by other code is not reused."""
+    import hashlib
+    h = hashlib.sha256()
+    files = sorted([*REPO_DIR.glob("*.py"), *TOY_DIR.glob("*.py"), *TOY_DIR.glob("*.json"), *TOY_DIR.glob("tokenizer/*")])
+    for p in files:
+        h.update(p.relative_to(REPO_DIR).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder only gets its final name once it is whole)."""
+    found = [p for p in out_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint; the `latest` pointer first, then the newest folder, with a warning if they disagree."""
+    found = [p for p in checkpoints(out_dir) if (p / "trainer_state.pt").exists()]
+    if not found:
+        return None
+    pointer = out_dir / "latest"
+    named = out_dir / pointer.read_text().strip() if pointer.exists() else None
+    if named is not None and named != found[-1]:
+        log.warning("%s names %s, but the newest complete checkpoint is %s: using that", pointer, named.name, found[-1].name)
+    return found[-1]
+
+
+def start_or_resume(out_dir: Path, resume: bool, d: Dist, logs: list[str]) -> tuple[Path | None, dict | None]:
+    """What a run starts from: (checkpoint folder, its trainer state) or (None, None). Runs on every rank.
+
+    With resume, the newest complete checkpoint; without one, a loud warning naming what the folder holds.
+    The logs are cut back to the checkpoint's step, so that a resumed run writes every step once. A run that
+    does not resume starts clean: earlier checkpoints, logs and final/ of this out_dir are removed."""
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None and d.main:
+        held = sorted(p.name for p in out_dir.iterdir() if p.name != ".lock") if out_dir.exists() else []
+        log.warning("--resume: no complete checkpoint in %s (it holds: %s); starting from step 0",
+                    out_dir, ", ".join(held) or "nothing")
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False) if ckpt else None
+    barrier(d)
+    if d.main:
+        for tmp in out_dir.glob(".checkpoint-*.tmp"):  # an interrupted save
+            shutil.rmtree(tmp, ignore_errors=True)
+        if ckpt is None:
+            stale = [p for p in [*checkpoints(out_dir), out_dir / "final", out_dir / "latest"] if p.exists()]
+            if stale:
+                log.warning("starting fresh in %s: removing %s of an earlier run", out_dir, ", ".join(p.name for p in stale))
+            for p in stale:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        trim_logs(out_dir, state["step"] if state else -1, logs)
+    barrier(d)
+    return ckpt, state
+
+
+def trim_logs(out_dir: Path, step: int, names: list[str]):
+    """Keep the rows of each JSONL log up to `step` (their "step" or "rl_step"); -1 empties them."""
+    for name in names:
+        path = out_dir / name
+        if not path.exists():
+            continue
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if row.get("step", row.get("rl_step", 0)) <= step:
+                keep.append(line + "\n")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+def new_run(out_dir: Path, cfg, state: dict | None, d: Dist) -> str:
+    """The run id (kept across resumes), and out_dir/run.json with the settings and the code version."""
+    run_id = state["run_id"] if state and "run_id" in state else f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_id = all_gather(run_id, d)[0]
+    if d.main:
+        info = {"run_id": run_id, "code_version": code_version(), "world_size": d.world, "config": asdict(cfg)}
+        (out_dir / "run.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
+    return run_id
+
+
+def _save_hf(path: Path, model, tokenizer, state_dict: dict):
+    # a gathered state dict holds a tied weight twice (the output head is the embedding): keep one, as HF does
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    state_dict = {k: v for k, v in state_dict.items() if k not in tied}
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def _no_space(e: OSError, where: Path, intact: str):
+    import errno
+    if e.errno == errno.ENOSPC:
+        raise SystemExit(f"no space left on the device while writing {where}; {intact}") from None
+    raise e
+
+
+def seed_everything(seed: int):
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_model(start: str, ckpt: Path | None, d: Dist, device: str, seed: int, make_optimizer,
+                   grad_checkpointing: bool = False):
+    """(model, optimizer) to train: fp32 master weights from `start`, sharded over the ranks, and, when resuming,
+    the model and optimizer state of checkpoint `ckpt` (saved by any number of ranks)."""
+    model = load_model(start, device=device, dtype=torch.float32, seed=seed)
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = shard(model, d, device).train()
+    optimizer = make_optimizer(model.parameters())
+    if ckpt is not None:
+        load_checkpoint(ckpt, model, optimizer, d)
+        log.info("resumed from %s", ckpt)
+    return model, optimizer
+
+
+def save_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, d: Dist, state: dict):
+    """out_dir/checkpoint-{step}: written whole under a temporary name, then renamed; older ones removed after."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    name = f"checkpoint-{step:06d}"
+    tmp, final = out_dir / f".{name}.tmp", out_dir / name
+    previous = latest_checkpoint(out_dir)
+    intact = f"the last complete checkpoint ({previous.name if previous else 'none yet'}) is intact"
+    try:
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(d)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "trainer"),
+                 no_dist=d.world == 1)
+        weights = full_state_dict(model, d)
+        if d.main:
+            _save_hf(tmp, model, tokenizer, weights)
+            torch.save(state, tmp / "trainer_state.pt")  # written last: its presence marks a complete folder
+        barrier(d)
+        if d.main:
+            shutil.rmtree(final, ignore_errors=True)  # a leftover of a run that was not resumed
+            os.replace(tmp, final)                    # the commit point
+            pointer = out_dir / ".latest.tmp"
+            pointer.write_text(name + "\n")
+            os.replace(pointer, out_dir / "latest")
+            for old in checkpoints(out_dir)[:-1]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        _no_space(e, tmp, intact)
+    barrier(d)
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, d: Dist):
+    """Model and optimizer state from a checkpoint's trainer/ folder, into a model sharded over any number of ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    sd = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(sd, checkpoint_id=str(ckpt / "trainer"), no_dist=d.world == 1)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+
+
+def save_final(out_dir: Path, model, tokenizer, d: Dist):
+    """out_dir/final: the trained model as a Hugging Face folder, with run.json; written whole, then renamed."""
+    weights = full_state_dict(model, d)
+    if d.main:
+        tmp, final = out_dir / ".final.tmp", out_dir / "final"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _save_hf(tmp, model, tokenizer, weights)
+            if (out_dir / "run.json").exists():
+                shutil.copy(out_dir / "run.json", tmp / "run.json")
+            shutil.rmtree(final, ignore_errors=True)  # a kill here leaves no final/: the last checkpoint resumes
+            os.replace(tmp, final)
+        except OSError as e:
+            _no_space(e, tmp, "the last checkpoint is intact; resume to write final/ again")
+    barrier(d)
+
+
+def optimizer_step(optimizer, model, grad_clip: float, health: Counter) -> float:
+    """Clip and step, unless the gradient norm is not finite: then the update is skipped (as verl does) and
+    counted; MAX_NONFINITE_IN_A_ROW such steps in a row stop the run. Returns the gradient norm."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if np.isfinite(grad_norm):
+        optimizer.step()
+        health["in_a_row"] = 0
+    else:
+        health["skipped"] += 1
+        health["in_a_row"] += 1
+        log.warning("gradient norm %s: optimizer step skipped (%d so far)", grad_norm, health["skipped"])
+        if health["in_a_row"] >= MAX_NONFINITE_IN_A_ROW:
+            raise SystemExit(f"{health['in_a_row']} optimizer steps in a row had a non-finite gradient norm: stopping. "
+                             "Lower the learning rate, or check the data and the starting checkpoint.")
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def quiet_libraries():
+    """transformers' per-load progress bars and notices would drown each stage's own output."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def run_script(main, cls):
+    """What `python FILE.py` does: flags -> config -> main, with logging, and a one-line stop on Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    quiet_libraries()
+    cfg = parse_args(cls)
+    try:
+        main(cfg)
+    except KeyboardInterrupt:
+        argv = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume")]
+        resume = "" if not any(f.name == "resume" for f in fields(cls)) else " --resume"
+        print(f"\ninterrupted; resume with: python {Path(sys.argv[0]).name} {' '.join(argv)}{resume}".rstrip(),
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
 # A small command-line run: rollouts of the toy task, timed
 
 @dataclass
@@ -728,7 +1144,7 @@ class Args(RolloutConfig):
     model: str = arg("toy-student", "local path, Hugging Face name, or toy-student / toy-teacher")
     data: str = arg("toy:eval", "'toy[:split]' or a .jsonl/.parquet file")
     num_prompts: int = arg(8, "prompts to roll out")
-    n: int = arg(4, "samples per prompt")
+    n_samples: int = arg(4, "samples per prompt")
     seed: int = arg(0, "random seed")
     log_file: str = arg("", "optional per-trajectory JSONL")
 
@@ -742,7 +1158,7 @@ if __name__ == "__main__":
     prompts = load_prompts(args.data, args.num_prompts, seed=args.seed)
     counts = Counter()
     t0 = time.time()
-    trajs = rollout(engine, tokenizer, prompts, args.n, args, seed=args.seed, counts=counts, progress=True)
+    trajs = rollout(engine, tokenizer, prompts, args.n_samples, args, seed=args.seed, counts=counts, progress=True)
     dt = time.time() - t0
     tokens = sum(sum(t.response_mask) for t in trajs)
     print(f"{len(trajs)} trajectories in {dt:.1f}s ({tokens / dt:.0f} generated tokens/s); "

@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ class Config:
     # run
     out_dir: str = arg("runs/sft-student", "checkpoints, metrics.jsonl and final/ go here")
     save_every: int = arg(100, "checkpoint every N steps (atomic, keeps the latest)")
-    resume: bool = arg(False, "continue from out_dir/checkpoint if it exists")
+    resume: bool = arg(False, "continue from the newest complete checkpoint in out_dir")
     eval_prompts: int = arg(64, "toy held-out prompts for the greedy accuracy at the end (0: skip)")
     seed: int = arg(0, "random seed (data order, init of toy models)")
     device: str = arg("", "cpu or cuda (empty: cuda if available)")
@@ -134,9 +135,33 @@ def check_conversation(row) -> str | None:
         if m["role"] == "tool" and not saw_call:
             return f"tool message {i} with no preceding assistant tool call"
         if m["role"] == "assistant":
+            problem = check_tool_calls(m.get("tool_calls"))
+            if problem:
+                return f"message {i}: {problem}"
             saw_call = bool(m.get("tool_calls"))
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant turn"
+    return None
+
+
+def check_tool_calls(calls) -> str | None:
+    """What is wrong with an assistant message's tool_calls (OpenAI form, arguments an object or a JSON string)."""
+    if calls is None or (hasattr(calls, "__len__") and len(calls) == 0):
+        return None
+    if not isinstance(calls, list):
+        return f"tool_calls is a {type(calls).__name__}, not a list of {{type, function: {{name, arguments}}}}"
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return f"tool call {k} has no function name"
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                return f"tool call {k}: arguments are not valid JSON ({e.msg} at character {e.pos})"
+        if not isinstance(arguments, dict):
+            return f"tool call {k}: arguments are a {type(arguments).__name__}, not an object"
     return None
 
 
@@ -196,13 +221,11 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
+    # the inputs first: nothing is written before the model and the data are known to be usable
     if cfg.data != "toy":
         rollout.reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac",
                                     "eval_prompts"], "with --data other than toy")
-    device = cfg.device or rollout.default_device()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rollout.seed_everything(cfg.seed)
+    d, device = rollout.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
     tokenizer = rollout.load_tokenizer(cfg.model)
     examples = load_sft_examples(cfg, tokenizer)
     steps_per_epoch = max(1, len(examples) // cfg.batch_size)  # drop_last, as the reference
@@ -210,64 +233,77 @@ def main(cfg: Config):
     n_tokens = sum(sum(m) for _, m in examples)
     log.info("%d examples, %d trained tokens, %d steps", len(examples), n_tokens, total_steps)
 
-    model, state = rollout.load_for_training(cfg.model, out_dir, cfg.resume, device, cfg.seed)
-    model.train()
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    out_dir = Path(cfg.out_dir)
+    rollout.lock_out_dir(out_dir, d)
+    ckpt, state = rollout.start_or_resume(out_dir, cfg.resume, d, ["metrics.jsonl"])
+    rollout.seed_everything(cfg.seed)
+    model, optimizer = rollout.training_model(
+        cfg.model, ckpt, d, device, cfg.seed, grad_checkpointing=cfg.grad_checkpointing,
+        make_optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                                        weight_decay=cfg.weight_decay))
     warmup = int(cfg.warmup_frac * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
     start_step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rollout.set_rng_state(state["rng"])
         start_step = state["step"]
-        log.info("resumed at step %d", start_step)
+    run_id = rollout.new_run(out_dir, cfg, state, d)
+    health = Counter()  # optimizer steps skipped for a non-finite gradient
 
     from tqdm import tqdm
-    metrics = open(out_dir / "metrics.jsonl", "a")
-    bar = tqdm(range(start_step, total_steps), desc="sft", initial=start_step, total=total_steps)
-    for step in bar:
-        # Data order is a pure function of (seed, epoch): a resumed run sees the same batches.
-        epoch, k = divmod(step, steps_per_epoch)
-        order = np.random.RandomState(cfg.seed + epoch).permutation(len(examples))
-        batch = [examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
-        batch_tokens = sum(sum(m[1:]) for _, m in batch)  # label tokens with loss in the whole batch
-        t0 = time.time()
-        loss_sum = 0.0
-        for s in range(0, len(batch), cfg.micro_batch_size):
-            input_ids, attention_mask, label_mask = collate(batch[s:s + cfg.micro_batch_size], tokenizer.pad_token_id, device)
-            logprobs = rollout.token_logprobs(model, input_ids, attention_mask)  # [b, T-1], bf16 autocast on GPU
-            loss = -(logprobs * label_mask).sum() / batch_tokens   # token mean over the whole batch
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.time() - t0
-        row = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-               "tokens_per_s": sum(len(ids) for ids, _ in batch) / dt}
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        bar.set_postfix(loss=f"{loss_sum:.3f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:  # the last one lets --resume extend a run
-            rollout.save_checkpoint(out_dir, "checkpoint", model, tokenizer, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1,
-                "rng": rollout.rng_state(), "config": asdict(cfg)})
-    metrics.close()
-    model.eval()
-    rollout.save_checkpoint(out_dir, "final", model, tokenizer)
+    metrics = open(out_dir / "metrics.jsonl", "a") if d.main else None
+    bar = tqdm(range(start_step, total_steps), desc="sft", initial=start_step, total=total_steps, disable=not d.main)
+    step = start_step
+    try:
+        for step in bar:
+            # Data order is a pure function of (seed, epoch): a resumed run sees the same batches.
+            epoch, k = divmod(step, steps_per_epoch)
+            order = np.random.RandomState(cfg.seed + epoch).permutation(len(examples))
+            batch = [examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+            batch_tokens = sum(sum(m[1:]) for _, m in batch)  # label tokens with loss in the whole batch
+            mine = batch[d.rank::d.world]                       # this rank's rows (all of them in one process)
+            t0 = time.time()
+            loss_sum = 0.0
+            n_micro = rollout.n_micro_batches(-(-len(batch) // d.world), cfg.micro_batch_size)
+            for rows in rollout.micro_batches(list(range(len(mine))), cfg.micro_batch_size, n_micro):
+                part = [mine[i] for i in rows] or [(batch[0][0][:2], [0, 0])]  # an empty turn still runs a forward
+                input_ids, attention_mask, label_mask = collate(part, tokenizer.pad_token_id, device)
+                logprobs = rollout.token_logprobs(model, input_ids, attention_mask)  # [b, T-1], bf16 autocast on GPU
+                loss = -(logprobs * label_mask).sum() / batch_tokens   # this part's share of the whole batch's token mean
+                (loss * d.world).backward()  # FSDP averages gradients over ranks: x world makes the average a sum
+                loss_sum += loss.item()
+            grad_norm = rollout.optimizer_step(optimizer, model, cfg.grad_clip, health)
+            scheduler.step()
+            stats = rollout.all_sum({"loss": loss_sum}, d)
+            row = {"step": step + 1, "loss": stats["loss"], "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "tokens_per_s": sum(len(ids) for ids, _ in batch) / (time.time() - t0),
+                   "skipped_steps": health["skipped"], "run_id": run_id}
+            if d.main:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            bar.set_postfix(loss=f"{stats['loss']:.3f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:  # the last one lets --resume extend a run
+                rollout.save_checkpoint(out_dir, step + 1, model, tokenizer, optimizer, d, {
+                    "scheduler": scheduler.state_dict(), "step": step + 1, "rng": rollout.rng_state(),
+                    "run_id": run_id, "config": asdict(cfg)})
+    except KeyboardInterrupt:
+        saved = rollout.latest_checkpoint(out_dir)
+        log.warning("interrupted at step %d; the last checkpoint is %s", step, saved.name if saved else "none")
+        raise
+    if metrics:
+        metrics.close()
+    rollout.save_final(out_dir, model, tokenizer, d)
     log.info("saved %s", out_dir / "final")
-    if cfg.data == "toy" and cfg.eval_prompts > 0:
+    if cfg.data == "toy" and cfg.eval_prompts > 0 and d.main:
         import evaluate
-        result = evaluate.greedy_accuracy(model, tokenizer, "toy:eval", cfg.eval_prompts)
+        plain = model.eval() if d.world == 1 else rollout.load_model(str(out_dir / "final"), device=device)
+        result = evaluate.greedy_accuracy(plain, tokenizer, "toy:eval", cfg.eval_prompts)
         log.info("held-out greedy accuracy on %d toy problems: %.3f", cfg.eval_prompts, result)
         print(f"held-out greedy accuracy: {result:.3f}")
+    rollout.barrier(d)
     return model
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(rollout.parse_args(Config))
+    rollout.run_script(main, Config)

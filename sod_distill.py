@@ -44,13 +44,14 @@ their SOD script runs).
     python sod_distill.py                                   # toy student, teacher runs/grpo-teacher/final, CPU
     python sod_distill.py --mode opd --out_dir runs/opd-student
     python sod_distill.py --student runs/sft-0.6b/final --teacher youngzhong/SOD-GRPO_teacher-4B \\
-        --data Open-AgentRL-30K.parquet --backend vllm --steps 470 --prompts_per_step 64 --n 16 --lr 1e-6 \\
+        --data Open-AgentRL-30K.parquet --backend vllm --steps 470 --prompts_per_step 64 --n_samples 16 --lr 1e-6 \\
         --max_prompt_tokens 2560 --max_response_tokens 20480 --overlong_buffer 1024 --micro_batch_size 4 \\
         --teacher_offload
 """
 import copy
 import json
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,32 +254,30 @@ def check_flags(cfg: Config):
 
 def main(cfg: Config):
     check_flags(cfg)
-    device = cfg.device or rollout.default_device()
     tokenizer = rollout.load_tokenizer(cfg.student)
-    if cfg.mode.startswith("opsd"):
-        teacher = rollout.load_model(cfg.student, device=device)            # frozen copy of the starting student
-    else:
-        teacher_path = cfg.teacher or "runs/grpo-teacher/final"
-        rollout.check_same_tokenizer(tokenizer, rollout.load_tokenizer(teacher_path), cfg.student, teacher_path)
-        teacher = rollout.load_model(teacher_path, device=device)           # bf16 on GPU, fp32 on CPU
-    teacher.requires_grad_(False)
-    teacher_home = "cpu" if cfg.teacher_offload else device
-    teacher.to(teacher_home)
+    # opsd_* modes: the teacher is a frozen copy of the starting student, shown a privileged prompt
+    teacher_path = cfg.student if cfg.mode.startswith("opsd") else cfg.teacher or "runs/grpo-teacher/final"
+    rollout.check_same_tokenizer(tokenizer, rollout.load_tokenizer(teacher_path), cfg.student, teacher_path)
+    teacher = None  # loaded at the first step, on the device of the batch, and replicated on every rank
 
     def advantages_fn(step_prompts, trajs, batch, old_logprobs, grpo_adv, rl_step):
         """What SOD adds to the GRPO step: the teacher's log-probs of the same tokens, and the weighted signal."""
-        mask = batch["response_mask"]                                                      # [B, T-1]
+        nonlocal teacher
+        device, home = batch["input_ids"].device, "cpu" if cfg.teacher_offload else batch["input_ids"].device
+        if teacher is None:
+            teacher = rollout.load_model(teacher_path, device=home).requires_grad_(False)  # bf16 on GPU, fp32 on CPU
         teacher.to(device)
         teacher_lp = teacher_logprobs_for(teacher, tokenizer, trajs, batch, step_prompts, cfg)  # l^T [B, T-1]
-        teacher.to(teacher_home)
+        teacher.to(home)
+        mask = batch["response_mask"]                                                          # [B, T-1]
         advantages, r, w, d, step_id = distill_advantages(cfg.mode, grpo_adv, old_logprobs, teacher_lp, mask, cfg)
         return advantages, step_records(trajs, step_id, d, w, r, rl_step)
 
     model = grpo.train(cfg, cfg.student, advantages_fn, summarize_steps, name=cfg.mode)
-    plot_steps(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "step_weights.png")
+    if int(os.environ.get("RANK", "0")) == 0:
+        plot_steps(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "step_weights.png")
     return model
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(rollout.parse_args(Config))
+    rollout.run_script(main, Config)

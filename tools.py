@@ -618,6 +618,26 @@ def _function_output(stdout):
         return None
 
 
+def check_code_tests(tests) -> dict:
+    """A code problem's ground truth as a dict, or ValueError saying what is wrong with it: {"inputs", "outputs"}
+    (stdin/stdout), the same with "fn_name" (a function's arguments and return value), or {"import_prefix",
+    "test_code", "entry_point"} (LeetCode asserts); a JSON string of one of these is read first."""
+    if isinstance(tests, str):
+        try:
+            tests = json.loads(tests)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"code tests are a string that is not JSON ({e.msg})") from None
+    if not isinstance(tests, dict):
+        raise ValueError(f"code tests must be an object, not a {type(tests).__name__}")
+    if {"import_prefix", "test_code", "entry_point"} <= tests.keys():
+        return tests
+    inputs, outputs = tests.get("inputs"), tests.get("outputs")
+    if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs) or not inputs:
+        raise ValueError("code tests need equally long, non-empty `inputs` and `outputs` lists "
+                         "(or import_prefix, test_code and entry_point)")
+    return tests
+
+
 def _code_cases(code, tree, tests):
     """[(program, stdin, passed(result))] for one test spec, or None if the code cannot be tested."""
     if "import_prefix" in tests:

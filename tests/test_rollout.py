@@ -287,7 +287,7 @@ def test_toy_tracebacks_are_what_the_sandbox_prints():
 
 
 def test_rollout_script_runs():
-    out = subprocess.run([sys.executable, "rollout.py", "--num_prompts", "2", "--n", "2"], cwd=REPO,
+    out = subprocess.run([sys.executable, "rollout.py", "--num_prompts", "2", "--n_samples", "2"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "4 trajectories" in out.stdout

@@ -125,10 +125,13 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         sft.main(replace(base, out_dir=str(tmp_path / "b")))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
-    assert (tmp_path / "b" / "checkpoint" / "trainer_state.pt").exists()
+    assert (tmp_path / "b" / "checkpoint-000004" / "trainer_state.pt").exists()
+    assert (tmp_path / "b" / "latest").read_text().strip() == "checkpoint-000004"
     resumed = sft.main(replace(base, out_dir=str(tmp_path / "b"), resume=True))
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the resumed run cut its log back to step 4
 
 
 def test_sft_parquet_with_openai_tool_calls_loads(tmp_path, tok):

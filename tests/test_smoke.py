@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
     return root
 
 
-RL_SMALL = ["--steps", 2, "--prompts_per_step", 2, "--n", 2, "--eval_every", 0, "--eval_prompts", 2, "--eval_n", 2,
+RL_SMALL = ["--steps", 2, "--prompts_per_step", 2, "--n_samples", 2, "--eval_every", 0, "--eval_prompts", 2, "--eval_n", 2,
             "--max_response_tokens", 96, "--save_every", 1]
 
 
@@ -64,7 +64,7 @@ def test_every_distillation_mode_runs(runs, mode, tmp_path):
     teacher = runs / "sft-teacher" / "final"  # any checkpoint with the shared tokenizer will do
     cfg = sod_distill.Config(student=str(runs / "sft-student" / "final"), mode=mode,
                              teacher="" if mode.startswith("opsd") else str(teacher),
-                             out_dir=str(tmp_path / mode), steps=1, prompts_per_step=2, n=2, eval_every=0,
+                             out_dir=str(tmp_path / mode), steps=1, prompts_per_step=2, n_samples=2, eval_every=0,
                              eval_prompts=2, eval_n=1, max_response_tokens=64)
     sod_distill.main(cfg)
     assert (tmp_path / mode / "final" / "model.safetensors").exists()
@@ -82,7 +82,7 @@ def test_rl_run_resumes_from_its_checkpoint(runs):
 def test_evaluate_script(runs):
     out = runs / "eval"
     stdout = run("evaluate.py", "--model", runs / "sft-student" / "final", runs / "sft-teacher" / "final",
-                 "--num_prompts", 3, "--n", 2, "--max_response_tokens", 64, "--out_dir", out)
+                 "--num_prompts", 3, "--n_samples", 2, "--max_response_tokens", 64, "--out_dir", out)
     assert "avg@2" in stdout and "pass@2" in stdout and "maj@2" in stdout
     results = json.loads((out / "results.json").read_text())["results"]
     assert len(results) == 2

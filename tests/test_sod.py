@@ -213,7 +213,7 @@ def start_checkpoint(tmp_path_factory):
 
 # every GRPO option that touches the step: dynamic sampling, the KL penalty, the overlong penalty (which also
 # gives the untrained model's groups unequal rewards), tool shaping, a temperature other than 1
-STEP = dict(steps=1, prompts_per_step=4, n=4, max_response_tokens=48, overlong_buffer=48, kl_coef=0.1,
+STEP = dict(steps=1, prompts_per_step=4, n_samples=4, max_response_tokens=48, overlong_buffer=48, kl_coef=0.1,
             dynamic_sampling=True, tool_shaping="turns", temperature=0.8, mini_batches=2, micro_batch_size=3,
             eval_before_train=False, eval_prompts=2, eval_n=1, seed=3)
 
@@ -232,7 +232,7 @@ def test_a_distillation_step_without_teacher_signal_is_a_grpo_step(start_checkpo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     row_a = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
     row_b = json.loads((tmp_path / mode / "metrics.jsonl").read_text().splitlines()[-1])
-    shared = [k for k in row_a if not k.startswith("t_")]
+    shared = [k for k in row_a if not k.startswith("t_") and k != "run_id"]
     assert {k: row_a[k] for k in shared} == {k: row_b[k] for k in shared}
     assert row_a["loss"] != 0 and 0 < row_a["kept_trajectories"] <= 16   # the step did train
     if signal_off == "same teacher":

@@ -57,7 +57,7 @@ def test_weight_push_makes_vllm_match_the_updated_model(engine_and_model):
     with torch.no_grad():
         after = rollout.token_logprobs(model, x, torch.ones_like(x))[0]
     assert not torch.allclose(vllm_logprobs(llm, ids), after, atol=1e-3)   # vLLM still has the old weights
-    rollout.push_weights_to_vllm(llm, model)
+    rollout.push_weights(llm, model)
     pushed = vllm_logprobs(llm, ids)
     assert torch.allclose(pushed, after, atol=1e-4) and not torch.allclose(pushed, before, atol=1e-3)
 
@@ -65,7 +65,7 @@ def test_weight_push_makes_vllm_match_the_updated_model(engine_and_model):
 def test_evaluate_runs_on_the_vllm_backend(engine_and_model):
     import evaluate
     llm, _, tok = engine_and_model
-    cfg = evaluate.Config(num_prompts=2, n=2, max_response_tokens=48, max_turns=3)
+    cfg = evaluate.Config(num_prompts=2, n_samples=2, max_response_tokens=48, max_turns=3)
     results = evaluate.evaluate_engine(llm, tok, evaluate.load_benchmarks(cfg), cfg)
     assert results["toy"]["problems"] == 2 and 0.0 <= results["toy"]["avg@2"] <= 1.0
 
@@ -88,9 +88,9 @@ def test_grpo_step_on_the_vllm_backend(engine_and_model, tmp_path, monkeypatch):
     monkeypatch.setattr(rollout, "generate_vllm", generate_vllm)
     monkeypatch.setattr(rollout, "make_vllm_engine", lambda *a, **k: llm)  # one engine per process on CPU
     pushed = []
-    real_push = rollout.push_weights_to_vllm
-    monkeypatch.setattr(rollout, "push_weights_to_vllm", lambda e, m: (pushed.append(1), real_push(e, m)))
-    cfg = grpo.Config(model=str(path), backend="vllm", out_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2, n=2,
+    real_push = rollout.push_weights
+    monkeypatch.setattr(rollout, "push_weights", lambda e, m, d=None: (pushed.append(1), real_push(e, m, d)))
+    cfg = grpo.Config(model=str(path), backend="vllm", out_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2, n_samples=2,
                       eval_prompts=2, eval_n=1, max_response_tokens=48, max_turns=3)
     grpo.main(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -216,6 +216,7 @@ def main(cfg: Config) -> dict:
     models = cfg.model if isinstance(cfg.model, list) else [cfg.model]
     for m in models:  # every input is checked before anything loads or is written
         rollout.check_model_path(m)
+    rollout.check_rollout_settings(cfg)
     backend = rollout.resolve_backend(cfg.backend)
     benchmarks = load_benchmarks(cfg)
     d, device = rollout.init_processes(cfg.device)  # torchrun: the ranks share the problems out

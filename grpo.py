@@ -257,7 +257,7 @@ def check_inputs(cfg, start: str):
     for path in ([] if cfg.eval_data == "toy" else cfg.eval_data.split(",")):
         rollout.load_rows(path.strip())
     rollout.check_model_path(start)
-    rollout.resolve_backend(cfg.backend)
+    rollout.check_rollout_settings(cfg)
 
 
 # -----------------------------------------------------------------------------

@@ -108,8 +108,12 @@ class RolloutConfig:
     max_prompt_tokens: int = arg(512, "prompts longer than this, measured with the chat template, are dropped "
                                       "(reference 2560 in training, 4096 in evaluation)")
     max_tool_calls_per_turn: int = arg(1, "tool calls executed per assistant turn (reference 1: the first)")
+    tool_junction: str = arg("template", "the ids between a turn's <|im_end|> and the next tool response: template "
+                                          "(the chat template's newline, as SFT data has it) | reference (none)")
     # the tool
-    tool_timeout: float = arg(60.0, "seconds per tool call (reference 60)")
+    sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) | cold (a new one per call)")
+    sandbox_url: str = arg("", "a SandboxFusion server for tool calls and code tests, instead of the local sandbox")
+    tool_timeout: float = arg(60.0, "seconds per tool call, also the cap on a call's own `timeout` (reference 60)")
     tool_memory_mb: int = arg(2048, "memory per tool call in MB (reference 2048)")
     max_tool_response_chars: int = arg(256, "tool output shown to the model, cut around the middle (reference 256)")
     autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression "
@@ -117,9 +121,23 @@ class RolloutConfig:
     dedupe_tool_calls: bool = arg(True, "run identical tool calls of one turn batch once (exact for deterministic code)")
     tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently ('no stdout here'), a toy option")
     # the reward
+    code_scoring: str = arg("fixed", "code problems: fixed | reference (the authors' </think> split, newline "
+                                     "unescaping and object-tests bugs; README, deviations)")
     tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) | turns (+0.1 per tool round) | none")
     overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
     overlong_penalty: float = arg(1.0, "DAPO overlong penalty factor (reference 1.0)")
+
+
+CHOICES = {"backend": ("auto", "hf", "vllm"), "autoprint": ("reference", "expression"),
+           "tool_junction": ("template", "reference"), "sandbox": ("warm", "cold"),
+           "code_scoring": ("fixed", "reference"), "tool_shaping": ("reference", "turns", "none")}
+
+
+def check_rollout_settings(cfg):
+    """A setting with a fixed set of values, given another one, stops the run before anything starts."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} must be one of {' | '.join(allowed)}, not {getattr(cfg, name)!r}")
 
 
 def rollout_settings(cfg, **changes) -> RolloutConfig:
@@ -148,11 +166,12 @@ def _maybe_json(x):
 def wrap_prompt(row: dict) -> tuple[str, str, object]:
     """One data row -> (user prompt text, data_source, ground truth), wrapped as the reference does.
 
-    The wrapper is picked per row (README, deviations: first-row dispatch). Accepted layouts: the RL schema
-    (prompt / data_source / reward_model), and the eval files (AIME2024: Problem/Answer, AIME2025:
-    problem/answer, GPQA: problem/solution/domain, LiveCodeBench: problem + reward_model as a JSON string).
+    The wrapper follows the row's data_source, as recipe/demystify/reward.py chooses it (per row here, not from
+    the file's first row: README, deviations); the columns decide only where data_source is missing. Layouts:
+    the RL schema (prompt / data_source / reward_model), AIME (Problem/Answer or problem/answer), GPQA
+    (problem/solution/domain), LiveCodeBench (problem + reward_model as a JSON string).
     """
-    source = str(row.get("data_source", ""))
+    source = str(row.get("data_source") or "")
     reward_model = _maybe_json(row.get("reward_model")) or {}
     if "prompt" in row:  # RL schema: a chat list with one user message
         prompt = _maybe_json(row["prompt"])
@@ -162,24 +181,27 @@ def wrap_prompt(row: dict) -> tuple[str, str, object]:
             return stored, source, truth
         if source in ("math_dapo", "mega-science"):
             return stored + NOUNITS_A, source, truth
-        if "code" in source.lower():
+        if "code" in source:
             return stored + AGENT + CODE_SUFFIX, source, truth
         return MATH1 + stored + MATH2 + AGENT + ANSFMT + NOUNITS_B, source, truth
-    if "Problem" in row and "Answer" in row:  # AIME 2024 layout
-        return MATH1 + row["Problem"] + MATH2 + AGENT + ANSFMT, source or "AIME2024", str(row["Answer"])
-    if "problem" in row and "answer" in row:  # AIME 2025 layout
-        return MATH1 + row["problem"] + MATH2 + AGENT + ANSFMT, source or "AIME2025", str(row["answer"])
-    if "problem" in row and "solution" in row and "domain" in row:  # GPQA-Diamond
+    columns = set(row)
+    if source in ("AIME2024", "AIME2025") or (not source and ({"Problem", "Answer"} <= columns or
+                                                               {"problem", "answer"} <= columns)):
+        problem, answer = (row["Problem"], row["Answer"]) if "Problem" in row else (row["problem"], row["answer"])
+        return MATH1 + problem + MATH2 + AGENT + ANSFMT, source or "AIME", str(answer)
+    if source == "gpqa_diamond" or (not source and {"problem", "solution", "domain"} <= columns):
         text = (f"Analyze and solve the following {row['domain']} problem step by step. \n\n" + row["problem"]
                 + MATH2 + AGENT + ANSFMT + "\n Here you need to put the final uppercase letter option of this problem into \\boxed{}")
         return text, source or "gpqa_diamond", str(row["solution"])
-    if "problem" in row and reward_model:  # LiveCodeBench v6: the "examples" are the scoring tests
+    if source == "LiveCodeBench_v6" or (not source and "problem" in row and reward_model):
+        # the "examples" are the scoring tests, as in the authors' prompt (README, deviations)
         truth = _maybe_json(reward_model["ground_truth"])
-        examples = "\nHere are some input and output examples of the expected code:\nInput:" + str(truth["inputs"]) + "\nOutput:\n" + str(truth["outputs"])
+        examples = ("\nHere are some input and output examples of the expected code:\nInput:" + str(truth["inputs"])
+                    + "\nOutput:\n" + str(truth["outputs"]))
         return LCB_START + row["problem"] + examples + AGENT + LCB_CODEP + CODE_SUFFIX, source or "LiveCodeBench_v6", truth
-    raise ValueError(f"unknown row layout with columns {sorted(row)}; expected one of: "
-                     "[prompt, data_source, reward_model] (RL), [Problem, Answer] (AIME2024), [problem, answer] (AIME2025), "
-                     "[problem, solution, domain] (GPQA), [problem, reward_model] (LiveCodeBench)")
+    raise ValueError(f"data_source {source!r} with columns {sorted(row)} matches no prompt wrapper; expected one of: "
+                     "[prompt, data_source, reward_model] (RL), AIME2024/AIME2025 [Problem, Answer] or [problem, answer], "
+                     "gpqa_diamond [problem, solution, domain], LiveCodeBench_v6 [problem, reward_model]")
 
 
 def load_rows(path: str) -> list[dict]:
@@ -301,15 +323,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_model_path(name_or_path: str):
-    """Fail early, before anything is written, on a model that is neither a toy name, nor a local folder, nor a
-    Hugging Face id (namespace/name whose namespace is not a local folder). No hub access here."""
+def check_model_path(name_or_path: str, needs: str = "config.json"):
+    """Fail early, before anything is written, on a model that is neither a toy name, nor a local folder holding
+    `needs`, nor a Hugging Face id (namespace/name whose namespace is not a local folder). No hub access here."""
     if name_or_path in TOY_MODELS:
         return
     path = Path(name_or_path)
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise SystemExit(f"not a model folder (no config.json): {name_or_path}")
+        if needs and not (path / needs).exists():
+            raise SystemExit(f"not a model folder (no {needs}): {name_or_path}")
         return
     parts = name_or_path.split("/")
     looks_like_hub_id = (len(parts) == 2 and all(parts) and not name_or_path.startswith((".", "~"))
@@ -325,7 +347,7 @@ def load_tokenizer(name_or_path: str):
     """The tokenizer of a checkpoint, with `stop_token_ids`: every end-of-sequence id of the model (Qwen3's
     generation config lists <|im_end|> and <|endoftext|>), where generation stops."""
     from transformers import AutoTokenizer, GenerationConfig
-    check_model_path(name_or_path)
+    check_model_path(name_or_path, needs="")
     path = TOY_DIR / "tokenizer" if name_or_path in TOY_MODELS else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -488,15 +510,15 @@ def generate(engine, contexts, max_new_tokens, cfg: RolloutConfig, stop_ids, pad
 
 
 def resolve_backend(backend: str) -> str:
+    """auto: vLLM on a GPU when it is installed, Hugging Face generate otherwise (and always on a CPU)."""
     if backend not in ("auto", "hf", "vllm"):
         raise SystemExit(f"--backend must be auto, hf or vllm, not {backend!r}")
     if backend != "auto":
         return backend
-    try:
-        import vllm  # noqa: F401
-        return "vllm" if torch.cuda.is_available() else "hf"
-    except ImportError:
+    if not torch.cuda.is_available():
         return "hf"
+    import importlib.util
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 # -----------------------------------------------------------------------------
@@ -510,14 +532,17 @@ def render_prompt_ids(tokenizer, prompt: str, tools_schema: list[dict] | None = 
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def render_tool_response_ids(tokenizer, outputs: list[str]) -> list[int]:
+def render_tool_response_ids(tokenizer, outputs: list[str], junction: str = "template") -> list[int]:
     """Tool outputs as the chat template renders `tool` messages, plus the next generation prompt.
 
-    "\\n" first: the newline that follows the assistant's <|im_end|> in the template (see docstring).
+    With junction="template", "\\n" first: the newline that follows the assistant's <|im_end|> in the chat
+    template, so a rollout has the template's ids (and SFT's). "reference" leaves it out, as the authors'
+    agent loop does (tool_agent_loop.py renders the tool message alone): every turn after the first then
+    starts after "<|im_end|><|im_start|>user", a junction the first turn never sees (README, deviations).
     """
     text = tokenizer.apply_chat_template([{"role": "tool", "content": o} for o in outputs],
                                          tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode("\n" + text, add_special_tokens=False)
+    return tokenizer.encode(("\n" if junction == "template" else "") + text, add_special_tokens=False)
 
 
 @dataclass
@@ -597,7 +622,8 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
                 _finish(t, "answer", cfg)
                 continue
             calls = calls[:cfg.max_tool_calls_per_turn]
-            turn["tool_call"] = calls[0]["arguments"].get("code") if calls[0]["name"] == tools.TOOL_NAME else calls[0]
+            first = calls[0]
+            turn["tool_call"] = first["arguments"].get("code") if isinstance(first["arguments"], dict) else first
             pending.append((t, calls))
         # the tool calls of this turn, all trajectories at once, in parallel
         flat = [c for _, calls in pending for c in calls]
@@ -618,7 +644,7 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
             counts["tool_errors"] += int(failed)
             t.turns[-1].update(tool_status="error" if failed else "ok", tool_output_chars=sum(map(len, texts)),
                                tool_output_truncated="...(truncated)..." in "".join(texts))
-            segment = render_tool_response_ids(tokenizer, texts)
+            segment = render_tool_response_ids(tokenizer, texts, cfg.tool_junction)
             if len(t.response_ids) + len(segment) >= cfg.max_response_tokens:
                 _finish(t, "length", cfg)  # stop *without* appending: a trajectory always ends with a model turn
                 continue
@@ -642,7 +668,8 @@ def run_calls(calls: list[dict], cfg: RolloutConfig) -> list[str]:
     unique = list(dict.fromkeys(keys)) if cfg.dedupe_tool_calls else keys
     by_key = {k: c for k, c in zip(keys, calls)}
     texts = tools.run_tool_calls([by_key[k] for k in unique], timeout=cfg.tool_timeout, memory_mb=cfg.tool_memory_mb,
-                                 autoprint=cfg.autoprint, max_output_chars=cfg.max_tool_response_chars)
+                                 autoprint=cfg.autoprint, max_output_chars=cfg.max_tool_response_chars,
+                                 sandbox=cfg.sandbox, sandbox_url=cfg.sandbox_url)
     if not cfg.dedupe_tool_calls:
         return texts
     answer = dict(zip(unique, texts))
@@ -653,7 +680,8 @@ def score_trajectory(t: Trajectory, tokenizer, cfg: RolloutConfig):
     """Reward from the decoded response (tool segments included, special tokens skipped), as the reference."""
     t.text = tokenizer.decode(t.response_ids, skip_special_tokens=True)
     result = tools.compute_score(t.data_source, t.text, t.ground_truth, {"num_turns": t.num_turns},
-                                 tool_shaping=cfg.tool_shaping)
+                                 tool_shaping=cfg.tool_shaping, code_scoring=cfg.code_scoring, sandbox=cfg.sandbox,
+                                 sandbox_url=cfg.sandbox_url)
     t.score, t.acc, t.pred = float(result["score"]), bool(result["acc"]), result["pred"] or ""
     t.reward = t.score + overlong_penalty(len(t.response_ids), cfg.max_response_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
 

@@ -14,8 +14,14 @@ the whole batch, so micro-batching does not change the loss.
 
 Train as you roll out. A conversation is rendered with the real Qwen3 chat template and cut at
 the assistant spans; each piece is tokenized on its own, exactly as rollout.py builds a rollout
-(prompt encoded once, model tokens appended, tool responses encoded as a segment). Tests check
-that the ids equal both the template's whole-text tokenization and a rollout of the same turns.
+(prompt encoded once, model tokens appended, tool responses encoded as a segment), so the ids equal
+a rollout of the same turns (tests check it, with the real Qwen3 vocabulary too). They equal the
+template's whole-text tokenization as well, except where BPE would merge across a cut: an assistant
+turn that begins with "\\n" gets "\\n", "\\n" after its header, not the template's single "\\n\\n" token,
+because in a rollout the header's newline is already in the context when the model writes its own.
+A row whose text holds a chat control token (<|im_start|>, <|im_end|>, <|endoftext|>) anywhere,
+in a tool output, a user turn or the assistant's own text, is refused and counted: the tokenizer
+reads such text as the control token itself, which would move a mask boundary.
 
 Think blocks. We render the conversation once, as the Qwen3 template
 renders the whole of it: reasoning written inside <think>...</think> is kept on the turns after the
@@ -87,7 +93,7 @@ class Config:
     out_dir: str = arg("runs/sft-student", "checkpoints, metrics.jsonl and final/ go here")
     save_every: int = arg(100, "checkpoint every N steps (atomic, keeps the latest)")
     resume: bool = arg(False, "continue from the newest complete checkpoint in out_dir")
-    eval_prompts: int = arg(64, "toy held-out prompts for the greedy accuracy at the end (0: skip)")
+    eval_prompts: int = arg(64, "toy held-out prompts for the greedy accuracy at the end (0: skip; --data toy only)")
     seed: int = arg(0, "random seed (data order, init of toy models)")
     device: str = arg("", "cpu or cuda (empty: cuda if available)")
 
@@ -97,6 +103,7 @@ class Config:
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 END = "<|im_end|>"
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], tools_schema: list[dict] | None = None) -> tuple[list[int], list[int]]:
@@ -134,6 +141,9 @@ def check_conversation(row) -> str | None:
             return f"system message at position {i} (only index 0 is allowed)"
         if m["role"] == "tool" and not saw_call:
             return f"tool message {i} with no preceding assistant tool call"
+        for token in CONTROL_TOKENS:
+            if token in str(m.get("content") or "") or token in json.dumps(m.get("tool_calls"), default=str):
+                return f"message {i} ({m['role']}) holds the control token {token} in its text"
         if m["role"] == "assistant":
             problem = check_tool_calls(m.get("tool_calls"))
             if problem:
@@ -223,8 +233,10 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 def main(cfg: Config):
     # the inputs first: nothing is written before the model and the data are known to be usable
     if cfg.data != "toy":
-        rollout.reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac",
-                                    "eval_prompts"], "with --data other than toy")
+        rollout.reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac"],
+                              "with --data other than toy")
+        if cfg.eval_prompts not in (0, Config.eval_prompts):
+            raise SystemExit("--eval_prompts is not used with --data other than toy (the held-out check is the toy's)")
     d, device = rollout.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
     tokenizer = rollout.load_tokenizer(cfg.model)
     examples = load_sft_examples(cfg, tokenizer)

@@ -127,5 +127,5 @@ def test_missing_model_path_fails_before_loading(tmp_path):
 def test_unknown_columns_are_named(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text('{"question": "x", "label": 1}\n')
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(SystemExit, match="matches no prompt wrapper"):
         evaluate.load_benchmarks(evaluate.Config(data=str(path)))

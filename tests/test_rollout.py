@@ -251,7 +251,7 @@ def test_broken_rows_are_skipped_and_counted(tmp_path, caplog):
     assert "skipped 1 malformed rows" in caplog.text
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
+    with pytest.raises(SystemExit, match="bad.jsonl:1"):
         rollout.load_prompts(str(bad))
 
 

@@ -219,6 +219,10 @@ def main(cfg: Config) -> dict:
     rollout.check_rollout_settings(cfg)
     backend = rollout.resolve_backend(cfg.backend)
     benchmarks = load_benchmarks(cfg)
+    first_tokenizer = rollout.load_tokenizer(models[0])
+    for name, prompts in benchmarks.items():  # a benchmark whose every prompt is too long stops here, not later
+        if not rollout.drop_long_prompts(prompts, first_tokenizer, cfg.max_prompt_tokens, name=name):
+            raise SystemExit(f"{name}: every problem is longer than --max_prompt_tokens {cfg.max_prompt_tokens}")
     d, device = rollout.init_processes(cfg.device)  # torchrun: the ranks share the problems out
     out_dir = Path(cfg.out_dir)
     rollout.lock_out_dir(out_dir, d)

@@ -196,7 +196,11 @@ def load_rl_prompts(cfg, tokenizer) -> list[dict]:
     """RL prompts, the over-long ones dropped (measured as the reference measures them)."""
     data = "toy:train" if cfg.data == "toy" else cfg.data
     prompts = rollout.load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed)
-    return rollout.drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=data)
+    kept = rollout.drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=data)
+    if len(kept) < cfg.prompts_per_step:
+        raise SystemExit(f"{data}: {len(kept)} of {len(prompts)} prompts fit in --max_prompt_tokens "
+                         f"{cfg.max_prompt_tokens}, fewer than --prompts_per_step {cfg.prompts_per_step}")
+    return kept
 
 
 def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -> list[dict]:
@@ -275,11 +279,12 @@ def train(cfg, start: str, advantages_fn=None, summarize_fn=None, name: str = "g
     out_dir = Path(cfg.out_dir)
     tokenizer = rollout.load_tokenizer(start)
     prompts = load_rl_prompts(cfg, tokenizer)
+    model = rollout.load_model(start, device=device, dtype=torch.float32, seed=cfg.seed)  # fp32 master weights
     rollout.lock_out_dir(out_dir, d)
     ckpt, state = rollout.start_or_resume(out_dir, cfg.resume, d, LOGS)
     rollout.seed_everything(cfg.seed)
-    model, optimizer = rollout.training_model(
-        start, ckpt, d, device, cfg.seed,
+    model, optimizer = rollout.ready_to_train(
+        model, ckpt, d, device,
         make_optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2),
                                                         weight_decay=cfg.weight_decay))
     start_step = 0

@@ -323,9 +323,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def in_hub_cache(name: str) -> bool:
+    """A Hugging Face id (namespace/name) whose files are in the local cache."""
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(repo_id=name, filename="config.json"), str)
+
+
 def check_model_path(name_or_path: str, needs: str = "config.json"):
     """Fail early, before anything is written, on a model that is neither a toy name, nor a local folder holding
-    `needs`, nor a Hugging Face id (namespace/name whose namespace is not a local folder). No hub access here."""
+    `needs`, nor a Hugging Face model in the local cache. Nothing is downloaded at run time (N ranks downloading
+    the same weights at once helps nobody): fetch a model once with `hf download <namespace/name>`."""
     if name_or_path in TOY_MODELS:
         return
     path = Path(name_or_path)
@@ -333,14 +342,16 @@ def check_model_path(name_or_path: str, needs: str = "config.json"):
         if needs and not (path / needs).exists():
             raise SystemExit(f"not a model folder (no {needs}): {name_or_path}")
         return
-    parts = name_or_path.split("/")
-    looks_like_hub_id = (len(parts) == 2 and all(parts) and not name_or_path.startswith((".", "~"))
-                         and not Path(parts[0]).exists())
-    if not looks_like_hub_id:
-        made_by = DEFAULT_CHECKPOINTS.get(name_or_path.rstrip("/"))
-        hint = (f"; it is made by: {made_by} (or all at once: python pipeline.py)" if made_by else
-                f"; the toy models are {', '.join(sorted(TOY_MODELS))}")
-        raise SystemExit(f"model path does not exist: {name_or_path}{hint}")
+    if in_hub_cache(name_or_path):
+        return
+    made_by = DEFAULT_CHECKPOINTS.get(name_or_path.rstrip("/"))
+    hint = (f"; it is made by: {made_by} (or all at once: python pipeline.py)" if made_by else
+            f"; if it is a Hugging Face model, download it first: hf download {name_or_path}"
+            if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+            and not Path(name_or_path.split("/")[0]).is_dir() else
+            f"; the toy models are {', '.join(sorted(TOY_MODELS))}")
+    raise SystemExit(f"model path does not exist: {name_or_path} (not a local folder, nor a Hugging Face model in "
+                     f"the local cache){hint}")
 
 
 def load_tokenizer(name_or_path: str):
@@ -350,14 +361,14 @@ def load_tokenizer(name_or_path: str):
     check_model_path(name_or_path, needs="")
     path = TOY_DIR / "tokenizer" if name_or_path in TOY_MODELS else name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise SystemExit(f"could not load a tokenizer from {name_or_path!r}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     stop = [tokenizer.eos_token_id]
     try:
-        eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
+        eos = GenerationConfig.from_pretrained(str(path), local_files_only=True).eos_token_id
         stop += [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None and i not in stop]
     except OSError:
         pass  # no generation_config.json: the tokenizer's eos alone
@@ -384,7 +395,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
         model.generation_config.pad_token_id = config.pad_token_id
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, local_files_only=True)
         except Exception as e:  # a truncated safetensors file, a missing shard, a hub error: name what was read
             files = sorted(p.name for p in Path(name_or_path).glob("*.safetensors")) if Path(name_or_path).is_dir() else []
             where = f"{name_or_path}/{files[0]}" if len(files) == 1 else name_or_path
@@ -1015,9 +1026,12 @@ def _save_hf(path: Path, model, tokenizer, state_dict: dict):
     tokenizer.save_pretrained(path)
 
 
-def _no_space(e: OSError, where: Path, intact: str):
+def _no_space(e: Exception, where: Path, intact: str):
+    """A full disk, also when a library wraps the OSError in its own exception, stops the run saying so."""
     import errno
-    if e.errno == errno.ENOSPC:
+    wrapped = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]  # per rank
+    causes = [e, *wrapped, e.__cause__, e.__context__]
+    if any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in causes):
         raise SystemExit(f"no space left on the device while writing {where}; {intact}") from None
     raise e
 
@@ -1041,11 +1055,9 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def training_model(start: str, ckpt: Path | None, d: Dist, device: str, seed: int, make_optimizer,
-                   grad_checkpointing: bool = False):
-    """(model, optimizer) to train: fp32 master weights from `start`, sharded over the ranks, and, when resuming,
-    the model and optimizer state of checkpoint `ckpt` (saved by any number of ranks)."""
-    model = load_model(start, device=device, dtype=torch.float32, seed=seed)
+def ready_to_train(model, ckpt: Path | None, d: Dist, device: str, make_optimizer, grad_checkpointing: bool = False):
+    """(model, optimizer) to train: the model (fp32 master weights) sharded over the ranks, its optimizer, and, when
+    resuming, the model and optimizer state of checkpoint `ckpt` (saved by any number of ranks)."""
     if grad_checkpointing:
         model.gradient_checkpointing_enable()
     model = shard(model, d, device).train()
@@ -1085,7 +1097,7 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, d: Di
             os.replace(pointer, out_dir / "latest")
             for old in checkpoints(out_dir)[:-1]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except BaseException as e:  # torch.distributed.checkpoint wraps a full disk in a CheckpointException (a BaseException)
         _no_space(e, tmp, intact)
     barrier(d)
 

@@ -245,12 +245,14 @@ def main(cfg: Config):
     n_tokens = sum(sum(m) for _, m in examples)
     log.info("%d examples, %d trained tokens, %d steps", len(examples), n_tokens, total_steps)
 
+    model = rollout.load_model(cfg.model, device=device, dtype=torch.float32, seed=cfg.seed)  # fp32 master weights
+
     out_dir = Path(cfg.out_dir)
     rollout.lock_out_dir(out_dir, d)
     ckpt, state = rollout.start_or_resume(out_dir, cfg.resume, d, ["metrics.jsonl"])
     rollout.seed_everything(cfg.seed)
-    model, optimizer = rollout.training_model(
-        cfg.model, ckpt, d, device, cfg.seed, grad_checkpointing=cfg.grad_checkpointing,
+    model, optimizer = rollout.ready_to_train(
+        model, ckpt, d, device, grad_checkpointing=cfg.grad_checkpointing,
         make_optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                                         weight_decay=cfg.weight_decay))
     warmup = int(cfg.warmup_frac * total_steps)

@@ -3,12 +3,16 @@
   - sampling that does not depend on the batch or the rank: each context is decoded alone, seeded by its own
     token ids (and by how many identical contexts came before it in the call, so the n samples of a prompt
     differ). One process and two ranks then roll out the same global batch;
-  - SOD_STOP_AFTER_SAVE=k stops the run right after its checkpoint of step k is saved, on every rank.
+  - SOD_STOP_AFTER_SAVE=k stops the run right after its checkpoint of step k is saved, on every rank;
+  - SOD_KILL_AT_FILE_OP=n SIGKILLs the process at the n-th file operation (1-based) of its checkpoint saves:
+    every os.replace, rmtree, mkdir, unlink, file write, torch.save, distributed-checkpoint or Hugging Face
+    save that rollout.save_checkpoint makes (SOD_KILL_SCOPE=all: also those the libraries make inside them).
 
     python tests/stage_driver.py grpo --model ... --out_dir ...
     torchrun --nproc_per_node=2 tests/stage_driver.py grpo --model ... --out_dir ...
 """
 import os
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -49,6 +53,52 @@ def save_then_maybe_stop(out_dir, step, *args, **kwargs):
 
 
 rollout.save_checkpoint = save_then_maybe_stop
+
+kill_at = int(os.environ.get("SOD_KILL_AT_FILE_OP", "0"))  # -1: count the operations, kill nowhere
+save_log = os.environ.get("SOD_SAVE_LOG")                   # "step first_op last_op" per completed save
+file_ops = {"n": 0, "saving": False}
+
+
+every_op = os.environ.get("SOD_KILL_SCOPE") == "all"
+
+
+def counted(fn):
+    """fn, with a SIGKILL of this process just before its kill_at-th call inside a checkpoint save."""
+    def wrapper(*args, **kwargs):
+        if file_ops["saving"] and (every_op or sys._getframe(1).f_code.co_filename.endswith("rollout.py")):
+            file_ops["n"] += 1
+            if file_ops["n"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+if kill_at:
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    os.replace = counted(os.replace)
+    shutil.rmtree = counted(shutil.rmtree)
+    Path.mkdir = counted(Path.mkdir)
+    Path.write_text = counted(Path.write_text)
+    Path.unlink = counted(Path.unlink)
+    torch.save = counted(torch.save)
+    dcp.save = counted(dcp.save)
+    rollout._save_hf = counted(rollout._save_hf)
+    inner_save = rollout.save_checkpoint
+
+    def save_counting_file_ops(out_dir, step, *args, **kwargs):
+        first = file_ops["n"] + 1
+        file_ops["saving"] = True
+        try:
+            inner_save(out_dir, step, *args, **kwargs)
+        finally:
+            file_ops["saving"] = False
+        if save_log:
+            with open(save_log, "a") as f:
+                f.write(f"{step} {first} {file_ops['n']}\n")
+
+    rollout.save_checkpoint = save_counting_file_ops
 
 if __name__ == "__main__":
     stage = sys.argv.pop(1)

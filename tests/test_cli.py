@@ -1,0 +1,110 @@
+"""What a newcomer meets first: --help, boolean flags, paths that do not exist, Ctrl-C, a pipeline that knows
+what it may reuse."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import rollout
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = ["sft.py", "grpo.py", "sod_distill.py", "evaluate.py", "pipeline.py", "rollout.py"]
+
+
+def run(*args, check=True, timeout=600):
+    out = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if check:
+        assert out.returncode == 0, f"{args}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_a_help_that_works(script):
+    out = run(script, "--help")
+    assert "usage:" in out.stdout and "(default: )" not in out.stdout
+
+
+def test_boolean_flags_work_bare_negated_or_with_a_value():
+    from dataclasses import dataclass
+
+    from rollout import arg, parse_args
+
+    @dataclass
+    class Flags:
+        resume: bool = arg(False, "resume")
+        quick: bool = arg(True, "quick")
+    assert parse_args(Flags, ["--resume"]) == Flags(resume=True)
+    assert parse_args(Flags, ["--no-quick"]) == Flags(quick=False)
+    assert parse_args(Flags, ["--resume", "false", "--quick", "yes"]) == Flags(resume=False, quick=True)
+    for bad in ("ture", "2", ""):
+        with pytest.raises(SystemExit):
+            parse_args(Flags, ["--resume", bad])
+
+
+def test_an_invalid_boolean_exits_naming_the_flag():
+    out = run("grpo.py", "--resume", "ture", check=False)
+    assert out.returncode != 0 and "--resume" in out.stderr and "'ture'" in out.stderr
+
+
+@pytest.mark.parametrize("path", ["runs/does-not-exist", "does-not-exist", "./nope", "/tmp/sod-no-such/final",
+                                  "runs/sft-teacher/final-nope", "a/b/c"])
+def test_a_missing_model_path_of_any_shape_does_not_exist_and_nothing_is_written(tmp_path, path):
+    out_dir = tmp_path / "eval"
+    out_dir.mkdir()
+    (out_dir / "generations.jsonl").write_text("earlier results\n")
+    result = run("evaluate.py", "--model", path, "--out_dir", out_dir, check=False)
+    assert result.returncode != 0 and "does not exist" in result.stderr
+    assert (out_dir / "generations.jsonl").read_text() == "earlier results\n"
+    result = run("grpo.py", "--model", path, "--out_dir", tmp_path / "grpo", check=False)
+    assert result.returncode != 0 and "does not exist" in result.stderr and not (tmp_path / "grpo").exists()
+
+
+def test_a_missing_default_checkpoint_says_which_command_makes_it():
+    with pytest.raises(SystemExit, match=r"runs/grpo-teacher/final.*python grpo.py"):
+        rollout.check_model_path("runs/grpo-teacher/final")
+
+
+def test_ctrl_c_stops_with_one_line_and_leaves_no_sandbox_behind(tmp_path):
+    args = ["sft.py", "--toy_examples", "200", "--max_steps", "400", "--eval_prompts", "0", "--batch_size", "8",
+            "--out_dir", str(tmp_path / "run")]
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    assert "interrupted at step" in stderr and "resume with: python sft.py" in stderr and "--resume" in stderr
+
+
+# -----------------------------------------------------------------------------
+# the pipeline reuses only what the same settings, inputs and code made
+
+def stage_lines(stdout: str) -> dict:
+    """{stage: what happened} from the pipeline's own '=== name: ...' lines."""
+    lines = [line[4:] for line in stdout.splitlines() if line.startswith("=== ") and ": " in line]
+    return {name: what for name, what in (line.split(": ", 1) for line in lines)}
+
+
+def test_the_pipeline_reruns_exactly_what_a_changed_flag_affects(tmp_path):
+    first = run("pipeline.py", "--quick", "--out_root", tmp_path)
+    assert "these numbers mean nothing" in first.stdout
+    again = stage_lines(run("pipeline.py", "--quick", "--out_root", tmp_path).stdout)
+    assert again and all(what.startswith("reused") for what in again.values()), again
+    changed = run("pipeline.py", "--quick", "--out_root", tmp_path, "--rl_steps", 1).stdout
+    what = stage_lines(changed)
+    assert what["sft teacher"].startswith("reused") and what["sft student"].startswith("reused")
+    for name in ("grpo teacher", "grpo student (seed 0)", "opd student (seed 0)", "sod student (seed 0)"):
+        assert "running again, settings changed (steps: 2 -> 1)" in changed or "its inputs changed" in changed
+        assert not what[name].startswith("reused"), (name, what[name])
+    record = json.loads((tmp_path / "grpo-teacher" / "pipeline_stage.json").read_text())
+    assert record["settings"]["steps"] == 1 and record["code_version"] == rollout.code_version()

@@ -576,6 +576,15 @@ def _sweep_stale_folders():
                 pass  # alive, another user's
 
 
+def _scratch_file():
+    """An anonymous in-memory file (memfd) for a call's code, stdin, stdout or stderr: no filesystem involved, gone
+    when closed; RLIMIT_FSIZE caps what the program can write to it. A temporary file where memfd is missing."""
+    try:
+        return os.fdopen(os.memfd_create("sod_sandbox", os.MFD_CLOEXEC), "w+b")
+    except (AttributeError, OSError):
+        return tempfile.TemporaryFile()
+
+
 def _read_capped(f, max_bytes):
     f.seek(0)
     return f.read(max_bytes).decode("utf-8", errors="replace")
@@ -690,17 +699,33 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 sock = socket.socket(fileno=int(sys.argv[1]))
 uid = int(sys.argv[2])
 
-def child(request, fds):
-    stdin, stdout, stderr, code_fd = fds
-    for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
-        os.dup2(fd, target)
-    code = os.read(code_fd, 1 << 30)
+def prepare():
+    # The next call's process, forked ahead of its request: it enters a mount and IPC namespace of its own with
+    # fresh tmpfs /tmp and /dev/shm (as root), then waits on `channel` for the request and its descriptors.
+    host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid:
+        child_end.close()
+        return pid, host_end
+    sock.close()
+    host_end.close()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if libc.unshare(CLONE_NEWNS | CLONE_NEWIPC) != 0 or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         os._exit(111)
     for path, size in ((b"/tmp", b"size=64m,mode=1777"), (b"/dev/shm", b"size=16m,mode=1777")):
         if os.path.isdir(path) and libc.mount(b"tmpfs", path, b"tmpfs", 0, size) != 0:
             os._exit(111)
     os.chdir("/tmp")
+    message, fds, _, _ = socket.recv_fds(child_end, 1 << 16, 4)
+    if not message:
+        os._exit(0)
+    run(json.loads(message), fds)
+
+def run(request, fds):
+    stdin, stdout, stderr, code_fd = fds
+    for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
+        os.dup2(fd, target)
+    code = os.pread(code_fd, 1 << 30, 0)
     with open("main.py", "wb") as f:
         f.write(code)
     for res, soft, hard in request["rlimits"]:
@@ -712,7 +737,8 @@ def child(request, fds):
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setresuid, which clears it
     libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # setresuid cleared it too: /proc/self is the process's own again,
                                              # as after the exec of the cold path (core dumps stay off: RLIMIT_CORE 0)
-    os.closerange(3, 1 << 16)
+    if libc.close_range(3, 0xFFFFFFFF, 0) != 0:  # every inherited descriptor, in one system call
+        os.closerange(3, 1 << 16)
     os.environ.clear()
     os.environ.update(request["env"])
     main = types.ModuleType("__main__")
@@ -735,9 +761,9 @@ def child(request, fds):
     finish(status, main)
 
 def finish(status, main):
-    """The interpreter's own exit, without tearing down every object: in a forked child that teardown copies each
-    page it touches and costs ~10 ms. Threads are joined, atexit handlers run, the program's own globals are
-    released (so its objects' finalizers run and its files are flushed), then stdout and stderr are flushed."""
+    # The interpreter's own exit, without tearing down every object: in a forked child that teardown copies each
+    # page it touches and costs ~10 ms. Threads are joined, atexit handlers run, the program's own globals are
+    # released (so its objects' finalizers run and its files are flushed), then stdout and stderr are flushed.
     if "threading" in sys.modules:
         sys.modules["threading"]._shutdown()
     atexit._run_exitfuncs()
@@ -750,7 +776,7 @@ def finish(status, main):
     os._exit(status & 0xFF)
 
 def reap(pid):
-    """Kill every process of the namespace but this one, reap them all; the wait status of `pid`."""
+    # Kill every process of the namespace but this one and reap them all; the wait status of `pid`.
     status = None
     while True:
         try:
@@ -766,6 +792,7 @@ def reap(pid):
 
 import gc
 gc.freeze()  # objects of the zygote are never collected: a collection in a child would copy every page it scans
+next_call = prepare()
 sock.send(b"ready")
 while True:
     try:
@@ -775,12 +802,14 @@ while True:
     if not message:
         break  # the host is gone
     request = json.loads(message)
-    pid = os.fork()
-    if pid == 0:
-        sock.close()
-        child(request, fds)
+    pid, channel = next_call
+    try:
+        socket.send_fds(channel, [message], fds)
+    except OSError:
+        pass  # the prepared process died: the call reports it as a sandbox failure below
     for fd in fds:
         os.close(fd)
+    channel.close()
     pidfd = os.pidfd_open(pid)
     ready, _, _ = select.select([pidfd, sock], [], [], request["timeout"])
     os.close(pidfd)
@@ -790,6 +819,7 @@ while True:
     timed_out = not ready
     returncode = None if timed_out or status is None else os.waitstatus_to_exitcode(status)
     sock.send(json.dumps({"status": "timeout" if timed_out else "finished", "returncode": returncode}).encode())
+    next_call = prepare()  # while the host reads this answer
 reap(-1)
 '''
 
@@ -824,7 +854,7 @@ class _Worker:
             raise OSError(f"the warm sandbox did not start: {self.proc.stderr.read().decode()[-300:]}")
 
     def run(self, code: str, stdin_file, out, err, timeout: float, memory_mb: int) -> dict:
-        with tempfile.TemporaryFile() as code_file:
+        with _scratch_file() as code_file:
             code_file.write(code.encode("utf-8", errors="surrogatepass"))
             code_file.seek(0)
             request = {"timeout": timeout, "rlimits": [(res, *values) for res, values in _rlimits(timeout, memory_mb)],
@@ -940,8 +970,7 @@ def _probe_isolation():
     expected = {sys.executable: f"{sys.version}\n{sys.prefix}\n"}
     for level in levels:
         for python in pythons:
-            with tempfile.TemporaryFile() as stdin_file, tempfile.TemporaryFile() as out, \
-                    tempfile.TemporaryFile() as err:
+            with _scratch_file() as stdin_file, _scratch_file() as out, _scratch_file() as err:
                 result = _run_cold(probe, stdin_file, out, err, 10.0, 1024, level, python)
                 stdout = _read_capped(out, 4096)
             if _exited_cleanly(result) and stdout == expected.get(python, stdout):
@@ -980,7 +1009,7 @@ def run_python(code: str, stdin: str = "", timeout: float = 60.0, memory_mb: int
     if sandbox not in ("warm", "cold"):
         raise ValueError(f"sandbox must be warm or cold, not {sandbox!r}")
     level, python = sandbox_isolation()
-    with tempfile.TemporaryFile() as stdin_file, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with _scratch_file() as stdin_file, _scratch_file() as out, _scratch_file() as err:
         stdin_file.write(stdin.encode("utf-8", errors="surrogatepass"))
         stdin_file.seek(0)
         pool = _warm_workers() if sandbox == "warm" and _warm_can_run(code) else None

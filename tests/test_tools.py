@@ -596,13 +596,17 @@ def test_warm_calls_are_at_least_five_times_cheaper_than_cold_ones():
     for sandbox in ("warm", "cold"):
         tools.execute_code(code, sandbox=sandbox)
         start = time.perf_counter()
-        for _ in range(20):
+        for _ in range(20):  # one after another
             assert tools.execute_code(code, sandbox=sandbox) == "1482\n"
         alone = (time.perf_counter() - start) / 20
         calls = [{"name": tools.TOOL_NAME, "arguments": {"code": f"print(57 * {i})"}} for i in range(64)]
-        start = time.perf_counter()
-        assert tools.run_tool_calls(calls, sandbox=sandbox) == [f"{57 * i}\n" for i in range(64)]
-        figures[sandbox] = (alone, time.perf_counter() - start)
+        tools.run_tool_calls(calls, sandbox=sandbox)  # the warm pool starts its workers on the first burst
+        at_once = float("inf")
+        for _ in range(3):  # best of three bursts
+            start = time.perf_counter()
+            assert tools.run_tool_calls(calls, sandbox=sandbox) == [f"{57 * i}\n" for i in range(64)]
+            at_once = min(at_once, time.perf_counter() - start)
+        figures[sandbox] = (alone, at_once)
     (warm_alone, warm_64), (cold_alone, cold_64) = figures["warm"], figures["cold"]
     print(f"per call alone: warm {warm_alone * 1e3:.1f} ms, cold {cold_alone * 1e3:.1f} ms "
           f"({cold_alone / warm_alone:.1f}x); 64 at once: warm {warm_64:.2f} s, cold {cold_64:.2f} s "

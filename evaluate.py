@@ -48,7 +48,8 @@ MAJ_EXACT_LIMIT = 20_000
 class Config(rollout.RolloutConfig):
     """Evaluate models with the tool loop: avg@n, pass@k, maj@k, and the reference's bootstrap best@k."""
     model: list = arg(["runs/sft-student/final"], "one or more models (paths, HF names, toy-student/toy-teacher)")
-    data: str = arg("toy", "'toy' (held-out toy split) or comma-separated .parquet/.jsonl eval files")
+    data: str = arg("toy", "'toy' (the toy test split), 'toy:valid', or comma-separated .parquet/.jsonl eval files")
+    toy_steps: str = arg("2-4", "toy problems need this many dependent tool calls (from 1 to 8)")
     num_prompts: int = arg(64, "problems per data file (0: all)")
     n_samples: int = arg(4, "samples per problem, n (reference 32)")
     # rollout.RolloutConfig fields whose evaluation default differs from training's
@@ -147,8 +148,9 @@ def problem_metrics(samples_by_problem: dict) -> dict:
 
 def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
     """{benchmark name: prompts}. The toy split, or one benchmark per file (named by its data_source)."""
-    if cfg.data == "toy":
-        return {"toy": rollout.load_prompts("toy:eval", cfg.num_prompts or 256)}
+    if cfg.data.startswith("toy"):
+        split = "eval" if cfg.data == "toy" else cfg.data.split(":")[1]
+        return {"toy": rollout.load_prompts(f"toy:{split}", cfg.num_prompts or 256, toy_steps=cfg.toy_steps)}
     benchmarks = {}
     for path in cfg.data.split(","):
         prompts = rollout.load_prompts(path.strip(), cfg.num_prompts or None)
@@ -195,9 +197,9 @@ def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, d=None, ge
     return results
 
 
-def greedy_accuracy(model, tokenizer, data: str = "toy:eval", num_prompts: int = 64) -> float:
-    """Held-out accuracy with greedy decoding, one sample per problem (used at the end of sft.py / grpo.py)."""
-    prompts = rollout.load_prompts(data, num_prompts)
+def greedy_accuracy(model, tokenizer, data: str = "toy:valid", num_prompts: int = 64, toy_steps: str = "2-4") -> float:
+    """Accuracy with greedy decoding, one sample per problem (sft.py's check at the end, on the validation split)."""
+    prompts = rollout.load_prompts(data, num_prompts, toy_steps=toy_steps)
     trajs = rollout.rollout(model, tokenizer, prompts, 1, rollout.RolloutConfig(temperature=0.0))
     return sum(t.acc for t in trajs) / len(trajs)
 

@@ -58,6 +58,7 @@ class Config(rollout.RolloutConfig):
     model: str = arg("runs/sft-teacher/final", "starting checkpoint (the SFT model)")
     data: str = arg("toy", "'toy' or an RL .parquet/.jsonl (prompt, data_source, reward_model)")
     toy_prompts: int = arg(2048, "size of the generated toy RL set (with --data toy)")
+    toy_steps: str = arg("2-4", "toy problems need this many dependent tool calls (from 1 to 8)")
     # RL
     steps: int = arg(30, "RL steps (reference: one epoch of 30K prompts / 64 = ~470)")
     prompts_per_step: int = arg(16, "prompts per step (reference 64)")
@@ -79,7 +80,8 @@ class Config(rollout.RolloutConfig):
     out_dir: str = arg("runs/grpo-teacher", "checkpoints, metrics.jsonl, trajectories.jsonl, final/")
     eval_every: int = arg(10, "held-out evaluation every N steps (0: only at the end)")
     eval_before_train: bool = arg(True, "evaluate the starting checkpoint first, logged as step 0 (verl's val_before_train)")
-    eval_data: str = arg("toy", "held-out data: 'toy' or comma-separated eval files")
+    eval_data: str = arg("toy:valid", "data of the evaluations during training: 'toy:valid' (the toy validation "
+                                      "split), 'toy' (its test split) or comma-separated eval files")
     eval_prompts: int = arg(64, "held-out problems per evaluation")
     eval_n: int = arg(4, "samples per held-out problem")
     save_every: int = arg(10, "checkpoint every N steps")
@@ -195,7 +197,8 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logp
 def load_rl_prompts(cfg, tokenizer) -> list[dict]:
     """RL prompts, the over-long ones dropped (measured as the reference measures them)."""
     data = "toy:train" if cfg.data == "toy" else cfg.data
-    prompts = rollout.load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed)
+    prompts = rollout.load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed,
+                                   toy_steps=cfg.toy_steps)
     kept = rollout.drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=data)
     if len(kept) < cfg.prompts_per_step:
         raise SystemExit(f"{data}: {len(kept)} of {len(prompts)} prompts fit in --max_prompt_tokens "
@@ -236,7 +239,7 @@ def held_out_eval(model, tokenizer, cfg, engine, d) -> dict:
     (T = 1.0, top_p = 0.6). Generation goes through the rollout engine (vLLM holds the pushed weights)."""
     settings = rollout.rollout_settings(cfg, temperature=evaluate.Config.temperature, top_p=evaluate.Config.top_p)
     eval_cfg = evaluate.Config(**asdict(settings), data=cfg.eval_data, num_prompts=cfg.eval_prompts, n_samples=cfg.eval_n,
-                               seed=1234)
+                               toy_steps=cfg.toy_steps, seed=1234)
     model.eval()
     results = evaluate.evaluate_engine(engine, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg, d)
     model.train()
@@ -256,9 +259,9 @@ def report_start_and_end(metrics_path: Path, name: str) -> None:
 def check_inputs(cfg, start: str):
     """Everything a run reads, checked before anything is written."""
     if cfg.data != "toy":
-        rollout.reject_unused(cfg, ["toy_prompts"], "with --data other than toy")
+        rollout.reject_unused(cfg, ["toy_prompts", "toy_steps"], "with --data other than toy")
         rollout.load_rows(cfg.data)
-    for path in ([] if cfg.eval_data == "toy" else cfg.eval_data.split(",")):
+    for path in ([] if cfg.eval_data.startswith("toy") else cfg.eval_data.split(",")):
         rollout.load_rows(path.strip())
     rollout.check_model_path(start)
     rollout.check_rollout_settings(cfg)

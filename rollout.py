@@ -254,13 +254,24 @@ def _to_plain(x):
 KNOWN_SOURCES = {"toy_arith", "math_dapo", "mega-science", "AIME2024", "AIME2025", "gpqa_diamond"}  # plus any "code"
 
 
-def load_prompts(path: str, n: int | None = None, seed: int = 0) -> list[dict]:
-    """RL / eval prompts as {"prompt", "data_source", "ground_truth", "hint", "id"}; "toy[:split]" builds a toy split.
-    Malformed rows are skipped and counted; rows of a data_source no grader knows are counted and graded as math."""
+def toy_steps_range(text: str) -> tuple[int, int]:
+    """"2-4" -> (2, 4): how many dependent tool calls a toy problem needs."""
+    try:
+        low, high = (int(x) for x in text.split("-"))
+        assert 1 <= low <= high <= 8
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--toy_steps must be like 2-4 (from 1 to 8 dependent calls), not {text!r}") from None
+    return low, high
+
+
+def load_prompts(path: str, n: int | None = None, seed: int = 0, toy_steps: str = "2-4") -> list[dict]:
+    """RL / eval prompts as {"prompt", "data_source", "ground_truth", "hint", "id"}; "toy[:split]" builds a toy split
+    (train, eval, valid) of problems needing `toy_steps` dependent calls. Malformed rows are skipped and counted;
+    rows of a data_source no grader knows are counted and graded as math."""
     if path.startswith("toy"):
         from toy import task
         split = path.split(":")[1] if ":" in path else "train"
-        rows = task.rl_rows(n or 256, split=split, seed=seed)
+        rows = task.rl_rows(n or 256, split=split, seed=seed, steps=toy_steps_range(toy_steps))
     else:
         rows = load_rows(path)
     out, bad, unknown = [], Counter(), Counter()
@@ -1182,7 +1193,7 @@ def run_script(main, cls):
 class Args(RolloutConfig):
     """Roll out a model on toy or real prompts with the tool loop, and time it."""
     model: str = arg("toy-student", "local path, Hugging Face name, or toy-student / toy-teacher")
-    data: str = arg("toy:eval", "'toy[:split]' or a .jsonl/.parquet file")
+    data: str = arg("toy:eval", "'toy[:split]' (train, eval, valid) or a .jsonl/.parquet file")
     num_prompts: int = arg(8, "prompts to roll out")
     n_samples: int = arg(4, "samples per prompt")
     seed: int = arg(0, "random seed")

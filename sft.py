@@ -75,6 +75,7 @@ class Config:
     toy_recovery_frac: float = arg(0.25, "fraction of toy conversations where one tool call fails and is redone")
     toy_retry_frac: float = arg(0.0, "fraction of toy conversations where one call meets a transient failure and is sent again")
     toy_direct_frac: float = arg(0.0, "fraction of toy conversations that answer at once, without the tool")
+    toy_steps: str = arg("2-4", "toy problems need this many dependent tool calls (from 1 to 8)")
     max_length: int = arg(512, "tokens per example; longer ones are cut on the right (reference 32768)")
     strict_data: bool = arg(False, "stop at the first malformed row instead of skipping it")
     # optimization
@@ -93,7 +94,7 @@ class Config:
     out_dir: str = arg("runs/sft-student", "checkpoints, metrics.jsonl and final/ go here")
     save_every: int = arg(100, "checkpoint every N steps (atomic, keeps the latest)")
     resume: bool = arg(False, "continue from the newest complete checkpoint in out_dir")
-    eval_prompts: int = arg(64, "toy held-out prompts for the greedy accuracy at the end (0: skip; --data toy only)")
+    eval_prompts: int = arg(64, "toy validation problems for a greedy accuracy at the end (0: skip; --data toy only)")
     seed: int = arg(0, "random seed (data order, init of toy models)")
     device: str = arg("", "cpu or cuda (empty: cuda if available)")
 
@@ -179,7 +180,7 @@ def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]
     """All rows tokenized; malformed rows are reported with file and row number, then skipped (or fatal)."""
     if cfg.data == "toy":
         rows, name = task.sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, cfg.seed, cfg.toy_retry_frac,
-                                   cfg.toy_direct_frac), "toy"
+                                   cfg.toy_direct_frac, rollout.toy_steps_range(cfg.toy_steps)), "toy"
     else:
         rows, name = rollout.load_rows(cfg.data), cfg.data
     examples, problems = [], []
@@ -233,7 +234,7 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 def main(cfg: Config):
     # the inputs first: nothing is written before the model and the data are known to be usable
     if cfg.data != "toy":
-        rollout.reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac"],
+        rollout.reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac", "toy_steps"],
                               "with --data other than toy")
         if cfg.eval_prompts not in (0, Config.eval_prompts):
             raise SystemExit("--eval_prompts is not used with --data other than toy (the held-out check is the toy's)")
@@ -312,8 +313,8 @@ def main(cfg: Config):
     if cfg.data == "toy" and cfg.eval_prompts > 0 and d.main:
         import evaluate
         plain = model.eval() if d.world == 1 else rollout.load_model(str(out_dir / "final"), device=device)
-        result = evaluate.greedy_accuracy(plain, tokenizer, "toy:eval", cfg.eval_prompts)
-        log.info("held-out greedy accuracy on %d toy problems: %.3f", cfg.eval_prompts, result)
+        result = evaluate.greedy_accuracy(plain, tokenizer, "toy:valid", cfg.eval_prompts, cfg.toy_steps)
+        log.info("greedy accuracy on %d toy validation problems: %.3f", cfg.eval_prompts, result)
         print(f"held-out greedy accuracy: {result:.3f}")
     rollout.barrier(d)
     return model

@@ -257,7 +257,10 @@ def test_broken_rows_are_skipped_and_counted(tmp_path, caplog):
 
 def test_toy_splits_are_disjoint_and_seeded():
     train = {r["prompt"][0]["content"] for r in task.rl_rows(500, "train")}
+    sft_split = {r["messages"][0]["content"] for r in task.sft_rows(500)}
+    valid = {r["prompt"][0]["content"] for r in task.rl_rows(200, "valid")}
     held_out = {r["prompt"][0]["content"] for r in task.rl_rows(200, "eval")}
+    assert not (train | sft_split) & valid and not held_out & valid
     assert not train & held_out
     assert task.rl_rows(5, "train", seed=1) == task.rl_rows(5, "train", seed=1)
 

@@ -24,10 +24,11 @@ import random
 import tools
 
 SOURCE = "toy_arith"
-VARS = "abcd"
+VARS = "abcdefgh"
 INSTRUCTION = ("Solve it with the code interpreter, one step per call. The interpreter forgets "
                "variables between calls, so use the printed numbers.\n")
-SPLIT_SEEDS = {"train": 1, "sft": 2, "eval": 3}
+SPLIT_SEEDS = {"train": 1, "sft": 2, "eval": 3, "valid": 4}
+HELD_OUT = ("eval", "valid")  # fixed sets (whatever the run's seed), disjoint from every other split
 
 
 def apply(op: str, x: int, y: int) -> int:
@@ -96,12 +97,15 @@ def sft_conversation(problem: dict, rng: random.Random, recovery: bool, retry: b
 
 
 def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int = 4) -> list[dict]:
-    """n distinct problems of a split; eval problems never occur in the other splits."""
+    """n distinct problems of a split. The held-out splits, eval (the test set) and valid (for choices made
+    while developing), never share a problem with each other or with train and sft."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown toy split {split!r}; the splits are {', '.join(SPLIT_SEEDS)}")
     rng = random.Random(SPLIT_SEEDS[split] * 1_000_003 + seed)
     held_out = set()
-    if split != "eval":
-        eval_rng = random.Random(SPLIT_SEEDS["eval"] * 1_000_003)
-        held_out = {make_problem(eval_rng, min_steps, max_steps)["question"] for _ in range(512)}
+    for other in HELD_OUT[:HELD_OUT.index(split)] if split in HELD_OUT else HELD_OUT:
+        other_rng = random.Random(SPLIT_SEEDS[other] * 1_000_003)
+        held_out |= {make_problem(other_rng, min_steps, max_steps)["question"] for _ in range(512)}
     out, seen = [], set()
     while len(out) < n:
         p = make_problem(rng, min_steps, max_steps)
@@ -111,22 +115,22 @@ def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int =
     return out
 
 
-def rl_rows(n: int, split: str = "train", seed: int = 0, min_steps: int = 2, max_steps: int = 4) -> list[dict]:
+def rl_rows(n: int, split: str = "train", seed: int = 0, steps: tuple[int, int] = (2, 4)) -> list[dict]:
     """Toy prompts in the RL schema of the real data, with a `hint` column."""
-    if split == "eval":
-        seed = 0  # the held-out set is fixed, whatever the run's seed
+    if split in HELD_OUT:
+        seed = 0  # the held-out sets are fixed, whatever the run's seed
     return [{"prompt": [{"role": "user", "content": p["question"]}], "data_source": SOURCE,
              "reward_model": {"ground_truth": p["answer"]}, "ability": "math", "agent_name": "tool_agent",
              "hint": p["hint"], "extra_info": {"index": i, "split": split, "num_steps": len(p["calls"])}}
-            for i, p in enumerate(problems(n, split, seed, min_steps, max_steps))]
+            for i, p in enumerate(problems(n, split, seed, *steps))]
 
 
 def sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0, retry_frac: float = 0.0,
-             direct_frac: float = 0.0, min_steps: int = 2, max_steps: int = 4) -> list[dict]:
+             direct_frac: float = 0.0, steps: tuple[int, int] = (2, 4)) -> list[dict]:
     """Toy trajectories in the SFT schema of the real data (messages + tools)."""
     rng = random.Random(seed)
     rows = []
-    for p in problems(n, "sft", seed, min_steps, max_steps):
+    for p in problems(n, "sft", seed, *steps):
         recovery = rng.random() < recovery_frac
         retry = retry_frac > 0 and rng.random() < retry_frac  # no extra draw when off: old seeds give old data
         direct = direct_frac > 0 and rng.random() < direct_frac

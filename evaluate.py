@@ -22,7 +22,8 @@ sample: problem id, sample index, text, pred, acc, turns, tool calls).
 
     python evaluate.py                                         # toy held-out split, the toy SFT checkpoints
     python evaluate.py --model runs/sft-student/final runs/sod-student/final --n_samples 8
-    python evaluate.py --model runs/sod-0.6b/final --data aime_2024_problems.parquet,aime_2025_problems.parquet,gpqa_diamond.parquet,lcb_v6.parquet \\
+    python evaluate.py --model runs/sod-0.6b/final \\
+        --data aime_2024_problems.parquet,aime_2025_problems.parquet,gpqa_diamond.parquet,lcb_v6.parquet \\
         --n_samples 32 --max_response_tokens 20480 --backend vllm        # the paper's protocol
 """
 import itertools
@@ -47,15 +48,17 @@ MAJ_EXACT_LIMIT = 20_000
 @dataclass
 class Config(rollout.RolloutConfig):
     """Evaluate models with the tool loop: avg@n, pass@k, maj@k, and the reference's bootstrap best@k."""
-    model: list = arg(["runs/sft-student/final"], "one or more models (paths, HF names, toy-student/toy-teacher)")
-    data: str = arg("toy", "'toy' (the toy test split), 'toy:valid', or comma-separated .parquet/.jsonl eval files")
+    model: list = arg(["runs/sft-student/final"], "one or more models (paths, HF names, "
+                                                  "toy-student/toy-teacher)")
+    data: str = arg("toy", "'toy' (the toy test split), 'toy:valid', or comma-separated .parquet/.jsonl "
+                           "eval files")
     toy_steps: str = arg("2-4", "toy problems need this many dependent tool calls (from 1 to 8)")
     num_prompts: int = arg(64, "problems per data file (0: all)")
     n_samples: int = arg(4, "samples per problem, n (reference 32)")
     # rollout.RolloutConfig fields whose evaluation default differs from training's
     top_p: float = arg(0.6, "nucleus sampling (reference 0.6 in evaluation)")
-    max_prompt_tokens: int = arg(4096, "prompts longer than this, measured with the chat template, are dropped "
-                                       "(reference 4096 in evaluation)")
+    max_prompt_tokens: int = arg(4096, "prompts longer than this, measured with the chat template, "
+                                       "are dropped (reference 4096 in evaluation)")
     out_dir: str = arg("runs/eval", "results.md, results.json, generations.jsonl")
     seed: int = arg(0, "sampling seed")
     device: str = arg("", "cpu or cuda (empty: cuda if available)")
@@ -109,7 +112,8 @@ def _bootstrap(values: list, k: int, reduce_fn, n_bootstrap: int = 1000, seed: i
     """The reference's bootstrap (verl metric_utils): reseeds numpy's global RNG on every call,
     draws k indices with replacement n_bootstrap times, and averages reduce_fn over the draws."""
     np.random.seed(seed)
-    draws = [reduce_fn([values[i] for i in np.random.choice(len(values), size=k, replace=True)]) for _ in range(n_bootstrap)]
+    draws = [reduce_fn([values[i] for i in np.random.choice(len(values), size=k, replace=True)])
+             for _ in range(n_bootstrap)]
     return float(np.mean(draws))
 
 
@@ -118,10 +122,12 @@ def bootstrap_best_at_k(accs: list[bool], k: int, n_bootstrap: int = 1000, seed:
     return _bootstrap([float(a) for a in accs], k, max, n_bootstrap, seed)
 
 
-def bootstrap_maj_at_k(preds: list[str], accs: list[bool], k: int, n_bootstrap: int = 1000, seed: int = 42) -> float:
+def bootstrap_maj_at_k(preds: list[str], accs: list[bool], k: int, n_bootstrap: int = 1000,
+                       seed: int = 42) -> float:
     """The reference's maj@k: the same bootstrap, reduced by the majority vote."""
     pairs = list(zip(preds, accs))
-    return _bootstrap(pairs, k, lambda d: float(majority_vote_acc([p for p, _ in d], [a for _, a in d])), n_bootstrap, seed)
+    return _bootstrap(pairs, k, lambda d: float(majority_vote_acc([p for p, _ in d], [a for _, a in d])),
+                      n_bootstrap, seed)
 
 
 def powers_of_two_up_to(n: int) -> list[int]:
@@ -158,47 +164,59 @@ def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
     return benchmarks
 
 
-PROBLEMS_PER_ROLLOUT = 64  # problems rolled out together; their seed is fixed by their position, not by the ranks
+# problems rolled out together; their seed is fixed by their position, not by the ranks
+PROBLEMS_PER_ROLLOUT = 64
 
 
 def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, d=None, generations_file=None,
                     model_name="") -> dict:
     """Roll out every benchmark with an engine (HF model or vLLM) and compute its metrics.
 
-    The problems go in fixed chunks of PROBLEMS_PER_ROLLOUT, each sampled with its own seed; under torchrun the
-    ranks share the chunks out and gather every sample, so the numbers do not depend on the number of ranks."""
+    The problems go in fixed chunks of PROBLEMS_PER_ROLLOUT, each sampled with its own seed; under torchrun
+    the ranks share the chunks out and gather every sample, so the numbers do not depend on the number of
+    ranks."""
     d = d or rollout.Dist()
     results = {}
     for name, prompts in benchmarks.items():
         t0 = time.time()
         prompts = rollout.drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=name)
         if not prompts:
-            raise SystemExit(f"{name}: every problem is longer than --max_prompt_tokens {cfg.max_prompt_tokens}")
+            raise SystemExit(f"{name}: every problem is longer than --max_prompt_tokens "
+                             f"{cfg.max_prompt_tokens}")
         chunks = range(0, len(prompts), PROBLEMS_PER_ROLLOUT)
         samples = []  # (problem index, sample index, trajectory record)
         for c in chunks[d.rank::d.world]:
             part = prompts[c:c + PROBLEMS_PER_ROLLOUT]
-            trajs = rollout.rollout(engine, tokenizer, part, cfg.n_samples, cfg, seed=cfg.seed + c, progress=d.main)
-            samples += [(c + t.prompt_index, j % cfg.n_samples, t.pred, t.acc, t.text, t.num_turns, t.num_tool_calls,
-                         t.num_tool_errors, t.stop_reason) for j, t in enumerate(trajs)]
+            trajs = rollout.rollout(engine, tokenizer, part, cfg.n_samples, cfg, seed=cfg.seed + c,
+                                    progress=d.main)
+            samples += [(c + t.prompt_index, j % cfg.n_samples, t.pred, t.acc, t.text, t.num_turns,
+                         t.num_tool_calls, t.num_tool_errors, t.stop_reason) for j, t in enumerate(trajs)]
         samples = sorted(s for part in rollout.all_gather(samples, d) for s in part)
         by_problem = defaultdict(list)
         for problem, sample, pred, acc, text, turns, calls, errors, stop in samples:
             by_problem[problem].append((pred, acc))
             if generations_file is not None:
                 generations_file.write(json.dumps({
-                    "model": model_name, "benchmark": name, "problem_id": prompts[problem]["id"], "sample": sample,
-                    "text": text, "pred": pred, "acc": acc, "turns": turns, "tool_calls": calls,
-                    "tool_errors": errors, "stop_reason": stop}, default=str) + "\n")
+                    "model": model_name, "benchmark": name, "problem_id": prompts[problem]["id"],
+                    "sample": sample, "text": text, "pred": pred, "acc": acc, "turns": turns,
+                    "tool_calls": calls, "tool_errors": errors, "stop_reason": stop}, default=str) + "\n")
         results[name] = problem_metrics(by_problem)
+        results[name]["per_problem_avg"] = [float(np.mean([a for _, a in by_problem[p]]))
+                                            for p in sorted(by_problem)]
+        # samples that met a failed tool call, and their accuracy
+        with_error = [s[3] for s in samples if s[7] > 0]
+        results[name]["samples_with_tool_error"] = len(with_error) / max(1, len(samples))
+        results[name]["acc_after_tool_error"] = float(np.mean(with_error)) if with_error else None
         results[name]["seconds"] = round(time.time() - t0, 1)
         results[name]["tool_calls_per_sample"] = float(np.mean([s[6] for s in samples]))
         results[name]["tool_error_rate"] = sum(s[7] for s in samples) / max(1, sum(s[6] for s in samples))
     return results
 
 
-def greedy_accuracy(model, tokenizer, data: str = "toy:valid", num_prompts: int = 64, toy_steps: str = "2-4") -> float:
-    """Accuracy with greedy decoding, one sample per problem (sft.py's check at the end, on the validation split)."""
+def greedy_accuracy(model, tokenizer, data: str = "toy:valid", num_prompts: int = 64,
+                    toy_steps: str = "2-4") -> float:
+    """Accuracy with greedy decoding, one sample per problem (sft.py's check at the end, on the validation
+    split)."""
     prompts = rollout.load_prompts(data, num_prompts, toy_steps=toy_steps)
     trajs = rollout.rollout(model, tokenizer, prompts, 1, rollout.RolloutConfig(temperature=0.0))
     return sum(t.acc for t in trajs) / len(trajs)
@@ -210,7 +228,8 @@ def markdown_table(all_results: dict) -> str:
     head = "| model | " + " | ".join(f"{b} {m}" for b in benchmarks for m in metric_names) + " |"
     lines = [head, "|" + "---|" * (1 + len(benchmarks) * len(metric_names))]
     for model, res in all_results.items():
-        lines.append(f"| {model} | " + " | ".join(f"{100 * res[b][m]:.1f}" for b in benchmarks for m in metric_names) + " |")
+        lines.append(f"| {model} | "
+                     + " | ".join(f"{100 * res[b][m]:.1f}" for b in benchmarks for m in metric_names) + " |")
     return "\n".join(lines)
 
 
@@ -222,9 +241,11 @@ def main(cfg: Config) -> dict:
     backend = rollout.resolve_backend(cfg.backend)
     benchmarks = load_benchmarks(cfg)
     first_tokenizer = rollout.load_tokenizer(models[0])
-    for name, prompts in benchmarks.items():  # a benchmark whose every prompt is too long stops here, not later
+    # a benchmark whose every prompt is too long stops here, not later
+    for name, prompts in benchmarks.items():
         if not rollout.drop_long_prompts(prompts, first_tokenizer, cfg.max_prompt_tokens, name=name):
-            raise SystemExit(f"{name}: every problem is longer than --max_prompt_tokens {cfg.max_prompt_tokens}")
+            raise SystemExit(f"{name}: every problem is longer than --max_prompt_tokens "
+                             f"{cfg.max_prompt_tokens}")
     d, device = rollout.init_processes(cfg.device)  # torchrun: the ranks share the problems out
     out_dir = Path(cfg.out_dir)
     rollout.lock_out_dir(out_dir, d)
@@ -243,7 +264,8 @@ def main(cfg: Config) -> dict:
         os.replace(generations, out_dir / "generations.jsonl")
         table = markdown_table(all_results)
         (out_dir / "results.md").write_text(table + "\n")
-        (out_dir / "results.json").write_text(json.dumps({"config": asdict(cfg), "results": all_results}, indent=2))
+        (out_dir / "results.json").write_text(json.dumps({"config": asdict(cfg), "results": all_results},
+                                                         indent=2))
         print(table)
     return all_results
 

@@ -23,16 +23,23 @@ the per-token advantages of step 3, through the `advantages_fn` seam: everything
 sampling, KL, evaluation, checkpoints, the vLLM weight push) is the same code for GRPO and every
 distillation mode.
 
-Deviations from the reference (README, deviations table): the token mean runs over the whole
-mini-batch, not per micro-batch; prompt wrappers are chosen per row.
+Many processes (torchrun): each rank rolls out whole GRPO groups of its share of the step's prompts, every
+rank then holds the global batch, each PPO mini-batch is split over the ranks, and the student is sharded
+with FSDP2 (README, Many GPUs). With one process none of it runs.
+
+Deviations from the reference (README, deviations rows 8 and 18): the token mean runs over the whole
+mini-batch and all ranks (verl, with its dynamic batch size, takes each micro-batch's token mean and scales it
+by the micro-batch's share of the mini-batch's sequences); prompt wrappers are chosen per row.
 
 Reference values (real models): lr 1e-6 constant, AdamW (0.9, 0.999), wd 0.01, clip 1.0, 64 prompts x 16
 samples, 4 mini-batches, T = 1.0, top_p = 1.0, 16 turns, 20480 response tokens, overlong buffer 1024.
 
-    python grpo.py                                          # toy teacher from runs/sft-teacher/final, CPU, ~2.5 min
-    python grpo.py --model runs/sft-4b/final --data Open-AgentRL-30K.parquet --backend vllm --out_dir runs/grpo-4b \\
-        --steps 470 --prompts_per_step 64 --n_samples 16 --lr 1e-6 --max_prompt_tokens 2560 --max_response_tokens 20480 \\
-        --overlong_buffer 1024 --micro_batch_size 4 --eval_data aime_2024_problems.parquet,aime_2025_problems.parquet
+    python grpo.py                                    # toy teacher from runs/sft-teacher/final, CPU, ~2 min
+    torchrun --nproc_per_node=2 grpo.py               # the same on two ranks
+    python grpo.py --model runs/sft-4b/final --data Open-AgentRL-30K.parquet --backend vllm \\
+        --out_dir runs/grpo-4b --steps 470 --prompts_per_step 64 --n_samples 16 --lr 1e-6 \\
+        --max_prompt_tokens 2560 --max_response_tokens 20480 --overlong_buffer 1024 --micro_batch_size 4 \\
+        --eval_data aime_2024_problems.parquet,aime_2025_problems.parquet
 """
 import json
 import logging
@@ -79,9 +86,11 @@ class Config(rollout.RolloutConfig):
     # run
     out_dir: str = arg("runs/grpo-teacher", "checkpoints, metrics.jsonl, trajectories.jsonl, final/")
     eval_every: int = arg(10, "held-out evaluation every N steps (0: only at the end)")
-    eval_before_train: bool = arg(True, "evaluate the starting checkpoint first, logged as step 0 (verl's val_before_train)")
-    eval_data: str = arg("toy:valid", "data of the evaluations during training: 'toy:valid' (the toy validation "
-                                      "split), 'toy' (its test split) or comma-separated eval files")
+    eval_before_train: bool = arg(True, "evaluate the starting checkpoint first, logged as step 0 "
+                                        "(verl's val_before_train)")
+    eval_data: str = arg("toy:valid", "data of the evaluations during training: 'toy:valid' (the toy "
+                                      "validation split), 'toy' (its test split) or comma-separated "
+                                      "eval files")
     eval_prompts: int = arg(64, "held-out problems per evaluation")
     eval_n: int = arg(4, "samples per held-out problem")
     save_every: int = arg(10, "checkpoint every N steps")
@@ -114,18 +123,19 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2,
     can pass its own). `num_tokens` lets a caller divide by the token count of a whole mini-batch when it
     feeds micro-batches; by default the mean is over this call's masked tokens."""
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)                                                     # [B, T]
+    ratio = torch.exp(log_ratio)                                                 # [B, T]
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
-    loss_dual = torch.minimum(loss_ppo, -advantages * clip_c)                        # bounds the loss when A < 0
-    loss_t = torch.where(advantages < 0, loss_dual, loss_ppo)                        # [B, T]
+    loss_dual = torch.minimum(loss_ppo, -advantages * clip_c)                    # bounds the loss when A < 0
+    loss_t = torch.where(advantages < 0, loss_dual, loss_ppo)                    # [B, T]
     denom = response_mask.sum() if num_tokens is None else num_tokens
     loss = (loss_t * response_mask).sum() / max(float(denom), 1e-8)
     with torch.no_grad():
         m = response_mask
         stats = {"clip_frac": rollout.masked_mean((loss_clipped > loss_unclipped).float(), m).item(),
-                 "dual_clip_frac": rollout.masked_mean(((loss_ppo > -advantages * clip_c) & (advantages < 0)).float(), m).item(),
+                 "dual_clip_frac": rollout.masked_mean(((loss_ppo > -advantages * clip_c)
+                                                        & (advantages < 0)).float(), m).item(),
                  "approx_kl": rollout.masked_mean(-log_ratio, m).item(),
                  "ratio_max": ratio[m > 0].max().item() if m.any() else 1.0,
                  "ratio_min": ratio[m > 0].min().item() if m.any() else 1.0}
@@ -133,7 +143,8 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2,
 
 
 def kl_penalty(logprobs, ref_logprobs, response_mask, num_tokens: float):
-    """k3 estimator of KL(pi || pi_ref), exp(d) - d - 1 >= 0 with d = l_ref - l, token-mean. [B, T] -> scalar."""
+    """k3 estimator of KL(pi || pi_ref), exp(d) - d - 1 >= 0 with d = l_ref - l, token-mean.
+    [B, T] -> scalar."""
     d = ref_logprobs - logprobs
     return ((torch.exp(d) - d - 1) * response_mask).sum() / max(float(num_tokens), 1e-8)
 
@@ -142,16 +153,18 @@ def kl_penalty(logprobs, ref_logprobs, response_mask, num_tokens: float):
 # Pieces of the RL step
 
 @torch.no_grad()
-def batched_logprobs(model, batch: dict, micro_batch_size: int, temperature: float, with_entropy: bool = False,
-                     forward_passes: int | None = None):
+def batched_logprobs(model, batch: dict, micro_batch_size: int, temperature: float,
+                     with_entropy: bool = False, forward_passes: int | None = None):
     """token_logprobs over a batch in micro-batches, no grad: [B, T-1] (and the [B, T-1] entropies if asked).
-    A sharded model must run `forward_passes` forwards on every rank: the extra ones run on row 0 and are dropped."""
+    A sharded model must run `forward_passes` forwards on every rank: the extra ones run on row 0 and are
+    dropped."""
     B = batch["input_ids"].shape[0]
     count = forward_passes or rollout.n_micro_batches(B, micro_batch_size)
     parts = []
     for rows in rollout.micro_batches(list(range(B)), micro_batch_size, count):
-        out = rollout.token_logprobs(model, batch["input_ids"][rows or [0]], batch["attention_mask"][rows or [0]],
-                                     temperature, with_entropy=with_entropy)
+        out = rollout.token_logprobs(model, batch["input_ids"][rows or [0]],
+                                     batch["attention_mask"][rows or [0]], temperature,
+                                     with_entropy=with_entropy)
         if rows:
             parts.append(out)
     if with_entropy:
@@ -159,9 +172,11 @@ def batched_logprobs(model, batch: dict, micro_batch_size: int, temperature: flo
     return torch.cat(parts)
 
 
-def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logprobs, minibatches, cfg, d, health) -> dict:
-    """cfg.ppo_epochs passes of one optimizer step per mini-batch. advantages, old_logprobs: [B, T-1] of this rank's rows.
-    minibatches: per mini-batch (this rank's rows, the mini-batch's token count over all ranks, forward passes)."""
+def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logprobs, minibatches, cfg, d,
+               health) -> dict:
+    """cfg.ppo_epochs passes of one optimizer step per mini-batch. advantages, old_logprobs: [B, T-1] of this
+    rank's rows. minibatches: per mini-batch (this rank's rows, the mini-batch's token count over all ranks,
+    forward passes)."""
     mask = batch["response_mask"]
     stats, extremes = Counter(), {}
     n_updates = 0
@@ -170,13 +185,14 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logp
             for micro in rollout.micro_batches(rows, cfg.micro_batch_size, passes):
                 idx = torch.as_tensor(micro or rows[:1])
                 m = mask[idx] * bool(micro)   # an empty turn of a short rank: a forward with nothing to learn
-                logprobs = rollout.token_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx],
-                                                  cfg.temperature)                                        # [b, T-1]
+                logprobs = rollout.token_logprobs(model, batch["input_ids"][idx],
+                                                  batch["attention_mask"][idx], cfg.temperature)  # [b, T-1]
                 loss, st = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m,
                                        cfg.clip_low, cfg.clip_high, cfg.clip_c, num_tokens=mb_tokens)
                 if ref_logprobs is not None:
                     loss = loss + cfg.kl_coef * kl_penalty(logprobs, ref_logprobs[idx], m, mb_tokens)
-                (loss * d.world).backward()  # FSDP averages gradients over ranks: x world makes the average a sum
+                # FSDP averages gradients over ranks: x world makes the average a sum
+                (loss * d.world).backward()
                 w = m.sum().item() / max(mb_tokens, 1)
                 for k in ("clip_frac", "dual_clip_frac", "approx_kl"):   # token means over the mini-batch
                     stats[k] += st[k] * w
@@ -189,7 +205,8 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logp
     grad_norm = stats.pop("grad_norm", 0.0)  # already the same on every rank
     stats = rollout.all_sum(dict(stats), d)
     every = rollout.all_gather(extremes, d)
-    return {**{k: v / max(n_updates, 1) for k, v in stats.items()}, "grad_norm": grad_norm / max(n_updates, 1),
+    return {**{k: v / max(n_updates, 1) for k, v in stats.items()},
+            "grad_norm": grad_norm / max(n_updates, 1),
             "ratio_max": max(e.get("ratio_max", 1.0) for e in every),
             "ratio_min": min(e.get("ratio_min", 1.0) for e in every), "skipped_updates": health["skipped"]}
 
@@ -215,7 +232,8 @@ def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -
 
 
 def dynamic_sampling_keep(rewards: torch.Tensor, group_ids: torch.Tensor) -> list[int]:
-    """DAPO's filter: the trajectories of groups whose rewards are not all equal (a group of one carries no signal)."""
+    """DAPO's filter: the trajectories of groups whose rewards are not all equal (a group of one carries no
+    signal)."""
     keep = []
     for i, g in enumerate(group_ids.tolist()):
         group = rewards[group_ids == g]
@@ -228,7 +246,8 @@ def rollout_metrics(trajs: list, counts: Counter) -> dict:
     n = len(trajs)
     return {"reward": sum(t.reward for t in trajs) / n, "acc": sum(t.acc for t in trajs) / n,
             "response_tokens": sum(len(t.response_ids) for t in trajs) / n,
-            "turns": sum(t.num_turns for t in trajs) / n, "tool_calls": sum(t.num_tool_calls for t in trajs) / n,
+            "turns": sum(t.num_turns for t in trajs) / n,
+            "tool_calls": sum(t.num_tool_calls for t in trajs) / n,
             "no_tool_frac": sum(t.num_tool_calls == 0 for t in trajs) / n,
             "tool_error_rate": counts["tool_errors"] / max(1, counts["tool_calls"]),
             "dropped_tool_calls": counts["tool_calls_dropped"]}
@@ -237,9 +256,10 @@ def rollout_metrics(trajs: list, counts: Counter) -> dict:
 def held_out_eval(model, tokenizer, cfg, engine, d) -> dict:
     """avg@n and pass@n on held-out problems through evaluate.py, at evaluate.py's sampling settings
     (T = 1.0, top_p = 0.6). Generation goes through the rollout engine (vLLM holds the pushed weights)."""
-    settings = rollout.rollout_settings(cfg, temperature=evaluate.Config.temperature, top_p=evaluate.Config.top_p)
-    eval_cfg = evaluate.Config(**asdict(settings), data=cfg.eval_data, num_prompts=cfg.eval_prompts, n_samples=cfg.eval_n,
-                               toy_steps=cfg.toy_steps, seed=1234)
+    settings = rollout.rollout_settings(cfg, temperature=evaluate.Config.temperature,
+                                        top_p=evaluate.Config.top_p)
+    eval_cfg = evaluate.Config(**asdict(settings), data=cfg.eval_data, num_prompts=cfg.eval_prompts,
+                               n_samples=cfg.eval_n, toy_steps=cfg.toy_steps, seed=1234)
     model.eval()
     results = evaluate.evaluate_engine(engine, tokenizer, evaluate.load_benchmarks(eval_cfg), eval_cfg, d)
     model.train()
@@ -274,15 +294,17 @@ LOGS = ["metrics.jsonl", "trajectories.jsonl", "steps.jsonl"]
 
 
 def train(cfg, start: str, advantages_fn=None, summarize_fn=None, name: str = "grpo"):
-    """RL from checkpoint `start`. The one seam: advantages_fn(prompts, trajs, batch, old_logprobs, grpo_advantages,
-    step) returns the per-token advantages [B, T-1] that PPO optimises, and per-step records (written to steps.jsonl,
-    summarised into metrics.jsonl by summarize_fn). Without it this is GRPO: A_{i,t} = A_i m_t."""
+    """RL from checkpoint `start`. The one seam: advantages_fn(prompts, trajs, batch, old_logprobs,
+    grpo_advantages, step) returns the per-token advantages [B, T-1] that PPO optimises, and per-step records
+    (written to steps.jsonl, summarised into metrics.jsonl by summarize_fn). Without it this is GRPO:
+    A_{i,t} = A_i m_t."""
     check_inputs(cfg, start)
     d, device = rollout.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
     out_dir = Path(cfg.out_dir)
     tokenizer = rollout.load_tokenizer(start)
     prompts = load_rl_prompts(cfg, tokenizer)
-    model = rollout.load_model(start, device=device, dtype=torch.float32, seed=cfg.seed)  # fp32 master weights
+    # fp32 master weights
+    model = rollout.load_model(start, device=device, dtype=torch.float32, seed=cfg.seed)
     rollout.lock_out_dir(out_dir, d)
     ckpt, state = rollout.start_or_resume(out_dir, cfg.resume, d, LOGS)
     rollout.seed_everything(cfg.seed)
@@ -297,7 +319,8 @@ def train(cfg, start: str, advantages_fn=None, summarize_fn=None, name: str = "g
     run_id = rollout.new_run(out_dir, cfg, state, d)
     # the KL anchor is the starting checkpoint, also when resuming; frozen models are replicated on every rank
     ref_model = rollout.load_model(start, device=device).requires_grad_(False) if cfg.kl_coef > 0 else None
-    # the generation engine: vLLM, or the trained model itself (a plain replica of it when the model is sharded)
+    # the generation engine: vLLM, or the trained model itself
+    # (a plain replica of it when the model is sharded)
     if rollout.resolve_backend(cfg.backend) == "vllm":
         engine = rollout.make_vllm_engine(start, seed=cfg.seed + d.rank, d=d)
     else:
@@ -315,21 +338,23 @@ def train(cfg, start: str, advantages_fn=None, summarize_fn=None, name: str = "g
     if cfg.eval_before_train and start_step == 0:  # the starting checkpoint, as step 0 (skipped on resume)
         row = {"step": 0, **held_out_eval(model, tokenizer, cfg, engine, d)}
         log_row(row)
-        logging.getLogger(name).info("held-out before training: %s", {k: round(v, 4) for k, v in row.items() if "avg@" in k})
+        logging.getLogger(name).info("held-out before training: %s",
+                                     {k: round(v, 4) for k, v in row.items() if "avg@" in k})
     from tqdm import tqdm
-    bar = tqdm(range(start_step, cfg.steps), desc=name, initial=start_step, total=cfg.steps, disable=not d.main)
+    bar = tqdm(range(start_step, cfg.steps), desc=name, initial=start_step, total=cfg.steps,
+               disable=not d.main)
     step = start_step
     try:
         for step in bar:
             t0 = time.time()
-            # 1-2. rollouts with the tool, and their rewards: each rank rolls out whole GRPO groups of its share of
-            # the step's prompts; every rank then holds all trajectories, in prompt order
+            # 1-2. rollouts with the tool, and their rewards: each rank rolls out whole GRPO groups of its
+            # share of the step's prompts; every rank then holds all trajectories, in prompt order
             step_prompts = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
             share = rollout.my_share(len(step_prompts), d)
             counts = Counter()
             model.eval()
-            mine = rollout.rollout(engine, tokenizer, step_prompts[share.start:share.stop], cfg.n_samples, cfg,
-                                   seed=cfg.seed * 100_003 + step + 1_000_003 * d.rank, counts=counts)
+            mine = rollout.rollout(engine, tokenizer, step_prompts[share.start:share.stop], cfg.n_samples,
+                                   cfg, seed=cfg.seed * 100_003 + step + 1_000_003 * d.rank, counts=counts)
             model.train()
             for t in mine:
                 t.prompt_index += share.start
@@ -337,39 +362,46 @@ def train(cfg, start: str, advantages_fn=None, summarize_fn=None, name: str = "g
             counts = Counter(rollout.all_sum(dict(counts), d))
             row = {"step": step + 1, **rollout_metrics(trajs, counts), "t_rollout": time.time() - t0,
                    "t_tools": counts["tool_seconds"]}
-            rewards = torch.tensor([t.reward for t in trajs])                                    # [B]
-            group_ids = torch.tensor([t.prompt_index for t in trajs])                            # [B]
+            rewards = torch.tensor([t.reward for t in trajs])                            # [B]
+            group_ids = torch.tensor([t.prompt_index for t in trajs])                    # [B]
             # 3. group-normalised advantages (with dynamic sampling, only the groups that carry signal)
-            grpo_adv = group_advantages(rewards, group_ids)                                      # [B]
-            keep = dynamic_sampling_keep(rewards, group_ids) if cfg.dynamic_sampling else list(range(len(trajs)))
+            grpo_adv = group_advantages(rewards, group_ids)                              # [B]
+            keep = (dynamic_sampling_keep(rewards, group_ids) if cfg.dynamic_sampling
+                    else list(range(len(trajs))))
             if len(keep) < d.world:
                 keep = []  # too few to give every rank a row: no update this step
             row["kept_trajectories"] = len(keep)
             if keep:
-                # PPO mini-batches over the kept trajectories, in order; each rank takes every world-th row of each
+                # PPO mini-batches over the kept trajectories, in order;
+                # each rank takes every world-th row of each
                 minibatches = np.array_split(np.arange(len(keep)), cfg.mini_batches)
                 mine_per_mb = [mb[d.rank::d.world].tolist() for mb in minibatches]
-                local = [i for rows in mine_per_mb for i in rows]                                # positions in keep
+                local = [i for rows in mine_per_mb for i in rows]                        # positions in keep
                 kept = [trajs[keep[i]] for i in local]
                 batch = rollout.pad_trajectories(kept, tokenizer.pad_token_id, device)
-                mask = batch["response_mask"]                                                    # [b, T-1]
-                largest = sum(len(mb[0::d.world]) for mb in minibatches)                          # rank 0 has the most
+                mask = batch["response_mask"]                                            # [b, T-1]
+                largest = sum(len(mb[0::d.world]) for mb in minibatches)                 # rank 0 has the most
                 batch["forward_passes"] = rollout.n_micro_batches(largest, cfg.micro_batch_size)
                 # 4. old log-probs of the sampled tokens (no grad), at the sampling temperature
                 t1 = time.time()
                 old_logprobs, entropy = batched_logprobs(model, batch, cfg.micro_batch_size, cfg.temperature,
-                                                         with_entropy=True, forward_passes=batch["forward_passes"])
+                                                         with_entropy=True,
+                                                         forward_passes=batch["forward_passes"])
                 ent = rollout.all_sum({"sum": (entropy * mask).sum().item(), "tokens": mask.sum().item()}, d)
                 row["entropy"] = ent["sum"] / max(ent["tokens"], 1)  # of the rollout policy on its own tokens
-                ref_logprobs = batched_logprobs(ref_model, batch, cfg.micro_batch_size, cfg.temperature) if ref_model else None
-                # 3'. THE SEAM: per-token advantages, A_i m_t for GRPO, plus the teacher's signal when distilling
+                ref_logprobs = (batched_logprobs(ref_model, batch, cfg.micro_batch_size, cfg.temperature)
+                                if ref_model else None)
+                # 3'. THE SEAM: per-token advantages, A_i m_t for GRPO,
+                # plus the teacher's signal when distilling
                 adv = grpo_adv[[keep[i] for i in local]].to(device)
                 if advantages_fn is None:
-                    advantages = adv[:, None] * mask                                             # [b, T-1]
+                    advantages = adv[:, None] * mask                                     # [b, T-1]
                 else:
-                    advantages, records = advantages_fn(step_prompts, kept, batch, old_logprobs, adv, step + 1)
+                    advantages, records = advantages_fn(step_prompts, kept, batch, old_logprobs, adv,
+                                                        step + 1)
                     for r in records:
-                        r["traj"] = local[r["traj"]]  # this rank's row -> position among the kept trajectories
+                        # this rank's row -> position among the kept trajectories
+                        r["traj"] = local[r["traj"]]
                     records = sorted((r for part in rollout.all_gather(records, d) for r in part),
                                      key=lambda r: (r["traj"], r["step"]))
                     row.update(summarize_fn(records) if summarize_fn else {})
@@ -383,8 +415,8 @@ def train(cfg, start: str, advantages_fn=None, summarize_fn=None, name: str = "g
                 layout = [(list(range(offsets[k], offsets[k + 1])), tokens[k],
                            rollout.n_micro_batches(len(mb[0::d.world]), cfg.micro_batch_size))
                           for k, mb in enumerate(minibatches)]
-                row.update(ppo_update(model, optimizer, batch, advantages, old_logprobs, ref_logprobs, layout, cfg,
-                                      d, health))
+                row.update(ppo_update(model, optimizer, batch, advantages, old_logprobs, ref_logprobs,
+                                      layout, cfg, d, health))
                 row["t_train"] = time.time() - t2
                 # 6. the generation engine gets the new weights
                 if engine is not model:
@@ -396,7 +428,8 @@ def train(cfg, start: str, advantages_fn=None, summarize_fn=None, name: str = "g
                 rollout.write_jsonl(out_dir / "trajectories.jsonl",
                                     [dict(t.log_record(), step=step + 1) for t in trajs[:cfg.n_samples * 2]])
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:  # the last one lets --resume extend a run
+            # the last one lets --resume extend a run
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 rollout.save_checkpoint(out_dir, step + 1, model, tokenizer, optimizer, d, {
                     "step": step + 1, "rng": rollout.rng_state(), "run_id": run_id, "config": asdict(cfg),
                     "start": start})

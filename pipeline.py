@@ -8,25 +8,29 @@ pipeline.py: the whole toy pipeline in one command, ending with the paper's comp
          GRPO alone                                                grpo.py        -> runs/grpo-student-s0
          GRPO + uniform on-policy distillation (OPD)               sod_distill.py -> runs/opd-student-s0
          GRPO + step-wise on-policy distillation (SOD)             sod_distill.py -> runs/sod-student-s0
-    5. evaluate all six models on the held-out toy split           evaluate.py    -> runs/eval
+    5. evaluate every model on the held-out toy test split         evaluate.py    -> runs/eval
 
 Every stage is the stage file's own `main` with its own config: this file only chooses the sizes.
-Each student RL run can be repeated over several seeds (--seeds 0,1,2): the table then shows the
-mean and the spread.
+
+Three presets. The default is a short run (one seed, ~20 min on 2 cores). --quick runs every stage for a
+handful of steps (a smoke test whose numbers mean nothing). --study is the README's main experiment: a weak
+student and a strong teacher on longer chains with a flaky tool, five seeds (each with its own student SFT),
+256 test problems x 16 samples, a table with bootstrap confidence intervals and paired differences, and a
+picture of held-out accuracy against RL step. Any flag given explicitly overrides its preset value.
 
 A stage's output is reused only when it was made by the same settings, from the same inputs (the weights of
 the checkpoints it starts from) and by the same code; a stage that was interrupted resumes from its last
 checkpoint; anything else reruns. Each stage says which of the three happened.
 
-    python pipeline.py                 # ~18 min on 2 CPU cores
-    python pipeline.py --quick         # every stage for a handful of steps, ~2 min (a smoke test: numbers mean nothing)
-    python pipeline.py --seeds 0,1,2   # three seeds of each student RL run
+    python pipeline.py                 # the short default
+    python pipeline.py --quick         # the smoke test
+    python pipeline.py --study         # the main experiment (README: measured duration)
 """
 import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,32 +43,83 @@ import sod_distill
 from rollout import arg
 
 log = logging.getLogger("pipeline")
+UNSET, UNSET_FRACTION = -1, -1.0  # a numeric flag left to the preset
 
 
 @dataclass
 class Config:
     """The toy pipeline: SFT, GRPO teacher, GRPO / OPD / SOD students, evaluation."""
-    out_root: str = arg("runs", "every stage writes under this folder")
-    quick: bool = arg(False, "a few steps per stage and a tiny evaluation: a smoke test, its numbers mean nothing")
-    seeds: str = arg("0", "comma-separated seeds for the student RL runs")
-    teacher_sft_epochs: int = arg(5, "SFT epochs of the teacher (5000 clean toy conversations)")
-    teacher_direct_frac: float = arg(0.5, "fraction of the teacher's SFT conversations that answer without the tool "
-                                          "(what its GRPO then unlearns)")
-    student_sft_epochs: int = arg(4, "SFT epochs of the student (5000 toy conversations, 25 percent with a "
-                                     "recovered tool error)")
-    tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently in every rollout and evaluation")
-    student_retry_frac: float = arg(0.0, "fraction of the student's SFT conversations that retry after a transient failure")
-    rl_steps: int = arg(-1, "RL steps of every RL run, teacher GRPO and each student run (-1: 30, or 2 with --quick)")
-    eval_n: int = arg(-1, "samples per held-out problem in the final table (-1: 8, or 2 with --quick)")
-    eval_prompts: int = arg(-1, "held-out problems in the final table (-1: 128, or 4 with --quick)")
+    quick: bool = arg(False, "a few steps per stage and a tiny evaluation: a smoke test, its numbers mean "
+                             "nothing")
+    study: bool = arg(False, "the main experiment: weak student, strong teacher, flaky tool, five seeds "
+                             "(README)")
+    out_root: str = arg("", "every stage writes under this folder (empty: runs, or runs-study with --study)")
+    seeds: str = arg("", "comma-separated seeds of the student runs (empty: 0, or 0,1,2,3,4 with --study)")
+    seed_student_sft: bool = arg(False, "each seed gets its own student SFT (--study: on), not one shared "
+                                        "checkpoint")
+    toy_steps: str = arg("", "dependent tool calls per toy problem, e.g. 2-4 (empty: the preset's)")
+    tool_failure_rate: float = arg(UNSET_FRACTION, "fraction of tool calls that fail transiently, in every "
+                                                   "rollout and evaluation (-1: the preset's)")
+    teacher_model: str = arg("", "toy architecture of the teacher (empty: toy-teacher, or toy-teacher-large)")
+    teacher_sft_epochs: int = arg(UNSET, "SFT epochs of the teacher (-1: the preset's)")
+    teacher_direct_frac: float = arg(UNSET_FRACTION, "fraction of the teacher's SFT data answered without the "
+                                                     "tool, which its GRPO unlearns (-1: the preset's)")
+    student_sft_epochs: int = arg(UNSET, "SFT epochs of the student (-1: the preset's)")
+    student_sft_examples: int = arg(UNSET, "toy conversations of the student's SFT (-1: the preset's)")
+    student_recovery_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data with a failed tool "
+                                                       "call that is then redone (-1: the preset's)")
+    student_retry_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data that retries after a "
+                                                    "transient tool failure (-1: the preset's)")
+    max_response_tokens: int = arg(UNSET, "tokens per trajectory, tool tokens included, in RL and evaluation "
+                                          "(-1: the preset's)")
+    rl_steps: int = arg(UNSET, "RL steps of every RL run, teacher GRPO and each student run "
+                               "(-1: the preset's)")
+    student_rl_lr: float = arg(UNSET_FRACTION, "learning rate of every student RL run, GRPO, OPD and SOD alike "
+                                               "(-1: the preset's)")
+    rl_eval_every: int = arg(UNSET, "held-out (validation split) evaluation every N RL steps "
+                                    "(-1: the preset's)")
+    eval_n: int = arg(UNSET, "samples per test problem in the final table (-1: the preset's)")
+    eval_prompts: int = arg(UNSET, "test problems in the final table (-1: the preset's)")
+    eval_split: str = arg("test", "split of the final table: test, or valid while choosing settings "
+                                  "(the test split is only for final numbers)")
+
+
+PRESETS = {  # every field the presets set; a flag given explicitly wins
+    "default": dict(out_root="runs", seeds="0", seed_student_sft=False, toy_steps="2-4",
+                    tool_failure_rate=0.0, teacher_model="toy-teacher", teacher_sft_epochs=5,
+                    teacher_direct_frac=0.5, student_sft_epochs=4, student_sft_examples=5000,
+                    student_recovery_frac=0.25, student_retry_frac=0.0,
+                    max_response_tokens=320, rl_steps=30, student_rl_lr=5e-5,
+                    rl_eval_every=10, eval_n=8, eval_prompts=128),
+    "quick": dict(rl_steps=2, rl_eval_every=0, eval_n=2, eval_prompts=4),
+    "study": dict(out_root="runs-study", seeds="0,1,2,3,4", seed_student_sft=True, toy_steps="3-5",
+                  tool_failure_rate=0.1, teacher_model="toy-teacher-large", teacher_sft_epochs=5,
+                  teacher_direct_frac=0.0, student_sft_epochs=2, student_sft_examples=3000,
+                  student_recovery_frac=0.3, student_retry_frac=0.3, max_response_tokens=448, rl_steps=30,
+                  rl_eval_every=10, eval_n=16,
+                  eval_prompts=256),
+}
+
+
+def resolve(cfg: Config) -> Config:
+    """The preset's value for every field left unset (UNSET, or an empty string)."""
+    if cfg.quick and cfg.study:
+        raise SystemExit("--quick and --study are two different presets: choose one")
+    preset = dict(PRESETS["default"],
+                  **(PRESETS["quick"] if cfg.quick else PRESETS["study"] if cfg.study else {}))
+    unset = {f.name: preset[f.name] for f in fields(cfg)
+             if f.name in preset and getattr(cfg, f.name) in (UNSET, UNSET_FRACTION, "")
+             and not isinstance(getattr(cfg, f.name), bool)}
+    flags = {k: True for k in ("seed_student_sft",) if preset[k] and not getattr(cfg, k)}
+    return replace(cfg, **unset, **flags)
 
 
 # -----------------------------------------------------------------------------
 # Stages that know where they come from
 
 def fingerprint(stage_cfg, inputs: list[str]) -> dict:
-    """What a stage's output depends on: its settings (minus where it writes and whether it resumes), the weights
-    of the checkpoints it starts from, and the code."""
+    """What a stage's output depends on: its settings (minus where it writes and whether it resumes), the
+    weights of the checkpoints it starts from, and the code."""
     settings = {k: v for k, v in asdict(stage_cfg).items() if k not in ("out_dir", "resume", "device")}
     weights = {}
     for path in inputs:
@@ -74,8 +129,8 @@ def fingerprint(stage_cfg, inputs: list[str]) -> dict:
 
 
 def run_stage(name: str, out_dir: Path, fn, stage_cfg, inputs: list[str], timings: dict):
-    """Reuse out_dir/final if the same settings, inputs and code made it; resume an interrupted run of the same
-    stage; otherwise run it from the start (the stage itself clears what an earlier run left)."""
+    """Reuse out_dir/final if the same settings, inputs and code made it; resume an interrupted run of the
+    same stage; otherwise run it from the start (the stage itself clears what an earlier run left)."""
     want = fingerprint(stage_cfg, inputs)
     record = out_dir / "pipeline_stage.json"
     had = json.loads(record.read_text()) if record.exists() else None
@@ -101,15 +156,16 @@ def run_stage(name: str, out_dir: Path, fn, stage_cfg, inputs: list[str], timing
 
 
 def evaluate_model(name: str, path: str, eval_cfg, benchmarks: dict, cache_dir: Path) -> dict:
-    """Held-out metrics of one checkpoint, reused when the same weights were evaluated the same way."""
+    """Test-split metrics of one checkpoint, reused when the same weights were evaluated the same way."""
     want = fingerprint(eval_cfg, [path])
     cache = cache_dir / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".json")
     if cache.exists() and json.loads(cache.read_text())["fingerprint"] == want:
-        print(f"  {name}: reused evaluation of {path}")
+        print(f"  {name}: reused the evaluation of {path}")
         return json.loads(cache.read_text())["results"]
     t0 = time.time()
     tokenizer = rollout.load_tokenizer(path)
-    results = evaluate.evaluate_engine(rollout.load_model(path, device="cpu"), tokenizer, benchmarks, eval_cfg)["toy"]
+    results = evaluate.evaluate_engine(rollout.load_model(path, device="cpu"),
+                                       tokenizer, benchmarks, eval_cfg)["toy"]
     cache.write_text(json.dumps({"fingerprint": want, "results": results}, indent=1, default=str))
     print(f"  {name}: evaluated {path} in {time.time() - t0:.0f} s")
     return results
@@ -118,82 +174,184 @@ def evaluate_model(name: str, path: str, eval_cfg, benchmarks: dict, cache_dir: 
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
+    cfg = resolve(cfg)
     root = Path(cfg.out_root)
-    q = cfg.quick
-    rl_steps = cfg.rl_steps if cfg.rl_steps >= 0 else (2 if q else 30)
-    eval_n = cfg.eval_n if cfg.eval_n > 0 else (2 if q else 8)
-    eval_prompts = cfg.eval_prompts if cfg.eval_prompts > 0 else (4 if q else 128)
-    sft_sizes = dict(max_steps=3, toy_examples=64, eval_prompts=0) if q else {}
-    rl_sizes = dict(steps=rl_steps, eval_every=0 if q else 10, tool_failure_rate=cfg.tool_failure_rate)
-    if q:
-        rl_sizes.update(prompts_per_step=2, n_samples=4, eval_prompts=4, eval_n=2)
     seeds = [int(s) for s in cfg.seeds.split(",")]
     timings = {}
+    sft_sizes = dict(max_steps=3, toy_examples=64, eval_prompts=0) if cfg.quick else {}
+    rl_sizes = dict(steps=cfg.rl_steps, eval_every=cfg.rl_eval_every, tool_failure_rate=cfg.tool_failure_rate,
+                    toy_steps=cfg.toy_steps, max_response_tokens=cfg.max_response_tokens)
+    if cfg.quick:
+        rl_sizes.update(prompts_per_step=2, n_samples=4, eval_prompts=4, eval_n=2)
 
-    # 1-2. cold-start SFT. The teacher sees clean tool solutions and, in half of its data, answers given at
-    # once without the tool (mental arithmetic it cannot reproduce: its GRPO learns to always use the tool);
-    # the student's data also shows recoveries from failed tool calls (README: what SOD needs to matter).
+    # 1-2. cold-start SFT. The teacher sees clean tool solutions (and, by default, answers given at once
+    # without the tool, which its GRPO unlearns); the student's data also shows recoveries from failed tool
+    # calls and retries after transient failures, which the teacher never sees (README: what SOD needs to
+    # matter).
+    teacher_sft = str(root / "sft-teacher" / "final")
     run_stage("sft teacher", root / "sft-teacher", sft.main,
-              sft.Config(model="toy-teacher", toy_recovery_frac=0.0, toy_direct_frac=cfg.teacher_direct_frac,
-                         epochs=cfg.teacher_sft_epochs, out_dir=str(root / "sft-teacher"), **sft_sizes), [], timings)
-    run_stage("sft student", root / "sft-student", sft.main,
-              sft.Config(model="toy-student", epochs=cfg.student_sft_epochs, toy_retry_frac=cfg.student_retry_frac,
-                         out_dir=str(root / "sft-student"), **sft_sizes), [], timings)
+              sft.Config(model=cfg.teacher_model, toy_recovery_frac=0.0,
+                         toy_direct_frac=cfg.teacher_direct_frac, toy_steps=cfg.toy_steps,
+                         epochs=cfg.teacher_sft_epochs, out_dir=str(root / "sft-teacher"),
+                         **sft_sizes), [], timings)
+    student_sfts = {}
+    for seed in (seeds if cfg.seed_student_sft else [seeds[0]]):
+        out = root / (f"sft-student-s{seed}" if cfg.seed_student_sft else "sft-student")
+        run_stage(f"sft student (seed {seed})" if cfg.seed_student_sft else "sft student", out, sft.main,
+                  sft.Config(model="toy-student", epochs=cfg.student_sft_epochs,
+                             toy_recovery_frac=cfg.student_recovery_frac,
+                             toy_retry_frac=cfg.student_retry_frac,
+                             toy_steps=cfg.toy_steps, seed=seed, out_dir=str(out),
+                             **{"toy_examples": cfg.student_sft_examples, **sft_sizes}), [], timings)
+        student_sfts[seed] = str(out / "final")
     # 3. the teacher's RL
-    teacher_sft, teacher = str(root / "sft-teacher" / "final"), str(root / "grpo-teacher" / "final")
+    teacher = str(root / "grpo-teacher" / "final")
     run_stage("grpo teacher", root / "grpo-teacher", grpo.main,
-              grpo.Config(model=teacher_sft, out_dir=str(root / "grpo-teacher"), **rl_sizes), [teacher_sft], timings)
+              grpo.Config(model=teacher_sft, out_dir=str(root / "grpo-teacher"),
+                          **rl_sizes), [teacher_sft], timings)
     # 4. the student, same budget three ways
-    student_sft = str(root / "sft-student" / "final")
     students = {}
     for seed in seeds:
+        start = student_sfts.get(seed, student_sfts[seeds[0]])
+        student_rl = dict(rl_sizes, lr=cfg.student_rl_lr)
         for method in ("grpo", "opd", "sod"):
             out = root / f"{method}-student-s{seed}"
             if method == "grpo":
-                stage_cfg, fn, inputs = grpo.Config(model=student_sft, out_dir=str(out), seed=seed, **rl_sizes), \
-                    grpo.main, [student_sft]
+                stage_cfg, fn, inputs = grpo.Config(model=start, out_dir=str(out), seed=seed,
+                                                    **student_rl), grpo.main, [start]
             else:
-                stage_cfg = sod_distill.Config(student=student_sft, teacher=teacher, mode=method, out_dir=str(out),
-                                               seed=seed, **rl_sizes)
-                fn, inputs = sod_distill.main, [student_sft, teacher]
+                stage_cfg = sod_distill.Config(student=start, teacher=teacher, mode=method,
+                                               out_dir=str(out), seed=seed, **student_rl)
+                fn, inputs = sod_distill.main, [start, teacher]
             run_stage(f"{method} student (seed {seed})", out, fn, stage_cfg, inputs, timings)
-            students.setdefault(method, []).append(str(out / "final"))
-    # 5. one evaluation, same settings for every model
-    print(f"\n=== evaluation -> {root / 'eval'} ({eval_prompts} held-out problems x {eval_n} samples)")
-    eval_cfg = evaluate.Config(model=[], num_prompts=eval_prompts, n_samples=eval_n,
+            students.setdefault(method, {})[seed] = str(out / "final")
+    # 5. one evaluation on the test split, same settings for every model
+    print(f"\n=== evaluation -> {root / 'eval'} "
+          f"({cfg.eval_prompts} {cfg.eval_split} problems x {cfg.eval_n} samples)")
+    if cfg.eval_split not in ("test", "valid"):
+        raise SystemExit(f"--eval_split must be test or valid, not {cfg.eval_split!r}")
+    eval_cfg = evaluate.Config(model=[], data="toy" if cfg.eval_split == "test" else "toy:valid",
+                               num_prompts=cfg.eval_prompts, n_samples=cfg.eval_n, toy_steps=cfg.toy_steps,
+                               max_response_tokens=cfg.max_response_tokens,
                                tool_failure_rate=cfg.tool_failure_rate, out_dir=str(root / "eval"), seed=1234)
     (root / "eval").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     benchmarks = evaluate.load_benchmarks(eval_cfg)
-    models = [("teacher SFT", teacher_sft), ("teacher GRPO", teacher), ("student SFT", student_sft)]
-    models += [(f"student {m.upper()} (seed {s})", p) for m, ps in students.items() for s, p in zip(seeds, ps)]
+    models = [("teacher SFT", None, teacher_sft), ("teacher GRPO", None, teacher)]
+    models += [("student SFT", s, student_sfts.get(s, student_sfts[seeds[0]])) for s in seeds]
+    models += [(f"student {m.upper()}", s, p) for m, by_seed in students.items() for s, p in by_seed.items()]
     results = {}
-    for name, path in models:
-        results.setdefault(name.split(" (seed")[0], []).append(evaluate_model(name, path, eval_cfg, benchmarks, root / "eval"))
+    for name, seed, path in models:
+        label = name if seed is None else f"{name} (seed {seed})"
+        results.setdefault(name, {})[seed] = evaluate_model(label, path, eval_cfg, benchmarks, root / "eval")
     timings["evaluation"] = round(time.time() - t0, 1)
-    table = results_table(results, eval_n)
-    if q:
+    table = results_table(results, cfg.eval_n)
+    if len(seeds) > 1:
+        table += "\n\n" + study_tables(results, cfg.eval_n, seeds)
+        plot_learning_curves(root, seeds, cfg, root / "learning_curves.png")
+    if cfg.quick:
         table += "\n\n(--quick: a few steps per stage and a tiny evaluation; these numbers mean nothing)"
+    budget = same_budget(root, students)
     (root / "results.md").write_text(table + "\n")
     (root / "results.json").write_text(json.dumps({"results": results, "timings_s": timings, "seeds": seeds,
-                                                   "config": asdict(cfg)}, indent=2))
+                                                   "config": asdict(cfg), "student_budget": budget},
+                                                  indent=2))
     print("\n" + table)
-    print(f"\nseconds per stage (stages that ran): {timings}")
+    print(f"\nevery student run had the same budget: {budget}")
+    print(f"seconds per stage (stages that ran): {timings}")
     return results
 
 
+# -----------------------------------------------------------------------------
+# Tables, intervals and a picture
+
 def results_table(results: dict, n: int) -> str:
-    """Rows: models; columns: avg@n, pass@n, maj@n, best@n in percent (mean +- std over seeds when several)."""
+    """Rows: models; columns: avg@n, pass@n, maj@n, best@n in percent (mean +- std over seeds when
+    several)."""
     metrics = [f"avg@{n}", f"pass@{n}", f"maj@{n}", f"best@{n}(bootstrap)"]
     lines = ["| model | " + " | ".join(metrics) + " | tool calls / sample | tool error rate |",
              "|---|" + "---|" * (len(metrics) + 2)]
-    for name, runs in results.items():
+    for name, by_seed in results.items():
+        runs = list(by_seed.values())
         cells = []
         for m in metrics + ["tool_calls_per_sample", "tool_error_rate"]:
             values = np.array([r[m] for r in runs]) * (1 if m == "tool_calls_per_sample" else 100)
             cells.append(f"{values.mean():.1f}" + (f" ± {values.std():.1f}" if len(values) > 1 else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def bootstrap_interval(per_seed_problem: np.ndarray, reps: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of a [seeds, problems] array, resampling seeds and problems
+    (with replacement)."""
+    rng = np.random.default_rng(seed)
+    S, P = per_seed_problem.shape
+    means = [per_seed_problem[rng.integers(0, S, S)][:, rng.integers(0, P, P)].mean() for _ in range(reps)]
+    return tuple(np.percentile(means, [2.5, 97.5]))
+
+
+def study_tables(results: dict, n: int, seeds: list[int]) -> str:
+    """avg@n per student with its spread and interval over seeds and problems, and the paired differences."""
+    per = {name: np.array([results[f"student {name}"][s]["per_problem_avg"] for s in seeds]) * 100
+           for name in ("SFT", "GRPO", "OPD", "SOD")}                                      # [seeds, problems]
+    lines = [f"| student ({len(seeds)} seeds) | avg@{n} | std over seeds | 95% interval | per seed |",
+             "|---|---|---|---|---|"]
+    for name, a in per.items():
+        lo, hi = bootstrap_interval(a)
+        lines.append(f"| {name} | {a.mean():.1f} | {a.mean(1).std():.1f} | [{lo:.1f}, {hi:.1f}] | "
+                     + " / ".join(f"{x:.1f}" for x in a.mean(1)) + " |")
+    lines += ["", f"| paired difference (same seed, same SFT start) | mean | 95% interval | per seed |",
+              "|---|---|---|---|"]
+    for a, b in (("SOD", "OPD"), ("OPD", "GRPO"), ("SOD", "GRPO"), ("GRPO", "SFT")):
+        diff = per[a] - per[b]
+        lo, hi = bootstrap_interval(diff)
+        lines.append(f"| {a} - {b} | {diff.mean():+.1f} | [{lo:+.1f}, {hi:+.1f}] | "
+                     + " / ".join(f"{x:+.1f}" for x in diff.mean(1)) + " |")
+    return "\n".join(lines)
+
+
+def plot_learning_curves(root: Path, seeds: list[int], cfg, png: Path):
+    """Validation avg@n against RL step for the three RL students (mean over seeds, shaded min to max)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: no %s", png.name)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, color in (("grpo", "tab:gray"), ("opd", "tab:blue"), ("sod", "tab:red")):
+        curves = []
+        for seed in seeds:
+            rows = [json.loads(x)
+                    for x in (root / f"{method}-student-s{seed}" / "metrics.jsonl").read_text().splitlines()]
+            curves.append({r["step"]: 100 * v
+                           for r in rows for k, v in r.items() if k.startswith("eval/") and "avg@" in k})
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = np.array([[c[s] for s in steps] for c in curves])                         # [seeds, steps]
+        ax.plot(steps, values.mean(0), marker="o", color=color, label=method.upper())
+        ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15)
+    ax.set(xlabel="RL step", ylabel="validation avg@n (%)",
+           title=f"students, mean over {len(seeds)} seeds (min to max)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def same_budget(root: Path, students: dict) -> dict:
+    """The RL budget every student run recorded in its run.json; refuses to report a table if any differs."""
+    keys = ("steps", "prompts_per_step", "n_samples", "lr", "mini_batches", "ppo_epochs",
+            "max_response_tokens", "temperature", "top_p", "tool_failure_rate", "toy_steps", "kl_coef")
+    budgets = {}
+    for by_seed in students.values():
+        for path in by_seed.values():
+            config = json.loads((Path(path).parent / "run.json").read_text())["config"]
+            budgets[path] = {k: config[k] for k in keys}
+    distinct = {json.dumps(b, sort_keys=True) for b in budgets.values()}
+    if len(distinct) != 1:
+        raise SystemExit(f"the student runs did not have the same budget: {distinct}")
+    return json.loads(distinct.pop())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ the newline after <|im_end|>), so sft.py trains on exactly the ids the RL stages
 The toy default runs on a CPU with nothing downloaded:
     python rollout.py                       # 8 toy prompts x 4 samples with the untrained student
     python rollout.py --model runs/sft-student/final --num_prompts 64 --n_samples 8
-    python rollout.py --model Qwen/Qwen3-0.6B --data Open-AgentRL-30K.parquet --backend vllm --n_samples 16   # GPU
+    python rollout.py --model Qwen/Qwen3-0.6B --data Open-AgentRL-30K.parquet --backend vllm \\
+        --n_samples 16   # GPU
 """
 import argparse
 import json
@@ -48,7 +49,8 @@ import tools
 log = logging.getLogger("rollout")
 REPO_DIR = Path(__file__).resolve().parent
 TOY_DIR = REPO_DIR / "toy"
-TOY_MODELS = {"toy-student": TOY_DIR / "student_config.json", "toy-teacher": TOY_DIR / "teacher_config.json"}
+TOY_MODELS = {"toy-student": TOY_DIR / "student_config.json", "toy-teacher": TOY_DIR / "teacher_config.json",
+              "toy-teacher-large": TOY_DIR / "teacher_large_config.json"}
 
 
 # -----------------------------------------------------------------------------
@@ -62,7 +64,8 @@ def arg(default, help: str):
 
 
 def parse_bool(text: str) -> bool:
-    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    value = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
     if text.lower() not in value:
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return value[text.lower()]
@@ -100,37 +103,49 @@ class RolloutConfig:
     # generation
     backend: str = arg("auto", "generation backend: auto (vllm on CUDA if installed, else hf) | hf | vllm")
     vllm_kv_cache_gb: float = arg(4.0, "vLLM's KV-cache budget in GiB, on a GPU or a CPU")
-    temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature (reference 1.0)")
+    temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature "
+                                  "(reference 1.0)")
     top_p: float = arg(1.0, "nucleus sampling (reference 1.0 in training, 0.6 in evaluation)")
     # the loop
     max_turns: int = arg(16, "assistant turns, and tool responses, per trajectory (reference 16)")
     max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
-    max_prompt_tokens: int = arg(512, "prompts longer than this, measured with the chat template, are dropped "
-                                      "(reference 2560 in training, 4096 in evaluation)")
+    max_prompt_tokens: int = arg(512, "prompts longer than this, measured with the chat template, are "
+                                      "dropped (reference 2560 in training, 4096 in evaluation)")
     max_tool_calls_per_turn: int = arg(1, "tool calls executed per assistant turn (reference 1: the first)")
-    tool_junction: str = arg("template", "the ids between a turn's <|im_end|> and the next tool response: template "
-                                          "(the chat template's newline, as SFT data has it) | reference (none)")
+    tool_junction: str = arg("template", "the ids between a turn's <|im_end|> and the next tool response: "
+                                         "template (the chat template's newline, as SFT data has it) "
+                                         "| reference (none)")
     # the tool
-    sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) | cold (a new one per call)")
-    sandbox_url: str = arg("", "a SandboxFusion server for tool calls and code tests, instead of the local sandbox")
-    tool_timeout: float = arg(60.0, "seconds per tool call, also the cap on a call's own `timeout` (reference 60)")
+    sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) "
+                               "| cold (a new one per call)")
+    sandbox_url: str = arg("", "a SandboxFusion server for tool calls and code tests, instead of the local "
+                               "sandbox")
+    tool_timeout: float = arg(60.0, "seconds per tool call, also the cap on a call's own `timeout` "
+                                    "(reference 60)")
     tool_memory_mb: int = arg(2048, "memory per tool call in MB (reference 2048)")
-    max_tool_response_chars: int = arg(256, "tool output shown to the model, cut around the middle (reference 256)")
+    max_tool_response_chars: int = arg(256, "tool output shown to the model, cut around the middle "
+                                            "(reference 256)")
     autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression "
                                       "(bare expressions only)")
-    dedupe_tool_calls: bool = arg(True, "run identical tool calls of one turn batch once (exact for deterministic code)")
-    tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently ('no stdout here'), a toy option")
+    dedupe_tool_calls: bool = arg(True, "run identical tool calls of one turn batch once "
+                                        "(exact for deterministic code)")
+    tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently ('no stdout here'), "
+                                        "a toy option")
     # the reward
+    math_scoring: str = arg("strict", "math and GPQA answers: strict (the reference's exact last box) "
+                                      "| lenient (math-verify's symbolic equivalence)")
     code_scoring: str = arg("fixed", "code problems: fixed | reference (the authors' </think> split, newline "
                                      "unescaping and object-tests bugs; README, deviations)")
-    tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) | turns (+0.1 per tool round) | none")
+    tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) "
+                                         "| turns (+0.1 per tool round) | none")
     overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
     overlong_penalty: float = arg(1.0, "DAPO overlong penalty factor (reference 1.0)")
 
 
 CHOICES = {"backend": ("auto", "hf", "vllm"), "autoprint": ("reference", "expression"),
            "tool_junction": ("template", "reference"), "sandbox": ("warm", "cold"),
-           "code_scoring": ("fixed", "reference"), "tool_shaping": ("reference", "turns", "none")}
+           "code_scoring": ("fixed", "reference"), "math_scoring": ("strict", "lenient"),
+           "tool_shaping": ("reference", "turns", "none")}
 
 
 def check_rollout_settings(cfg):
@@ -149,14 +164,26 @@ def rollout_settings(cfg, **changes) -> RolloutConfig:
 # 2. Data: the reference's prompt wrappers, byte-exact, and the loaders
 
 MATH1 = "Analyze and solve the following math problem step by step. \n\n"
-MATH2 = "\n\nThe tool could be used for more precise and efficient calculation and could help you to verify your result before you reach the final answer."
-AGENT = "\n\n**Note: You should first analyze the problem and form a high-level solution strategy, then utilize the tools to help you solve the problem.**"
-ANSFMT = "\nRemember once you make sure the current answer is your final answer, do not call the tools again and directly output the final answer in the following text format, the answer format must be: \\boxed{'The final answer goes here.'}."
-NOUNITS_A = "\nDo not put units of the final answer inside \\boxed{}. The content of \\boxed{} should be the numerical value of the final answer only, without any units."
-NOUNITS_B = "\nDo not put units of the final answer inside \\boxed{}. The content of \\boxed{} should be the final numerical value of the final answer only, without any units."
-CODE_SUFFIX = "\nBefore sumbit your code, you can utilize tools to check the correctness of your code, once you make sure the current code is correct, do not call the tools again and submit your code within ```python\n# YOUR CODE HERE\n```."
-LCB_START = "You will be given a question (problem specification) and will generate a correct Python program that matches the specification and passes all tests.\n\n"
-LCB_CODEP = "\n\nRead the inputs from stdin solve the problem and write the answer to stdout (do not directly test on the sample inputs). Enclose your code within delimiters as follows. Ensure that when the python program runs, it reads the inputs, runs the algorithm and writes output to STDOUT.\n```python\n# YOUR CODE HERE\n\""
+MATH2 = ("\n\nThe tool could be used for more precise and efficient calculation and could help you to verify "
+         "your result before you reach the final answer.")
+AGENT = ("\n\n**Note: You should first analyze the problem and form a high-level solution strategy, then "
+         "utilize the tools to help you solve the problem.**")
+ANSFMT = ("\nRemember once you make sure the current answer is your final answer, do not call the tools "
+          "again and directly output the final answer in the following text format, the answer format must "
+          "be: \\boxed{'The final answer goes here.'}.")
+NOUNITS_A = ("\nDo not put units of the final answer inside \\boxed{}. The content of \\boxed{} should be "
+             "the numerical value of the final answer only, without any units.")
+NOUNITS_B = ("\nDo not put units of the final answer inside \\boxed{}. The content of \\boxed{} should be "
+             "the final numerical value of the final answer only, without any units.")
+CODE_SUFFIX = ("\nBefore sumbit your code, you can utilize tools to check the correctness of your code, once "
+               "you make sure the current code is correct, do not call the tools again and submit your code "
+               "within ```python\n# YOUR CODE HERE\n```.")
+LCB_START = ("You will be given a question (problem specification) and will generate a correct Python "
+             "program that matches the specification and passes all tests.\n\n")
+LCB_CODEP = ("\n\nRead the inputs from stdin solve the problem and write the answer to stdout "
+             "(do not directly test on the sample inputs). Enclose your code within delimiters as follows. "
+             "Ensure that when the python program runs, it reads the inputs, runs the algorithm and writes "
+             "output to STDOUT.\n```python\n# YOUR CODE HERE\n\"")
 
 
 def _maybe_json(x):
@@ -166,10 +193,10 @@ def _maybe_json(x):
 def wrap_prompt(row: dict) -> tuple[str, str, object]:
     """One data row -> (user prompt text, data_source, ground truth), wrapped as the reference does.
 
-    The wrapper follows the row's data_source, as recipe/demystify/reward.py chooses it (per row here, not from
-    the file's first row: README, deviations); the columns decide only where data_source is missing. Layouts:
-    the RL schema (prompt / data_source / reward_model), AIME (Problem/Answer or problem/answer), GPQA
-    (problem/solution/domain), LiveCodeBench (problem + reward_model as a JSON string).
+    The wrapper follows the row's data_source, as recipe/demystify/reward.py chooses it (per row here, not
+    from the file's first row: README, deviations); the columns decide only where data_source is missing.
+    Layouts: the RL schema (prompt / data_source / reward_model), AIME (Problem/Answer or problem/answer),
+    GPQA (problem/solution/domain), LiveCodeBench (problem + reward_model as a JSON string).
     """
     source = str(row.get("data_source") or "")
     reward_model = _maybe_json(row.get("reward_model")) or {}
@@ -187,26 +214,30 @@ def wrap_prompt(row: dict) -> tuple[str, str, object]:
     columns = set(row)
     if source in ("AIME2024", "AIME2025") or (not source and ({"Problem", "Answer"} <= columns or
                                                                {"problem", "answer"} <= columns)):
-        problem, answer = (row["Problem"], row["Answer"]) if "Problem" in row else (row["problem"], row["answer"])
+        problem, answer = ((row["Problem"], row["Answer"]) if "Problem" in row
+                           else (row["problem"], row["answer"]))
         return MATH1 + problem + MATH2 + AGENT + ANSFMT, source or "AIME", str(answer)
     if source == "gpqa_diamond" or (not source and {"problem", "solution", "domain"} <= columns):
         text = (f"Analyze and solve the following {row['domain']} problem step by step. \n\n" + row["problem"]
-                + MATH2 + AGENT + ANSFMT + "\n Here you need to put the final uppercase letter option of this problem into \\boxed{}")
+                + MATH2 + AGENT + ANSFMT
+                + "\n Here you need to put the final uppercase letter option of this problem into \\boxed{}")
         return text, source or "gpqa_diamond", str(row["solution"])
     if source == "LiveCodeBench_v6" or (not source and "problem" in row and reward_model):
         # the "examples" are the scoring tests, as in the authors' prompt (README, deviations)
         truth = _maybe_json(reward_model["ground_truth"])
-        examples = ("\nHere are some input and output examples of the expected code:\nInput:" + str(truth["inputs"])
-                    + "\nOutput:\n" + str(truth["outputs"]))
-        return LCB_START + row["problem"] + examples + AGENT + LCB_CODEP + CODE_SUFFIX, source or "LiveCodeBench_v6", truth
-    raise ValueError(f"data_source {source!r} with columns {sorted(row)} matches no prompt wrapper; expected one of: "
-                     "[prompt, data_source, reward_model] (RL), AIME2024/AIME2025 [Problem, Answer] or [problem, answer], "
+        examples = ("\nHere are some input and output examples of the expected code:\nInput:"
+                    + str(truth["inputs"]) + "\nOutput:\n" + str(truth["outputs"]))
+        return (LCB_START + row["problem"] + examples + AGENT + LCB_CODEP + CODE_SUFFIX,
+                source or "LiveCodeBench_v6", truth)
+    raise ValueError(f"data_source {source!r} with columns {sorted(row)} matches no prompt wrapper; "
+                     "expected one of: [prompt, data_source, reward_model] (RL), "
+                     "AIME2024/AIME2025 [Problem, Answer] or [problem, answer], "
                      "gpqa_diamond [problem, solution, domain], LiveCodeBench_v6 [problem, reward_model]")
 
 
 def load_rows(path: str) -> list[dict]:
-    """Read a .jsonl / .json / .parquet file into a list of dicts; a file that cannot be read stops the run with
-    its name and the reason."""
+    """Read a .jsonl / .json / .parquet file into a list of dicts; a file that cannot be read stops the run
+    with its name and the reason."""
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"data file not found: {path}")
@@ -251,7 +282,8 @@ def _to_plain(x):
     return x
 
 
-KNOWN_SOURCES = {"toy_arith", "math_dapo", "mega-science", "AIME2024", "AIME2025", "gpqa_diamond"}  # plus any "code"
+KNOWN_SOURCES = {"toy_arith", "math_dapo", "mega-science", "AIME2024", "AIME2025",
+                 "gpqa_diamond"}  # plus any "code"
 
 
 def toy_steps_range(text: str) -> tuple[int, int]:
@@ -260,14 +292,15 @@ def toy_steps_range(text: str) -> tuple[int, int]:
         low, high = (int(x) for x in text.split("-"))
         assert 1 <= low <= high <= 8
     except (ValueError, AssertionError):
-        raise SystemExit(f"--toy_steps must be like 2-4 (from 1 to 8 dependent calls), not {text!r}") from None
+        raise SystemExit("--toy_steps must be like 2-4 (from 1 to 8 dependent calls), "
+                         f"not {text!r}") from None
     return low, high
 
 
 def load_prompts(path: str, n: int | None = None, seed: int = 0, toy_steps: str = "2-4") -> list[dict]:
-    """RL / eval prompts as {"prompt", "data_source", "ground_truth", "hint", "id"}; "toy[:split]" builds a toy split
-    (train, eval, valid) of problems needing `toy_steps` dependent calls. Malformed rows are skipped and counted;
-    rows of a data_source no grader knows are counted and graded as math."""
+    """RL / eval prompts as {"prompt", "data_source", "ground_truth", "hint", "id"}; "toy[:split]" builds a
+    toy split (train, eval, valid) of problems needing `toy_steps` dependent calls. Malformed rows are skipped
+    and counted; rows of a data_source no grader knows are counted and graded as math."""
     if path.startswith("toy"):
         from toy import task
         split = path.split(":")[1] if ":" in path else "train"
@@ -296,17 +329,18 @@ def load_prompts(path: str, n: int | None = None, seed: int = 0, toy_steps: str 
     if bad:
         log.warning("%s: skipped %d malformed rows (%s)", path, sum(bad.values()), dict(bad))
     if unknown:
-        log.warning("%s: %d rows have a data_source without a grader of its own (%s): graded as math with the strict "
-                    "box, as the authors' reward does for every source without 'code'", path, sum(unknown.values()),
-                    dict(unknown))
+        log.warning("%s: %d rows have a data_source without a grader of its own (%s): graded as math with "
+                    "the strict box, as the authors' reward does for every source without 'code'",
+                    path, sum(unknown.values()), dict(unknown))
     if not out:
-        raise SystemExit(f"{path}: no usable rows" + (f"; the first problem: {next(iter(bad))}" if bad else ""))
+        raise SystemExit(f"{path}: no usable rows"
+                         + (f"; the first problem: {next(iter(bad))}" if bad else ""))
     return out[:n] if n else out
 
 
 def drop_long_prompts(prompts: list[dict], tokenizer, max_tokens: int, name: str = "") -> list[dict]:
-    """The reference's filter_overlong_prompts: the user turn rendered by the chat template with the generation
-    prompt, *without* the tools block, must fit in max_tokens."""
+    """The reference's filter_overlong_prompts: the user turn rendered by the chat template with the
+    generation prompt, *without* the tools block, must fit in max_tokens."""
     def length(p):
         text = tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
                                              add_generation_prompt=True)
@@ -324,8 +358,8 @@ def drop_long_prompts(prompts: list[dict], tokenizer, max_tokens: int, name: str
 # the toy checkpoints the stages look for by default, and the command that makes each
 DEFAULT_CHECKPOINTS = {
     "runs/sft-student/final": "python sft.py",
-    "runs/sft-teacher/final": "python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 "
-                              "--toy_direct_frac 0.5 --epochs 5",
+    "runs/sft-teacher/final": "python sft.py --model toy-teacher --out_dir runs/sft-teacher "
+                              "--toy_recovery_frac 0 --toy_direct_frac 0.5 --epochs 5",
     "runs/grpo-teacher/final": "python grpo.py",
 }
 
@@ -343,9 +377,10 @@ def in_hub_cache(name: str) -> bool:
 
 
 def check_model_path(name_or_path: str, needs: str = "config.json"):
-    """Fail early, before anything is written, on a model that is neither a toy name, nor a local folder holding
-    `needs`, nor a Hugging Face model in the local cache. Nothing is downloaded at run time (N ranks downloading
-    the same weights at once helps nobody): fetch a model once with `hf download <namespace/name>`."""
+    """Fail early, before anything is written, on a model that is neither a toy name, nor a local folder
+    holding `needs`, nor a Hugging Face model in the local cache. Nothing is downloaded at run time (N ranks
+    downloading the same weights at once helps nobody): fetch a model once with
+    `hf download <namespace/name>`."""
     if name_or_path in TOY_MODELS:
         return
     path = Path(name_or_path)
@@ -361,8 +396,8 @@ def check_model_path(name_or_path: str, needs: str = "config.json"):
             if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
             and not Path(name_or_path.split("/")[0]).is_dir() else
             f"; the toy models are {', '.join(sorted(TOY_MODELS))}")
-    raise SystemExit(f"model path does not exist: {name_or_path} (not a local folder, nor a Hugging Face model in "
-                     f"the local cache){hint}")
+    raise SystemExit(f"model path does not exist: {name_or_path} (not a local folder, nor a Hugging Face "
+                     f"model in the local cache){hint}")
 
 
 def load_tokenizer(name_or_path: str):
@@ -407,26 +442,32 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, local_files_only=True)
-        except Exception as e:  # a truncated safetensors file, a missing shard, a hub error: name what was read
-            files = sorted(p.name for p in Path(name_or_path).glob("*.safetensors")) if Path(name_or_path).is_dir() else []
+        except Exception as e:
+            # a truncated safetensors file, a missing shard, a hub error: name what was read
+            files = (sorted(p.name for p in Path(name_or_path).glob("*.safetensors"))
+                     if Path(name_or_path).is_dir() else [])
             where = f"{name_or_path}/{files[0]}" if len(files) == 1 else name_or_path
             raise SystemExit(f"could not load model weights from {where}: {type(e).__name__}: {e}") from None
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
-            raise SystemExit(f"{name_or_path}: the weights are not finite (NaN or inf) in {len(bad)} tensors, "
-                             f"e.g. {bad[0]}; refusing to start from them")
+            raise SystemExit(f"{name_or_path}: the weights are not finite (NaN or inf) in {len(bad)} "
+                             f"tensors, e.g. {bad[0]}; refusing to start from them")
     return model.to(device=device, dtype=dtype).eval()
 
 
 def check_same_tokenizer(student_tok, teacher_tok, student_name="student", teacher_name="teacher"):
-    """On-policy distillation reads the teacher's log-prob of the *student's token ids*: the vocabularies must be identical."""
+    """On-policy distillation reads the teacher's log-prob of the *student's token ids*: the vocabularies must
+    be identical."""
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
     if sv != tv:
-        differ = sorted({t for t in sv.keys() | tv.keys() if sv.get(t) != tv.get(t)}, key=lambda t: sv.get(t, tv.get(t)))
-        raise SystemExit(f"tokenizer mismatch: {student_name} ({len(sv)} tokens) and {teacher_name} ({len(tv)} tokens) "
-                         f"disagree on {len(differ)} tokens, e.g. {differ[:3]}. The teacher scores the student's token "
-                         "ids, so both must share one tokenizer (Qwen3-0.6B/1.7B/4B do).")
-    if stop_token_ids(student_tok) != stop_token_ids(teacher_tok) or student_tok.eos_token_id != teacher_tok.eos_token_id:
+        differ = sorted({t for t in sv.keys() | tv.keys() if sv.get(t) != tv.get(t)},
+                        key=lambda t: sv.get(t, tv.get(t)))
+        raise SystemExit(f"tokenizer mismatch: {student_name} ({len(sv)} tokens) and {teacher_name} "
+                         f"({len(tv)} tokens) disagree on {len(differ)} tokens, e.g. {differ[:3]}. "
+                         "The teacher scores the student's token ids, so both must share one tokenizer "
+                         "(Qwen3-0.6B/1.7B/4B do).")
+    if (stop_token_ids(student_tok) != stop_token_ids(teacher_tok)
+            or student_tok.eos_token_id != teacher_tok.eos_token_id):
         raise SystemExit(f"tokenizer mismatch: end-of-sequence ids differ ({stop_token_ids(student_tok)} vs "
                          f"{stop_token_ids(teacher_tok)})")
 
@@ -454,7 +495,8 @@ def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], tem
                 stop_ids: list[int], pad_id: int, batch_size: int = 256) -> list[list[int]]:
     """Sample one continuation per context, each cut after its first stop token and to its own budget."""
     device = next(model.parameters()).device
-    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))  # similar lengths together: less padding
+    # similar lengths together: less padding
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     outputs: list[list[int]] = [[] for _ in contexts]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -477,12 +519,13 @@ def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], tem
 
 def make_vllm_engine(model_path: str, seed: int = 0, d: "Dist | None" = None, kv_cache_gb: float = 4.0,
                      max_model_len: int | None = None):
-    """A colocated, in-process vLLM engine (in-process is what lets us push weights without a disk round trip),
-    with an explicit KV-cache budget in GiB, on a GPU or a CPU. Under torchrun every rank holds its own engine
-    (vLLM's external launcher, data parallel: each rank generates for its own prompts)."""
+    """A colocated, in-process vLLM engine (in-process is what lets us push weights without a disk round
+    trip), with an explicit KV-cache budget in GiB, on a GPU or a CPU. Under torchrun every rank holds its own
+    engine (vLLM's external launcher, data parallel: each rank generates for its own prompts)."""
     check_model_path(model_path)
     if model_path in TOY_MODELS:
-        raise SystemExit(f"vLLM loads weights from a folder; {model_path!r} is a random toy model: run sft.py first")
+        raise SystemExit(f"vLLM loads weights from a folder; {model_path!r} is a random toy model: "
+                         "run sft.py first")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
@@ -490,9 +533,11 @@ def make_vllm_engine(model_path: str, seed: int = 0, d: "Dist | None" = None, kv
     try:
         from vllm import LLM
     except ImportError as e:
-        raise SystemExit("--backend vllm needs vLLM (pip install vllm; on CPU: pip install -r requirements-vllm.txt)") from e
-    kwargs = dict(model=model_path, seed=seed, dtype="bfloat16" if on_gpu else "float32", enforce_eager=not on_gpu,
-                  enable_prefix_caching=True, kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
+        raise SystemExit("--backend vllm needs vLLM (pip install vllm; "
+                         "on CPU: pip install -r requirements-vllm.txt)") from e
+    kwargs = dict(model=model_path, seed=seed, dtype="bfloat16" if on_gpu else "float32",
+                  enforce_eager=not on_gpu, enable_prefix_caching=True,
+                  kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
     if d is not None and d.world > 1:
         kwargs.update(distributed_executor_backend="external_launcher", data_parallel_size=d.world)
     if max_model_len:
@@ -502,10 +547,12 @@ def make_vllm_engine(model_path: str, seed: int = 0, d: "Dist | None" = None, kv
 
 def generate_vllm(llm, contexts: list[list[int]], max_new_tokens: list[int], temperature: float, top_p: float,
                   stop_ids: list[int], seed: int | None = None) -> list[list[int]]:
-    """vLLM keeps the stop token it sampled in token_ids; nothing is appended that the model did not sample."""
+    """vLLM keeps the stop token it sampled in token_ids; nothing is appended that the model did not
+    sample."""
     from vllm import SamplingParams
-    params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max(1, m), stop_token_ids=list(stop_ids),
-                             seed=None if seed is None else seed + i) for i, m in enumerate(max_new_tokens)]
+    params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max(1, m),
+                             stop_token_ids=list(stop_ids), seed=None if seed is None else seed + i)
+              for i, m in enumerate(max_new_tokens)]
     results = llm.generate([{"prompt_token_ids": c} for c in contexts], params, use_tqdm=False)
     return [_cut_at_stop(list(r.outputs[0].token_ids), stop_ids, m) for r, m in zip(results, max_new_tokens)]
 
@@ -527,7 +574,8 @@ def generate(engine, contexts, max_new_tokens, cfg: RolloutConfig, stop_ids, pad
     if isinstance(engine, torch.nn.Module):
         return generate_hf(engine, contexts, max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, pad_id)
     if hasattr(engine, "llm_engine"):
-        return generate_vllm(engine, contexts, max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, seed=seed)
+        return generate_vllm(engine, contexts, max_new_tokens, cfg.temperature, cfg.top_p,
+                             stop_ids, seed=seed)
     return engine(contexts, max_new_tokens, cfg)
 
 
@@ -549,7 +597,8 @@ def resolve_backend(backend: str) -> str:
 def render_prompt_ids(tokenizer, prompt: str, tools_schema: list[dict] | None = None) -> list[int]:
     """The initial context: system block declaring the tools, the user turn, and `<|im_start|>assistant\\n`.
     `enable_thinking` is not passed, as in the reference, so no empty think block is pre-filled."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tools=tools_schema or [tools.TOOL_SCHEMA],
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         tools=tools_schema or [tools.TOOL_SCHEMA],
                                          tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -572,8 +621,9 @@ class Trajectory:
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)
     response_mask: list[int] = field(default_factory=list)
-    steps: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each assistant turn in response_ids
-    turns: list[dict] = field(default_factory=list)              # per assistant turn: tokens, tool call, status
+    # [start, end) of each assistant turn in response_ids
+    steps: list[tuple[int, int]] = field(default_factory=list)
+    turns: list[dict] = field(default_factory=list)  # per assistant turn: tokens, tool call, status
     num_turns: int = 1       # the reference's count: user prompt + assistant turns + tool responses
     num_tool_calls: int = 0
     num_tool_errors: int = 0
@@ -589,8 +639,9 @@ class Trajectory:
 
     def log_record(self) -> dict:
         return {"prompt_index": self.prompt_index, "reward": self.reward, "acc": self.acc, "pred": self.pred,
-                "num_turns": self.num_turns, "num_tool_calls": self.num_tool_calls, "stop_reason": self.stop_reason,
-                "response_tokens": len(self.response_ids), "turns": self.turns, "text": self.text}
+                "num_turns": self.num_turns, "num_tool_calls": self.num_tool_calls,
+                "stop_reason": self.stop_reason, "response_tokens": len(self.response_ids),
+                "turns": self.turns, "text": self.text}
 
 
 def _finish(traj: Trajectory, reason: str, cfg: RolloutConfig):
@@ -602,8 +653,9 @@ def _finish(traj: Trajectory, reason: str, cfg: RolloutConfig):
 
 def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, seed: int | None = None,
             counts: Counter | None = None, progress: bool = False) -> list[Trajectory]:
-    """n trajectories per prompt. All live trajectories generate together, turn by turn; finished ones drop out.
-    Sampling follows cfg.temperature and cfg.top_p. Trajectories of prompt i sit at [i*n, (i+1)*n) (the GRPO groups).
+    """n trajectories per prompt. All live trajectories generate together, turn by turn; finished ones drop
+    out. Sampling follows cfg.temperature and cfg.top_p. Trajectories of prompt i sit at [i*n, (i+1)*n) (the
+    GRPO groups).
     """
     from tqdm import tqdm
     counts = counts if counts is not None else Counter()
@@ -613,10 +665,12 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
     trajs = []
     for i, p in enumerate(prompts):
         prompt_ids = render_prompt_ids(tokenizer, p["prompt"])
-        trajs += [Trajectory(prompt_ids=prompt_ids, prompt_index=i, data_source=p["data_source"], ground_truth=p["ground_truth"])
+        trajs += [Trajectory(prompt_ids=prompt_ids, prompt_index=i, data_source=p["data_source"],
+                             ground_truth=p["ground_truth"])
                   for _ in range(n)]
     live = list(trajs)
-    flaky = random.Random(None if seed is None else seed + 17)  # transient tool failures, when cfg asks for them
+    # transient tool failures, when cfg asks for them
+    flaky = random.Random(None if seed is None else seed + 17)
     bar = tqdm(total=cfg.max_turns, desc="rollout turns", leave=False, disable=not progress)
     while live:
         # (per turn) budget = what is left of the trajectory's token budget, as the reference's max_tokens
@@ -645,7 +699,8 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
                 continue
             calls = calls[:cfg.max_tool_calls_per_turn]
             first = calls[0]
-            turn["tool_call"] = first["arguments"].get("code") if isinstance(first["arguments"], dict) else first
+            turn["tool_call"] = (first["arguments"].get("code") if isinstance(first["arguments"], dict)
+                                 else first)
             pending.append((t, calls))
         # the tool calls of this turn, all trajectories at once, in parallel
         flat = [c for _, calls in pending for c in calls]
@@ -658,17 +713,20 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
             texts = results[k:k + len(calls)]
             k += len(calls)
             if cfg.tool_failure_rate > 0 and flaky.random() < cfg.tool_failure_rate:
-                texts = [tools.NO_STDOUT] * len(texts)  # what the reference shows for a sandbox timeout or failure
+                # what the reference shows for a sandbox timeout or failure
+                texts = [tools.NO_STDOUT] * len(texts)
             failed = any(tools.tool_call_failed(x) for x in texts)
             t.num_tool_calls += len(calls)
             t.num_tool_errors += int(failed)
             counts["tool_calls"] += len(calls)
             counts["tool_errors"] += int(failed)
-            t.turns[-1].update(tool_status="error" if failed else "ok", tool_output_chars=sum(map(len, texts)),
+            t.turns[-1].update(tool_status="error" if failed else "ok",
+                               tool_output_chars=sum(map(len, texts)),
                                tool_output_truncated="...(truncated)..." in "".join(texts))
             segment = render_tool_response_ids(tokenizer, texts, cfg.tool_junction)
             if len(t.response_ids) + len(segment) >= cfg.max_response_tokens:
-                _finish(t, "length", cfg)  # stop *without* appending: a trajectory always ends with a model turn
+                # stop *without* appending: a trajectory always ends with a model turn
+                _finish(t, "length", cfg)
                 continue
             t.response_ids += segment
             t.response_mask += [0] * len(segment)
@@ -682,14 +740,16 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
 
 
 def run_calls(calls: list[dict], cfg: RolloutConfig) -> list[str]:
-    """Tool texts for a turn's calls, run in parallel. With cfg.dedupe_tool_calls, identical calls (the n samples
-    of a prompt often write the same code) run once and share the answer: exact for deterministic code."""
+    """Tool texts for a turn's calls, run in parallel. With cfg.dedupe_tool_calls, identical calls (the n
+    samples of a prompt often write the same code) run once and share the answer: exact for deterministic
+    code."""
     if not calls:
         return []
     keys = [json.dumps(c, sort_keys=True) for c in calls]
     unique = list(dict.fromkeys(keys)) if cfg.dedupe_tool_calls else keys
     by_key = {k: c for k, c in zip(keys, calls)}
-    texts = tools.run_tool_calls([by_key[k] for k in unique], timeout=cfg.tool_timeout, memory_mb=cfg.tool_memory_mb,
+    texts = tools.run_tool_calls([by_key[k] for k in unique],
+                                 timeout=cfg.tool_timeout, memory_mb=cfg.tool_memory_mb,
                                  autoprint=cfg.autoprint, max_output_chars=cfg.max_tool_response_chars,
                                  sandbox=cfg.sandbox, sandbox_url=cfg.sandbox_url)
     if not cfg.dedupe_tool_calls:
@@ -702,10 +762,12 @@ def score_trajectory(t: Trajectory, tokenizer, cfg: RolloutConfig):
     """Reward from the decoded response (tool segments included, special tokens skipped), as the reference."""
     t.text = tokenizer.decode(t.response_ids, skip_special_tokens=True)
     result = tools.compute_score(t.data_source, t.text, t.ground_truth, {"num_turns": t.num_turns},
-                                 tool_shaping=cfg.tool_shaping, code_scoring=cfg.code_scoring, sandbox=cfg.sandbox,
+                                 tool_shaping=cfg.tool_shaping, lenient_math=cfg.math_scoring == "lenient",
+                                 code_scoring=cfg.code_scoring, sandbox=cfg.sandbox,
                                  sandbox_url=cfg.sandbox_url)
     t.score, t.acc, t.pred = float(result["score"]), bool(result["acc"]), result["pred"] or ""
-    t.reward = t.score + overlong_penalty(len(t.response_ids), cfg.max_response_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+    t.reward = t.score + overlong_penalty(len(t.response_ids), cfg.max_response_tokens,
+                                          cfg.overlong_buffer, cfg.overlong_penalty)
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int, factor: float = 1.0) -> float:
@@ -736,8 +798,8 @@ def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device
 def pad_trajectories(trajs: list[Trajectory], pad_id: int, device="cpu") -> dict:
     """An RL batch: response_mask[b, t] = 1 iff token t+1 is a model-generated response token."""
     input_ids, attention_mask, response_mask = pad_batch(
-        [t.prompt_ids + t.response_ids for t in trajs], [[0] * len(t.prompt_ids) + t.response_mask for t in trajs],
-        pad_id, device)
+        [t.prompt_ids + t.response_ids for t in trajs],
+        [[0] * len(t.prompt_ids) + t.response_mask for t in trajs], pad_id, device)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
@@ -754,9 +816,10 @@ def _chunk_logprobs(lm_head, hidden, labels, temperature, with_entropy=False):
 
 
 def final_hidden_states(model, input_ids, attention_mask):
-    """[B, T, H]: the decoder's output after its final norm, taken by a hook during a call of the *whole* model
-    that computes logits for one position only. Calling the model itself, not its decoder, is what lets FSDP2
-    gather every parameter the root owns (embeddings, final norm, the tied output head) in a sharded run."""
+    """[B, T, H]: the decoder's output after its final norm, taken by a hook during a call of the *whole*
+    model that computes logits for one position only. Calling the model itself, not its decoder, is what lets
+    FSDP2 gather every parameter the root owns (embeddings, final norm, the tied output head) in a sharded
+    run."""
     captured = []
     hook = model.get_decoder().norm.register_forward_hook(lambda module, args, out: captured.append(out))
     try:
@@ -768,30 +831,31 @@ def final_hidden_states(model, input_ids, attention_mask):
 
 def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, chunk_bytes: int = 256 * 2**20,
                    max_chunk_tokens: int = 2048, with_entropy: bool = False):
-    """[B, T-1] float32, entry [b, t] = log p_T(input_ids[b, t+1] | input_ids[b, :t+1]) with p_T = softmax(logits / T),
-    the distribution the rollout sampled from at temperature T. With `with_entropy`, also the entropy of that
-    next-token distribution: a pair of [B, T-1] tensors.
+    """[B, T-1] float32, entry [b, t] = log p_T(input_ids[b, t+1] | input_ids[b, :t+1]) with p_T =
+    softmax(logits / T), the distribution the rollout sampled from at temperature T. With `with_entropy`, also
+    the entropy of that next-token distribution: a pair of [B, T-1] tensors.
 
     The body runs once over the whole batch; the vocabulary projection runs on chunks of positions sized so a
     chunk's float32 logits stay under `chunk_bytes` (and at most `max_chunk_tokens` positions, so even a small
-    vocabulary never gets logits for a whole batch at once). Under autograd each chunk is checkpointed, so the backward
-    pass recomputes its logits instead of keeping all of them alive.
+    vocabulary never gets logits for a whole batch at once). Under autograd each chunk is checkpointed, so the
+    backward pass recomputes its logits instead of keeping all of them alive.
     """
-    temperature = temperature if temperature > 0 else 1.0  # greedy decoding samples no distribution: score at T = 1
+    # greedy decoding samples no distribution: score at T = 1
+    temperature = temperature if temperature > 0 else 1.0
     # bf16 autocast on CUDA (fp32 master weights, like the reference's mixed precision); a no-op on CPU
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=input_ids.is_cuda):
-        hidden = final_hidden_states(model, input_ids, attention_mask)[:, :-1]                    # [B, T-1, H]
-    labels = input_ids[:, 1:]                                                                                   # [B, T-1]
+        hidden = final_hidden_states(model, input_ids, attention_mask)[:, :-1]                  # [B, T-1, H]
+    labels = input_ids[:, 1:]                                                                   # [B, T-1]
     B, Tm1, H = hidden.shape
     lm_head = model.get_output_embeddings()
-    flat_h, flat_y = hidden.reshape(-1, H), labels.reshape(-1)                                                  # [N, H], [N]
+    flat_h, flat_y = hidden.reshape(-1, H), labels.reshape(-1)                                  # [N, H], [N]
     chunk = max(1, min(max_chunk_tokens, chunk_bytes // (4 * lm_head.weight.shape[0])))
     parts = []
     for s in range(0, flat_h.shape[0], chunk):
         h, y = flat_h[s:s + chunk], flat_y[s:s + chunk]
         if torch.is_grad_enabled():
-            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, y, temperature, with_entropy,
-                                                           use_reentrant=False))
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, y,
+                                                           temperature, with_entropy, use_reentrant=False))
         else:
             parts.append(_chunk_logprobs(lm_head, h, y, temperature, with_entropy))
     if with_entropy:  # parts hold (logprobs, entropy) pairs
@@ -808,15 +872,16 @@ def masked_mean(x, mask, dim=None):
 #
 #   out_dir/.lock                    held (flock) for the life of the run; says who holds it
 #   out_dir/run.json                 the run's settings, code version and run id
-#   out_dir/checkpoint-000010/       a complete checkpoint: a Hugging Face folder (full weights, tokenizer) plus
-#                                    trainer/ (model and optimizer, sharded, torch.distributed.checkpoint) and
+#   out_dir/checkpoint-000010/       a complete checkpoint: a Hugging Face folder (full weights, tokenizer)
+#                                    plus trainer/ (model and optimizer, sharded,
+#                                    torch.distributed.checkpoint) and
 #                                    trainer_state.pt (step, RNG, run id, scheduler)
 #   out_dir/latest                   the name of the newest complete checkpoint
 #   out_dir/metrics.jsonl ...        one row per step, each with the run id
 #   out_dir/final/                   the trained model (Hugging Face folder) and run.json
 #
-# A checkpoint is written whole under .checkpoint-N.tmp/ and then renamed: a kill at any instant leaves either no
-# new checkpoint or a complete one, and the older one is deleted only after the new one is in place.
+# A checkpoint is written whole under .checkpoint-N.tmp/ and then renamed: a kill at any instant leaves either
+# no new checkpoint or a complete one, and the older one is deleted only after the new one is in place.
 
 MAX_NONFINITE_IN_A_ROW = 3  # optimizer steps skipped for a non-finite gradient norm before the run stops
 
@@ -835,7 +900,8 @@ class Dist:
 
 
 def init_processes(device: str = "") -> tuple[Dist, str]:
-    """(Dist, device) for this process; starts the process group under torchrun and says once how the run is laid out."""
+    """(Dist, device) for this process; starts the process group under torchrun and says once how the run is
+    laid out."""
     device = device or default_device()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         log.info("one process, device %s", device)
@@ -848,8 +914,8 @@ def init_processes(device: str = "") -> tuple[Dist, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if d.main:
-        log.info("world size %d, rank %d, local rank %d, backend %s, device %s", d.world, d.rank, d.local_rank,
-                 dist.get_backend(), device)
+        log.info("world size %d, rank %d, local rank %d, backend %s, device %s", d.world, d.rank,
+                 d.local_rank, dist.get_backend(), device)
     else:
         logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs, the others only warn
     return d, device
@@ -861,7 +927,8 @@ def shard(model, d: Dist, device: str):
     if d.world == 1:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.startswith("cuda") else None
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device.startswith("cuda") else None)
     for layer in model.get_decoder().layers:
         fully_shard(layer, mp_policy=mp or MixedPrecisionPolicy())
     fully_shard(model, mp_policy=mp or MixedPrecisionPolicy())
@@ -873,7 +940,8 @@ def full_state_dict(model, d: Dist, everywhere: bool = False) -> dict:
     if d.world == 1:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    return get_model_state_dict(model,
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
 
 
 def all_gather(obj, d: Dist) -> list:
@@ -907,8 +975,9 @@ def my_share(n: int, d: Dist) -> range:
 
 
 def micro_batches(rows: list[int], size: int, count: int) -> list[list[int]]:
-    """`rows` cut into `count` micro-batches of at most `size`; the last ones may be empty. Every rank of a sharded
-    model runs the same number of forward passes (each one is a collective), so short ranks run empty ones."""
+    """`rows` cut into `count` micro-batches of at most `size`; the last ones may be empty. Every rank of a
+    sharded model runs the same number of forward passes (each one is a collective), so short ranks run empty
+    ones."""
     return [rows[i * size:(i + 1) * size] for i in range(count)]
 
 
@@ -934,8 +1003,9 @@ def lock_out_dir(out_dir: Path, d: Dist):
     except OSError:
         f.seek(0)
         holder = f.read().strip() or "another process"
-        raise SystemExit(f"{out_dir} is in use by {holder}. Wait for that run to end, stop it, or choose another "
-                         f"--out_dir. (The lock dies with its process; on a filesystem without working locks, "
+        raise SystemExit(f"{out_dir} is in use by {holder}. Wait for that run to end, stop it, or choose "
+                         "another --out_dir. (The lock dies with its process; "
+                         "on a filesystem without working locks, "
                          f"delete {path} once you are sure no run is using the folder.)") from None
     f.seek(0)
     f.truncate()
@@ -949,7 +1019,8 @@ def code_version() -> str:
     """A hash of the repository's code and toy files: a stage made by other code is not reused."""
     import hashlib
     h = hashlib.sha256()
-    files = sorted([*REPO_DIR.glob("*.py"), *TOY_DIR.glob("*.py"), *TOY_DIR.glob("*.json"), *TOY_DIR.glob("tokenizer/*")])
+    files = sorted([*REPO_DIR.glob("*.py"), *TOY_DIR.glob("*.py"),
+                    *TOY_DIR.glob("*.json"), *TOY_DIR.glob("tokenizer/*")])
     for p in files:
         h.update(p.relative_to(REPO_DIR).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
@@ -962,14 +1033,16 @@ def checkpoints(out_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint; the `latest` pointer first, then the newest folder, with a warning if they disagree."""
+    """The newest complete checkpoint; the `latest` pointer first, then the newest folder, with a warning if
+    they disagree."""
     found = [p for p in checkpoints(out_dir) if (p / "trainer_state.pt").exists()]
     if not found:
         return None
     pointer = out_dir / "latest"
     named = out_dir / pointer.read_text().strip() if pointer.exists() else None
     if named is not None and named != found[-1]:
-        log.warning("%s names %s, but the newest complete checkpoint is %s: using that", pointer, named.name, found[-1].name)
+        log.warning("%s names %s, but the newest complete checkpoint is %s: using that",
+                    pointer, named.name, found[-1].name)
     return found[-1]
 
 
@@ -992,7 +1065,8 @@ def start_or_resume(out_dir: Path, resume: bool, d: Dist, logs: list[str]) -> tu
         if ckpt is None:
             stale = [p for p in [*checkpoints(out_dir), out_dir / "final", out_dir / "latest"] if p.exists()]
             if stale:
-                log.warning("starting fresh in %s: removing %s of an earlier run", out_dir, ", ".join(p.name for p in stale))
+                log.warning("starting fresh in %s: removing %s of an earlier run",
+                            out_dir, ", ".join(p.name for p in stale))
             for p in stale:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         trim_logs(out_dir, state["step"] if state else -1, logs)
@@ -1021,10 +1095,12 @@ def trim_logs(out_dir: Path, step: int, names: list[str]):
 
 def new_run(out_dir: Path, cfg, state: dict | None, d: Dist) -> str:
     """The run id (kept across resumes), and out_dir/run.json with the settings and the code version."""
-    run_id = state["run_id"] if state and "run_id" in state else f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_id = (state["run_id"] if state and "run_id" in state
+              else f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     run_id = all_gather(run_id, d)[0]
     if d.main:
-        info = {"run_id": run_id, "code_version": code_version(), "world_size": d.world, "config": asdict(cfg)}
+        info = {"run_id": run_id, "code_version": code_version(), "world_size": d.world,
+                "config": asdict(cfg)}
         (out_dir / "run.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
     return run_id
 
@@ -1066,9 +1142,10 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def ready_to_train(model, ckpt: Path | None, d: Dist, device: str, make_optimizer, grad_checkpointing: bool = False):
-    """(model, optimizer) to train: the model (fp32 master weights) sharded over the ranks, its optimizer, and, when
-    resuming, the model and optimizer state of checkpoint `ckpt` (saved by any number of ranks)."""
+def ready_to_train(model, ckpt: Path | None, d: Dist, device: str, make_optimizer,
+                   grad_checkpointing: bool = False):
+    """(model, optimizer) to train: the model (fp32 master weights) sharded over the ranks, its optimizer,
+    and, when resuming, the model and optimizer state of checkpoint `ckpt` (saved by any number of ranks)."""
     if grad_checkpointing:
         model.gradient_checkpointing_enable()
     model = shard(model, d, device).train()
@@ -1080,7 +1157,8 @@ def ready_to_train(model, ckpt: Path | None, d: Dist, device: str, make_optimize
 
 
 def save_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, d: Dist, state: dict):
-    """out_dir/checkpoint-{step}: written whole under a temporary name, then renamed; older ones removed after."""
+    """out_dir/checkpoint-{step}: written whole under a temporary name, then renamed; older ones removed
+    after."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     name = f"checkpoint-{step:06d}"
@@ -1108,13 +1186,15 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, d: Di
             os.replace(pointer, out_dir / "latest")
             for old in checkpoints(out_dir)[:-1]:
                 shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:  # torch.distributed.checkpoint wraps a full disk in a CheckpointException (a BaseException)
+    except BaseException as e:
+        # torch.distributed.checkpoint wraps a full disk in a CheckpointException (a BaseException)
         _no_space(e, tmp, intact)
     barrier(d)
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, d: Dist):
-    """Model and optimizer state from a checkpoint's trainer/ folder, into a model sharded over any number of ranks."""
+    """Model and optimizer state from a checkpoint's trainer/ folder, into a model sharded over any number of
+    ranks."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -1124,7 +1204,8 @@ def load_checkpoint(ckpt: Path, model, optimizer, d: Dist):
 
 
 def save_final(out_dir: Path, model, tokenizer, d: Dist):
-    """out_dir/final: the trained model as a Hugging Face folder, with run.json; written whole, then renamed."""
+    """out_dir/final: the trained model as a Hugging Face folder, with run.json; written whole, then
+    renamed."""
     weights = full_state_dict(model, d)
     if d.main:
         tmp, final = out_dir / ".final.tmp", out_dir / "final"
@@ -1133,7 +1214,8 @@ def save_final(out_dir: Path, model, tokenizer, d: Dist):
             _save_hf(tmp, model, tokenizer, weights)
             if (out_dir / "run.json").exists():
                 shutil.copy(out_dir / "run.json", tmp / "run.json")
-            shutil.rmtree(final, ignore_errors=True)  # a kill here leaves no final/: the last checkpoint resumes
+            # a kill here leaves no final/: the last checkpoint resumes
+            shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except OSError as e:
             _no_space(e, tmp, "the last checkpoint is intact; resume to write final/ again")
@@ -1152,7 +1234,8 @@ def optimizer_step(optimizer, model, grad_clip: float, health: Counter) -> float
         health["in_a_row"] += 1
         log.warning("gradient norm %s: optimizer step skipped (%d so far)", grad_norm, health["skipped"])
         if health["in_a_row"] >= MAX_NONFINITE_IN_A_ROW:
-            raise SystemExit(f"{health['in_a_row']} optimizer steps in a row had a non-finite gradient norm: stopping. "
+            raise SystemExit(f"{health['in_a_row']} optimizer steps in a row had a non-finite gradient norm: "
+                             "stopping. "
                              "Lower the learning rate, or check the data and the starting checkpoint.")
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -1176,7 +1259,8 @@ def run_script(main, cls):
     except KeyboardInterrupt:
         argv = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume")]
         resume = "" if not any(f.name == "resume" for f in fields(cls)) else " --resume"
-        print(f"\ninterrupted; resume with: python {Path(sys.argv[0]).name} {' '.join(argv)}{resume}".rstrip(),
+        print(f"\ninterrupted; resume with: "
+              f"python {Path(sys.argv[0]).name} {' '.join(argv)}{resume}".rstrip(),
               file=sys.stderr)
         raise SystemExit(130) from None
     finally:
@@ -1205,11 +1289,13 @@ if __name__ == "__main__":
     args = parse_args(Args)
     tokenizer = load_tokenizer(args.model)
     backend = resolve_backend(args.backend)
-    engine = make_vllm_engine(args.model, seed=args.seed) if backend == "vllm" else load_model(args.model, seed=args.seed)
+    engine = (make_vllm_engine(args.model, seed=args.seed) if backend == "vllm"
+              else load_model(args.model, seed=args.seed))
     prompts = load_prompts(args.data, args.num_prompts, seed=args.seed)
     counts = Counter()
     t0 = time.time()
-    trajs = rollout(engine, tokenizer, prompts, args.n_samples, args, seed=args.seed, counts=counts, progress=True)
+    trajs = rollout(engine, tokenizer, prompts, args.n_samples, args, seed=args.seed,
+                    counts=counts, progress=True)
     dt = time.time() - t0
     tokens = sum(sum(t.response_mask) for t in trajs)
     print(f"{len(trajs)} trajectories in {dt:.1f}s ({tokens / dt:.0f} generated tokens/s); "

@@ -43,9 +43,11 @@ Reference values (real models): lr 1e-5, AdamW (0.9, 0.95), weight decay 0.01, g
 cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocast (always on a GPU).
 
     python sft.py                                  # toy student, CPU, ~1.5 min
-    python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 --toy_direct_frac 0.5 --epochs 5  # ~3 min
+    python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 \\
+        --toy_direct_frac 0.5 --epochs 5           # ~3 min
     python sft.py --model Qwen/Qwen3-0.6B --data full_sft_3k_shuffled_v4.parquet --out_dir runs/sft-0.6b \\
-        --epochs 5 --batch_size 128 --micro_batch_size 4 --lr 1e-5 --max_length 32768 --grad_checkpointing true
+        --epochs 5 --batch_size 128 --micro_batch_size 4 --lr 1e-5 --max_length 32768 \\
+        --grad_checkpointing true
 """
 import json
 import logging
@@ -72,8 +74,10 @@ class Config:
     model: str = arg("toy-student", "local path, Hugging Face name, or toy-student / toy-teacher")
     data: str = arg("toy", "'toy' (generated) or a .jsonl/.parquet file with `messages` and `tools`")
     toy_examples: int = arg(5000, "number of generated toy conversations")
-    toy_recovery_frac: float = arg(0.25, "fraction of toy conversations where one tool call fails and is redone")
-    toy_retry_frac: float = arg(0.0, "fraction of toy conversations where one call meets a transient failure and is sent again")
+    toy_recovery_frac: float = arg(0.25, "fraction of toy conversations where one tool call fails "
+                                         "and is redone")
+    toy_retry_frac: float = arg(0.0, "fraction of toy conversations where one call meets a transient failure "
+                                     "and is sent again")
     toy_direct_frac: float = arg(0.0, "fraction of toy conversations that answer at once, without the tool")
     toy_steps: str = arg("2-4", "toy problems need this many dependent tool calls (from 1 to 8)")
     max_length: int = arg(512, "tokens per example; longer ones are cut on the right (reference 32768)")
@@ -94,7 +98,8 @@ class Config:
     out_dir: str = arg("runs/sft-student", "checkpoints, metrics.jsonl and final/ go here")
     save_every: int = arg(100, "checkpoint every N steps (atomic, keeps the latest)")
     resume: bool = arg(False, "continue from the newest complete checkpoint in out_dir")
-    eval_prompts: int = arg(64, "toy validation problems for a greedy accuracy at the end (0: skip; --data toy only)")
+    eval_prompts: int = arg(64, "toy validation problems for a greedy accuracy at the end "
+                                "(0: skip; --data toy only)")
     seed: int = arg(0, "random seed (data order, init of toy models)")
     device: str = arg("", "cpu or cuda (empty: cuda if available)")
 
@@ -107,7 +112,8 @@ END = "<|im_end|>"
 CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], tools_schema: list[dict] | None = None) -> tuple[list[int], list[int]]:
+def tokenize_conversation(tokenizer, messages: list[dict],
+                          tools_schema: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """Conversation -> (input_ids, loss_mask). loss_mask[t] = 1 exactly for tokens the assistant wrote."""
     text = tokenizer.apply_chat_template(messages, tools=tools_schema or None, tokenize=False)
     # Cut the text at the assistant spans: [header][content ... <|im_end|>] -> mask 0, mask 1.
@@ -156,11 +162,13 @@ def check_conversation(row) -> str | None:
 
 
 def check_tool_calls(calls) -> str | None:
-    """What is wrong with an assistant message's tool_calls (OpenAI form, arguments an object or a JSON string)."""
+    """What is wrong with an assistant message's tool_calls (OpenAI form, arguments an object or a JSON
+    string)."""
     if calls is None or (hasattr(calls, "__len__") and len(calls) == 0):
         return None
     if not isinstance(calls, list):
-        return f"tool_calls is a {type(calls).__name__}, not a list of {{type, function: {{name, arguments}}}}"
+        return (f"tool_calls is a {type(calls).__name__}, not a list of "
+                f"{{type, function: {{name, arguments}}}}")
     for k, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -196,7 +204,8 @@ def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]
                 if sum(mask) == 0:
                     problem = "empty loss mask"
                 elif sum(mask[:cfg.max_length]) == 0:
-                    problem = f"all assistant tokens lie beyond max_length={cfg.max_length} ({len(ids)} tokens)"
+                    problem = (f"all assistant tokens lie beyond max_length={cfg.max_length} "
+                               f"({len(ids)} tokens)")
                 else:
                     examples.append((ids[:cfg.max_length], mask[:cfg.max_length]))
         if problem:
@@ -234,10 +243,12 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 def main(cfg: Config):
     # the inputs first: nothing is written before the model and the data are known to be usable
     if cfg.data != "toy":
-        rollout.reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac", "toy_steps"],
+        rollout.reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac",
+                                    "toy_steps"],
                               "with --data other than toy")
         if cfg.eval_prompts not in (0, Config.eval_prompts):
-            raise SystemExit("--eval_prompts is not used with --data other than toy (the held-out check is the toy's)")
+            raise SystemExit("--eval_prompts is not used with --data other than toy "
+                             "(the held-out check is the toy's)")
     d, device = rollout.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
     tokenizer = rollout.load_tokenizer(cfg.model)
     examples = load_sft_examples(cfg, tokenizer)
@@ -246,7 +257,8 @@ def main(cfg: Config):
     n_tokens = sum(sum(m) for _, m in examples)
     log.info("%d examples, %d trained tokens, %d steps", len(examples), n_tokens, total_steps)
 
-    model = rollout.load_model(cfg.model, device=device, dtype=torch.float32, seed=cfg.seed)  # fp32 master weights
+    # fp32 master weights
+    model = rollout.load_model(cfg.model, device=device, dtype=torch.float32, seed=cfg.seed)
 
     out_dir = Path(cfg.out_dir)
     rollout.lock_out_dir(out_dir, d)
@@ -268,7 +280,8 @@ def main(cfg: Config):
 
     from tqdm import tqdm
     metrics = open(out_dir / "metrics.jsonl", "a") if d.main else None
-    bar = tqdm(range(start_step, total_steps), desc="sft", initial=start_step, total=total_steps, disable=not d.main)
+    bar = tqdm(range(start_step, total_steps), desc="sft", initial=start_step, total=total_steps,
+               disable=not d.main)
     step = start_step
     try:
         for step in bar:
@@ -277,34 +290,41 @@ def main(cfg: Config):
             order = np.random.RandomState(cfg.seed + epoch).permutation(len(examples))
             batch = [examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
             batch_tokens = sum(sum(m[1:]) for _, m in batch)  # label tokens with loss in the whole batch
-            mine = batch[d.rank::d.world]                       # this rank's rows (all of them in one process)
+            mine = batch[d.rank::d.world]                     # this rank's rows (all of them in one process)
             t0 = time.time()
             loss_sum = 0.0
             n_micro = rollout.n_micro_batches(-(-len(batch) // d.world), cfg.micro_batch_size)
             for rows in rollout.micro_batches(list(range(len(mine))), cfg.micro_batch_size, n_micro):
-                part = [mine[i] for i in rows] or [(batch[0][0][:2], [0, 0])]  # an empty turn still runs a forward
+                # an empty turn still runs a forward
+                part = [mine[i] for i in rows] or [(batch[0][0][:2], [0, 0])]
                 input_ids, attention_mask, label_mask = collate(part, tokenizer.pad_token_id, device)
-                logprobs = rollout.token_logprobs(model, input_ids, attention_mask)  # [b, T-1], bf16 autocast on GPU
-                loss = -(logprobs * label_mask).sum() / batch_tokens   # this part's share of the whole batch's token mean
-                (loss * d.world).backward()  # FSDP averages gradients over ranks: x world makes the average a sum
+                # [b, T-1], bf16 autocast on GPU
+                logprobs = rollout.token_logprobs(model, input_ids, attention_mask)
+                # this part's share of the whole batch's token mean
+                loss = -(logprobs * label_mask).sum() / batch_tokens
+                # FSDP averages gradients over ranks: x world makes the average a sum
+                (loss * d.world).backward()
                 loss_sum += loss.item()
             grad_norm = rollout.optimizer_step(optimizer, model, cfg.grad_clip, health)
             scheduler.step()
             stats = rollout.all_sum({"loss": loss_sum}, d)
-            row = {"step": step + 1, "loss": stats["loss"], "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            row = {"step": step + 1, "loss": stats["loss"], "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm,
                    "tokens_per_s": sum(len(ids) for ids, _ in batch) / (time.time() - t0),
                    "skipped_steps": health["skipped"], "run_id": run_id}
             if d.main:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:  # the last one lets --resume extend a run
+            # the last one lets --resume extend a run
+            if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
                 rollout.save_checkpoint(out_dir, step + 1, model, tokenizer, optimizer, d, {
                     "scheduler": scheduler.state_dict(), "step": step + 1, "rng": rollout.rng_state(),
                     "run_id": run_id, "config": asdict(cfg)})
     except KeyboardInterrupt:
         saved = rollout.latest_checkpoint(out_dir)
-        log.warning("interrupted at step %d; the last checkpoint is %s", step, saved.name if saved else "none")
+        log.warning("interrupted at step %d; the last checkpoint is %s", step,
+                    saved.name if saved else "none")
         raise
     if metrics:
         metrics.close()
@@ -315,7 +335,7 @@ def main(cfg: Config):
         plain = model.eval() if d.world == 1 else rollout.load_model(str(out_dir / "final"), device=device)
         result = evaluate.greedy_accuracy(plain, tokenizer, "toy:valid", cfg.eval_prompts, cfg.toy_steps)
         log.info("greedy accuracy on %d toy validation problems: %.3f", cfg.eval_prompts, result)
-        print(f"held-out greedy accuracy: {result:.3f}")
+        print(f"greedy accuracy on the validation split: {result:.3f}")
     rollout.barrier(d)
     return model
 

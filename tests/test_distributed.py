@@ -1,8 +1,8 @@
 """Every stage under torchrun (two CPU ranks, gloo) against the same stage in one process.
 
-The rollouts of both runs are made equal with tests/stage_driver.py, which samples each context alone (seeded by
-its own ids), so that one process and two ranks train on the same global batch; the stages are otherwise run as
-users run them. Weights are compared per tensor: ||a - b|| / ||a||."""
+The rollouts of both runs are made equal with tests/stage_driver.py, which samples each context alone (seeded
+by its own ids), so that one process and two ranks train on the same global batch; the stages are otherwise
+run as users run them. Weights are compared per tensor: ||a - b|| / ||a||."""
 import json
 import os
 import shutil
@@ -24,8 +24,8 @@ def stage(ranks: int, *args, stop_after: int = 0, script: str = DRIVER):
     env = dict(os.environ, OMP_NUM_THREADS="1", SOD_STOP_AFTER_SAVE=str(stop_after))
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                        "--standalone", f"--nproc_per_node={ranks}"]
-    out = subprocess.run([*launcher, script, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([*launcher, script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, f"{args}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout + out.stderr
 
@@ -40,15 +40,17 @@ def max_relative_difference(a_dir, b_dir) -> float:
 def start(tmp_path_factory):
     """Briefly trained student and teacher: their rollouts end at different lengths."""
     root = tmp_path_factory.mktemp("start")
-    stage(1, "sft", "--max_steps", 20, "--toy_examples", 640, "--eval_prompts", 0, "--out_dir", root / "student")
+    stage(1, "sft", "--max_steps", 20, "--toy_examples", 640, "--eval_prompts", 0,
+          "--out_dir", root / "student")
     stage(1, "sft", "--model", "toy-teacher", "--max_steps", 20, "--toy_examples", 640, "--eval_prompts", 0,
           "--toy_recovery_frac", 0, "--out_dir", root / "teacher")
     return root
 
 
 SFT = ["sft", "--toy_examples", 64, "--eval_prompts", 0, "--batch_size", 16, "--micro_batch_size", 3]
-RL = ["--steps", 1, "--prompts_per_step", 4, "--n_samples", 4, "--max_response_tokens", 64, "--overlong_buffer", 64,
-      "--eval_before_train", "false", "--eval_prompts", 4, "--eval_n", 1, "--micro_batch_size", 3, "--mini_batches", 2]
+RL = ["--steps", 1, "--prompts_per_step", 4, "--n_samples", 4, "--max_response_tokens", 64,
+      "--overlong_buffer", 64, "--eval_before_train", "false", "--eval_prompts", 4, "--eval_n", 1,
+      "--micro_batch_size", 3, "--mini_batches", 2]
 
 
 def test_two_ranks_say_how_the_run_is_laid_out(tmp_path):
@@ -91,7 +93,8 @@ def test_resume_on_another_number_of_ranks_ends_where_an_uninterrupted_run_does(
 
 
 def test_evaluation_on_two_ranks_reports_exactly_the_numbers_of_one_process(start, tmp_path):
-    args = ["--model", start / "student" / "final", "--num_prompts", 100, "--n_samples", 2, "--max_response_tokens", 48]
+    args = ["--model", start / "student" / "final", "--num_prompts", 100, "--n_samples", 2,
+            "--max_response_tokens", 48]
     stage(1, *args, "--out_dir", tmp_path / "one", script="evaluate.py")
     stage(2, *args, "--out_dir", tmp_path / "two", script="evaluate.py")
     one, two = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("one", "two"))
@@ -99,7 +102,8 @@ def test_evaluation_on_two_ranks_reports_exactly_the_numbers_of_one_process(star
         for r in results.values():
             r["toy"].pop("seconds")
     assert one == two
-    assert (tmp_path / "one" / "generations.jsonl").read_text() == (tmp_path / "two" / "generations.jsonl").read_text()
+    assert ((tmp_path / "one" / "generations.jsonl").read_text()
+            == (tmp_path / "two" / "generations.jsonl").read_text())
 
 
 def test_a_plain_run_starts_no_process_group(tmp_path):

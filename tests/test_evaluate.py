@@ -85,7 +85,8 @@ def test_bootstrap_best_and_maj_match_the_reference():
         preds = [str(x) for x in rng.integers(0, 3, n)]
         accs = [p == "1" for p in preds]
         best_ref, = reference_bootstrap([float(a) for a in accs], n, [np.max])
-        maj_ref, = reference_bootstrap([{"pred": p, "val": a} for p, a in zip(preds, accs)], n, [reference_maj])
+        maj_ref, = reference_bootstrap([{"pred": p, "val": a} for p, a in zip(preds, accs)], n,
+                                       [reference_maj])
         assert bootstrap_best_at_k(accs, n) == pytest.approx(best_ref)
         assert bootstrap_maj_at_k(preds, accs, n) == pytest.approx(maj_ref)
 

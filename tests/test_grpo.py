@@ -24,7 +24,8 @@ def reference_group_advantages(rewards, index, eps=1e-6):
     return scores
 
 
-def reference_policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=0.2, clip_high=0.28, clip_c=3.0):
+def reference_policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=0.2, clip_high=0.28,
+                          clip_c=3.0):
     """verl's compute_policy_loss_vanilla with token-mean aggregation."""
     def masked_mean(v, m):
         return (v * m).sum() / (m.sum() + 1e-8)
@@ -36,7 +37,8 @@ def reference_policy_loss(log_prob, old_log_prob, advantages, response_mask, cli
     pg_losses3 = -advantages * clip_c
     clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
     pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
-    return masked_mean(pg_losses, response_mask), masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
+    return (masked_mean(pg_losses, response_mask),
+            masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -62,7 +64,8 @@ def test_policy_loss_equals_reference(seed):
     g = torch.Generator().manual_seed(seed)
     B, T = 6, 25
     old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 4
-    new = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.8   # ratios well outside the clip range
+    # ratios well outside the clip range
+    new = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.8
     adv = torch.randn(B, T, generator=g, dtype=torch.float64) * 3
     adv[0] = -5.0                                                           # negative, beyond the dual clip
     mask = (torch.rand(B, T, generator=g) > 0.3).double()                   # holes for tool tokens
@@ -92,7 +95,8 @@ def test_micro_batches_sum_to_the_mini_batch_token_mean():
     adv = torch.randn(8, 10, generator=g)
     mask = (torch.rand(8, 10, generator=g) > 0.5).float()
     whole, _ = grpo.policy_loss(new, old, adv, mask)
-    parts = sum(grpo.policy_loss(new[s:s + 3], old[s:s + 3], adv[s:s + 3], mask[s:s + 3], num_tokens=mask.sum())[0]
+    parts = sum(grpo.policy_loss(new[s:s + 3], old[s:s + 3], adv[s:s + 3], mask[s:s + 3],
+                                 num_tokens=mask.sum())[0]
                 for s in range(0, 8, 3))
     assert parts.item() == pytest.approx(whole.item(), rel=1e-5)
 
@@ -111,13 +115,15 @@ def test_no_full_vocabulary_float32_tensor_over_the_batch(monkeypatch):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for o in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o.dim() >= 1 and o.shape[-1] == V:
+                if (isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o.dim() >= 1
+                        and o.shape[-1] == V):
                     biggest.append(o.numel() // V)
             return out
 
     with Watch():
         lp = rollout.token_logprobs(model, ids, att, max_chunk_tokens=512)     # as in training: with grad
         (-lp.mean()).backward()
-        with torch.no_grad():                                                  # the old-log-prob pass, with entropy
+        # the old-log-prob pass, with entropy
+        with torch.no_grad():
             rollout.token_logprobs(model, ids, att, max_chunk_tokens=512, with_entropy=True)
     assert max(biggest) <= 512 < B * (T - 1)

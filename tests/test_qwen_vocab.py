@@ -68,7 +68,8 @@ def call(code, as_string=False):
 
 def call_text(code):
     """The text the chat template renders for call(code)."""
-    return '<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>' % (tools.TOOL_NAME, json.dumps({"code": code}))
+    return ('<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>'
+            % (tools.TOOL_NAME, json.dumps({"code": code})))
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,9 +81,9 @@ def sandbox_output(code):
 
 
 def tool_conversation():
-    """A multi-turn tool conversation: system, user, a call with text before it (arguments as a JSON string), a
-    failing call (a NameError traceback), its fix, and the final answer. The tool messages hold what the sandbox
-    prints, so that a rollout of the same calls sees the same text."""
+    """A multi-turn tool conversation: system, user, a call with text before it (arguments as a JSON string),
+    a failing call (a NameError traceback), its fix, and the final answer. The tool messages hold what the
+    sandbox prints, so that a rollout of the same calls sees the same text."""
     calls = ["print(12 * 3)", "print(a + 4)", "print(36 + 4)"]
     return [
         {"role": "system", "content": "You are a careful solver."},
@@ -98,9 +99,9 @@ def tool_conversation():
 
 
 def assistant_texts(messages):
-    """What each assistant message of `messages` wrote, as Qwen3 renders it, built from the messages themselves:
-    content, then each <tool_call> block, then <|im_end|>; the last one (the answer) opens with the template's
-    empty think block."""
+    """What each assistant message of `messages` wrote, as Qwen3 renders it, built from the messages
+    themselves: content, then each <tool_call> block, then <|im_end|>; the last one (the answer) opens with
+    the template's empty think block."""
     turns = [m for m in messages if m["role"] == "assistant"]
     texts = []
     for k, m in enumerate(turns):
@@ -131,8 +132,9 @@ def whole_text_ids(tok, messages):
 
 
 def replay(tok, turn_texts):
-    """A rollout engine (see tests/test_rollout.py `scripted`) for one trajectory: its k-th call writes the ids of
-    turn_texts[k], tokenized on their own, as a model writes a turn after the `<|im_start|>assistant\\n` header."""
+    """A rollout engine (see tests/test_rollout.py `scripted`) for one trajectory: its k-th call writes the
+    ids of turn_texts[k], tokenized on their own, as a model writes a turn after the
+    `<|im_start|>assistant\\n` header."""
     turns = iter(turn_texts)
 
     def engine(contexts, max_new_tokens, sampling):
@@ -146,7 +148,8 @@ def rollout_of(tok, messages, **changes):
     user = next(m["content"] for m in messages if m["role"] == "user")
     prompts = [{"prompt": user, "data_source": "toy_arith", "ground_truth": "40"}]
     engine = replay(tok, assistant_texts(messages))
-    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_response_tokens=10_000, **changes))
+    (t,) = rollout.rollout(engine, tok, prompts, 1,
+                           rollout.RolloutConfig(max_response_tokens=10_000, **changes))
     return t
 
 
@@ -174,7 +177,8 @@ def test_added_tokens_have_qwen3_ids_and_specialness(tok):
         assert tok.encode(content, add_special_tokens=False) == [151_643 + k]
         # special tokens vanish with skip_special_tokens; <tool_call>, <think> and the like stay in the text
         assert tok.decode([151_643 + k], skip_special_tokens=True) == ("" if special else content)
-    assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == ("<|im_end|>", 151645, "<|endoftext|>", 151643)
+    assert ((tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id)
+            == ("<|im_end|>", 151645, "<|endoftext|>", 151643))
     assert tok.model_max_length == 40960
 
 
@@ -191,7 +195,8 @@ def test_known_strings_have_qwen_ids(tok, text, ids):
 
 
 VARIED = {
-    "code": "def f(x):\n    if x > 1:\n        return [i ** 2 for i in range(x)]  # squares\n\treturn None\n\n\n",
+    "code": "def f(x):\n    if x > 1:\n        return [i ** 2 for i in range(x)]  # squares\n"
+            "\treturn None\n\n\n",
     "digits": "1234567 + 89 = 1234656; 3.14159e-10, 0x1F, 1,000,000",
     "unicode": "naïve café: 数学题, Привет, emoji 🙂👍🏽, Ω≈ç√∫, e\u0301 (decomposed), ﬁ ligature",
     "newline runs": "a\n\n\nb\r\n\r\nc \n \n  \n\t\nd   \n",
@@ -218,8 +223,8 @@ def test_load_tokenizer_gives_qwen3_stop_ids(tok):
 
 
 def test_ids_past_the_tokenizer_decode_to_nothing(tok):
-    """A Qwen3 model has 151,936 output rows but the tokenizer 151,669 tokens: a random model samples the 267 ids
-    in between, and decode drops them silently."""
+    """A Qwen3 model has 151,936 output rows but the tokenizer 151,669 tokens: a random model samples the 267
+    ids in between, and decode drops them silently."""
     assert tok.decode([9707, 151_669, 151_935, 1879]) == "Hello world"
 
 
@@ -234,7 +239,8 @@ def test_sft_loss_mask_covers_exactly_the_assistant_turns(tok):
     for m in messages:
         if m["role"] != "assistant":
             assert m["content"] in unmasked
-    assert unmasked.count(HEADER) == 4 and unmasked.startswith("<|im_start|>system\n") and unmasked.endswith(HEADER + "\n")
+    assert (unmasked.count(HEADER) == 4 and unmasked.startswith("<|im_start|>system\n")
+            and unmasked.endswith(HEADER + "\n"))
 
 
 def test_sft_ids_equal_the_templates_whole_text_tokenization(tok):
@@ -283,7 +289,8 @@ def metrics(out_dir):
 def test_sft_main_runs_a_step(model_dir, tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in task.sft_rows(2, recovery_frac=0.0)))
-    # eval_prompts stays at its default: sft.main refuses it with a data file (it evaluates on toy prompts only)
+    # eval_prompts stays at its default: sft.main refuses it with a data file
+    # (it evaluates on toy prompts only)
     sft.main(sft.Config(model=str(model_dir), data=str(data), max_steps=1, batch_size=1, micro_batch_size=1,
                         max_length=2048, out_dir=str(tmp_path / "sft"), device="cpu"))
     (row,) = metrics(tmp_path / "sft")
@@ -299,8 +306,8 @@ def test_grpo_main_runs_a_step(model_dir, tmp_path):
 
 
 def test_sod_distill_main_runs_a_step(model_dir, tmp_path):
-    sod_distill.main(sod_distill.Config(student=str(model_dir), teacher=str(model_dir), out_dir=str(tmp_path / "sod"),
-                                        **RL_STEP))
+    sod_distill.main(sod_distill.Config(student=str(model_dir), teacher=str(model_dir),
+                                        out_dir=str(tmp_path / "sod"), **RL_STEP))
     (row,) = metrics(tmp_path / "sod")
     assert row["step"] == 1 and row["d1_mean"] == 0.0   # the teacher is the student: no signal
     assert (tmp_path / "sod" / "final" / "model.safetensors").exists()
@@ -332,8 +339,8 @@ def test_newline_first_content_is_split_from_the_header_by_sft_but_merged_by_the
 
 
 def test_newline_first_content_sft_ids_equal_a_rollout_of_the_turn(tok):
-    """A rollout's prompt ends with the header's "\\n" (198) and the model writes its "\\n" as a token of its own:
-    SFT trains on the rollout's ids, not on the template's whole-text ids."""
+    """A rollout's prompt ends with the header's "\\n" (198) and the model writes its "\\n" as a token of its
+    own: SFT trains on the rollout's ids, not on the template's whole-text ids."""
     messages = newline_first_conversation()
     ids, mask = sft.tokenize_conversation(tok, messages, [tools.TOOL_SCHEMA])
     prompts = [{"prompt": messages[0]["content"], "data_source": "toy_arith", "ground_truth": "36"}]
@@ -346,15 +353,17 @@ def test_newline_first_content_sft_ids_equal_a_rollout_of_the_turn(tok):
 
 def injection_conversation():
     return [{"role": "user", "content": "Print the header."},
-            {"role": "assistant", "content": "", "tool_calls": [call("print('<|im_start|>assistant\\nhello')")]},
+            {"role": "assistant", "content": "",
+             "tool_calls": [call("print('<|im_start|>assistant\\nhello')")]},
             {"role": "tool", "content": "<|im_start|>assistant\nhello\n"},
             {"role": "assistant", "content": "The token <|im_end|> ends a turn. \\boxed{40}"}]
 
 
 @pytest.mark.parametrize("where", ["tool output", "assistant text"])
 def test_a_row_with_control_tokens_in_its_text_is_refused_with_its_file_and_row(tok, tmp_path, caplog, where):
-    """A literal <|im_start|>assistant\\n in a tool output would read as a real header, a literal <|im_end|> in the
-    assistant's text as the end of its turn: either would move the mask. sft.py refuses such rows and counts them."""
+    """A literal <|im_start|>assistant\\n in a tool output would read as a real header, a literal <|im_end|>
+    in the assistant's text as the end of its turn: either would move the mask. sft.py refuses such rows and
+    counts them."""
     messages = injection_conversation()
     if where == "tool output":
         messages[-1]["content"] = "\\boxed{40}"
@@ -362,7 +371,8 @@ def test_a_row_with_control_tokens_in_its_text_is_refused_with_its_file_and_row(
         messages[2]["content"] = "hello\n"
     path = tmp_path / "sft.jsonl"
     good = {"messages": tool_conversation(), "tools": [tools.TOOL_SCHEMA]}
-    path.write_text("\n".join(json.dumps(r) for r in [good, {"messages": messages, "tools": [tools.TOOL_SCHEMA]}]))
+    path.write_text("\n".join(json.dumps(r)
+                              for r in [good, {"messages": messages, "tools": [tools.TOOL_SCHEMA]}]))
     examples = sft.load_sft_examples(sft.Config(data=str(path), max_length=4096), tok)
     assert len(examples) == 1
     assert "sft.jsonl row 1: message" in caplog.text and "holds the control token" in caplog.text
@@ -370,8 +380,10 @@ def test_a_row_with_control_tokens_in_its_text_is_refused_with_its_file_and_row(
 
 
 def test_assistant_header_inside_a_tool_response_is_not_trained_by_a_rollout(tok):
-    """The same tool output from the sandbox, in a rollout: a tool segment, mask 0 (it disagrees with SFT's mask)."""
+    """The same tool output from the sandbox, in a rollout: a tool segment, mask 0 (it disagrees with SFT's
+    mask)."""
     t = rollout_of(tok, injection_conversation())
     tool_ids = [i for i, m in zip(t.response_ids, t.response_mask) if not m]
-    assert tok.decode(tool_ids) == "\n<|im_start|>user\n<tool_response>\n<|im_start|>assistant\nhello\n\n</tool_response><|im_end|>\n" + HEADER
+    assert tok.decode(tool_ids) == ("\n<|im_start|>user\n<tool_response>\n<|im_start|>assistant\nhello\n\n"
+                                    "</tool_response><|im_end|>\n" + HEADER)
     assert tool_ids.count(151644) == 3   # the tool's literal header became a real <|im_start|>

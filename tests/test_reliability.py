@@ -1,10 +1,11 @@
-"""Runs that survive anything: kills at any instant, two runs in one folder, non-finite numbers, bad checkpoints.
+"""Runs that survive anything: kills at any instant, two runs in one folder, non-finite numbers, bad
+checkpoints.
 
-The kill harness SIGKILLs a stage inside every file operation of a checkpoint save (tests/stage_driver.py counts
-them) and at random instants, resumes it, and compares the result with an uninterrupted run: weights and every
-non-timing metric must be bit-identical. The CI version covers every file operation of one save of sft.py and a
-random kill of grpo.py (with the KL penalty) and sod_distill.py; SOD_LONG_KILL_HARNESS=1 runs every file
-operation of every stage and many random kills.
+The kill harness SIGKILLs a stage inside every file operation of a checkpoint save (tests/stage_driver.py
+counts them) and at random instants, resumes it, and compares the result with an uninterrupted run: weights
+and every non-timing metric must be bit-identical. The CI version covers every file operation of one save of
+sft.py and a random kill of grpo.py (with the KL penalty) and sod_distill.py; SOD_LONG_KILL_HARNESS=1 runs
+every file operation of every stage and many random kills.
 """
 import json
 import math
@@ -31,8 +32,8 @@ SCOPE = {"SOD_KILL_SCOPE": "all"} if LONG else {}  # long: also inside the libra
 
 def stage(*args, env=None, check=True):
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    out = subprocess.run([sys.executable, DRIVER, *map(str, args)], cwd=REPO, env=full_env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, DRIVER, *map(str, args)], cwd=REPO, env=full_env,
+                         capture_output=True, text=True, timeout=600)
     if check:
         assert out.returncode == 0, f"{args}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     return out
@@ -41,7 +42,8 @@ def stage(*args, env=None, check=True):
 def outcome(out_dir: Path):
     """What must not depend on kills: the final weights, and the metrics without timings and the run id."""
     weights = load_file(str(out_dir / "final" / "model.safetensors"))
-    rows = [{k: v for k, v in json.loads(line).items() if not k.startswith("t_") and k not in ("run_id", "tokens_per_s")}
+    rows = [{k: v for k, v in json.loads(line).items()
+             if not k.startswith("t_") and k not in ("run_id", "tokens_per_s")}
             for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return weights, rows
 
@@ -68,8 +70,8 @@ def start(tmp_path_factory):
     return root
 
 
-SFT = ["sft", "--max_steps", 3, "--toy_examples", 96, "--batch_size", 16, "--micro_batch_size", 8, "--save_every", 1,
-       "--eval_prompts", 0]
+SFT = ["sft", "--max_steps", 3, "--toy_examples", 96, "--batch_size", 16, "--micro_batch_size", 8,
+       "--save_every", 1, "--eval_prompts", 0]
 
 
 def saves_of_a_run(args, out_dir: Path, log: Path) -> list[tuple[int, int, int]]:
@@ -85,11 +87,12 @@ def test_a_kill_inside_any_file_operation_of_a_save_loses_nothing_and_resumes_ex
     ops = range(1, saves[-1][2] + 1) if LONG else range(saves[1][1], saves[1][2] + 1)
     for n in ops:
         out, log = tmp_path / f"killed-at-{n}", tmp_path / f"killed-at-{n}.log"
-        killed = stage(*SFT, "--out_dir", out, env={"SOD_KILL_AT_FILE_OP": str(n), "SOD_SAVE_LOG": str(log), **SCOPE},
-                       check=False)
+        killed = stage(*SFT, "--out_dir", out,
+                       env={"SOD_KILL_AT_FILE_OP": str(n), "SOD_SAVE_LOG": str(log), **SCOPE}, check=False)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         completed = [int(line.split()[0]) for line in log.read_text().splitlines()] if log.exists() else []
-        assert latest_step(out) >= max(completed, default=0), n  # only the steps since the last completed save
+        # only the steps since the last completed save
+        assert latest_step(out) >= max(completed, default=0), n
         stage(*SFT, "--out_dir", out, "--resume")
         assert_same_outcome(tmp_path / "straight", out)
 
@@ -97,11 +100,13 @@ def test_a_kill_inside_any_file_operation_of_a_save_loses_nothing_and_resumes_ex
 def rl(name, start, *extra):
     models = (["--model", start / "student" / "final"] if name == "grpo" else
               ["--student", start / "student" / "final", "--teacher", start / "teacher" / "final"])
-    return [name, *models, "--steps", 3, "--prompts_per_step", 2, "--n_samples", 4, "--max_response_tokens", 48,
-            "--overlong_buffer", 48, "--eval_every", 0, "--eval_prompts", 2, "--eval_n", 1, "--save_every", 1, *extra]
+    return [name, *models, "--steps", 3, "--prompts_per_step", 2, "--n_samples", 4,
+            "--max_response_tokens", 48, "--overlong_buffer", 48, "--eval_every", 0, "--eval_prompts", 2,
+            "--eval_n", 1, "--save_every", 1, *extra]
 
 
-RANDOM_KILLS = [("grpo", ["--kl_coef", "0.1"]), ("sod", [])] + ([("grpo", []), ("sod", ["--kl_coef", "0.1"])] if LONG else [])
+RANDOM_KILLS = ([("grpo", ["--kl_coef", "0.1"]), ("sod", [])]
+                + ([("grpo", []), ("sod", ["--kl_coef", "0.1"])] if LONG else []))
 
 
 @pytest.mark.parametrize("name, extra", RANDOM_KILLS)
@@ -155,11 +160,13 @@ def test_a_checkpoint_with_nan_weights_is_refused_with_the_file_named(tmp_path):
     model.save_pretrained(path)
     rollout.load_tokenizer("toy-student").save_pretrained(path)
     with pytest.raises(SystemExit, match=f"{path}: the weights are not finite.*layers.0.mlp.up_proj"):
-        sft.main(sft.Config(model=str(path), max_steps=1, toy_examples=32, eval_prompts=0, out_dir=str(tmp_path / "o")))
+        sft.main(sft.Config(model=str(path), max_steps=1, toy_examples=32, eval_prompts=0,
+                            out_dir=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
 
 
-def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted_and_a_run_of_them_stops(tmp_path, monkeypatch):
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted_and_a_run_of_them_stops(tmp_path,
+                                                                                          monkeypatch):
     real = rollout.token_logprobs
     poisoned = {"calls": 0, "from": 10**9}
 
@@ -195,9 +202,10 @@ def test_a_single_non_finite_step_leaves_the_weights_as_they_were(tmp_path, monk
 
     monkeypatch.setattr(rollout, "token_logprobs", nan_on_second_step)
     monkeypatch.setattr(rollout, "optimizer_step", step_and_watch)
-    model = sft.main(sft.Config(max_steps=3, toy_examples=48, batch_size=16, micro_batch_size=16, eval_prompts=0,
-                                out_dir=str(tmp_path / "run")))
-    assert [unchanged for _, unchanged in snapshots] == [False, True, False]   # only the NaN step left them alone
+    model = sft.main(sft.Config(max_steps=3, toy_examples=48, batch_size=16, micro_batch_size=16,
+                                eval_prompts=0, out_dir=str(tmp_path / "run")))
+    # only the NaN step left them alone
+    assert [unchanged for _, unchanged in snapshots] == [False, True, False]
     assert not math.isfinite(snapshots[1][0]) and all(torch.isfinite(p).all() for p in model.parameters())
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
@@ -224,12 +232,13 @@ def test_a_tokenizer_mismatch_says_how_many_tokens_differ():
 
 def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(tmp_path, monkeypatch):
     import errno
-    cfg = sft.Config(max_steps=2, toy_examples=32, batch_size=16, micro_batch_size=16, eval_prompts=0, save_every=1,
-                     out_dir=str(tmp_path / "run"))
+    cfg = sft.Config(max_steps=2, toy_examples=32, batch_size=16, micro_batch_size=16, eval_prompts=0,
+                     save_every=1, out_dir=str(tmp_path / "run"))
     real_save = torch.save
     saves = {"n": 0}
 
-    def no_space_on_second(obj, path, *args, **kwargs):  # the disk fills up while the 2nd checkpoint is written
+    # the disk fills up while the 2nd checkpoint is written
+    def no_space_on_second(obj, path, *args, **kwargs):
         saves["n"] += str(path).endswith("trainer_state.pt")
         if saves["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")

@@ -45,7 +45,8 @@ def test_token_logprobs_equal_naive_log_softmax(student):
 def test_token_entropy_equals_naive_entropy_and_leaves_logprobs_unchanged(student):
     ids = torch.randint(0, 900, (2, 30))
     with torch.no_grad():
-        lp, entropy = rollout.token_logprobs(student, ids, torch.ones_like(ids), max_chunk_tokens=7, with_entropy=True)
+        lp, entropy = rollout.token_logprobs(student, ids, torch.ones_like(ids), max_chunk_tokens=7,
+                                             with_entropy=True)
         logp = student(input_ids=ids).logits[:, :-1].float().log_softmax(-1)                 # [B, T-1, V]
         naive = -(logp.exp() * logp).sum(-1)
     assert entropy.shape == (2, 29) and (entropy > 0).all()
@@ -57,7 +58,8 @@ def test_token_logprobs_temperature_divides_logits(student):
     ids = torch.randint(0, 900, (2, 12))
     with torch.no_grad():
         ours = rollout.token_logprobs(student, ids, torch.ones_like(ids), temperature=0.7)
-        naive = (student(input_ids=ids).logits[:, :-1] / 0.7).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        naive = ((student(input_ids=ids).logits[:, :-1] / 0.7).log_softmax(-1)
+                 .gather(-1, ids[:, 1:, None]).squeeze(-1))
     assert torch.allclose(ours, naive, atol=1e-5)
 
 
@@ -107,7 +109,8 @@ def test_rendered_conversation_has_the_chat_template_ids(tok):
     msgs = conversation()
     full_text = tok.apply_chat_template(msgs, tools=[tools.TOOL_SCHEMA], tokenize=False)
     full = tok.encode(full_text, add_special_tokens=False)
-    prompt_text = tok.apply_chat_template(msgs[:2], tools=[tools.TOOL_SCHEMA], tokenize=False, add_generation_prompt=True)
+    prompt_text = tok.apply_chat_template(msgs[:2], tools=[tools.TOOL_SCHEMA], tokenize=False,
+                                          add_generation_prompt=True)
     ids = tok.encode(prompt_text, add_special_tokens=False)
     # what the model writes in each turn, as the template renders it (with <|im_end|>)
     turn_texts = full_text[len(prompt_text):].split("<|im_start|>assistant\n")
@@ -139,22 +142,26 @@ def scripted(tok, replies):
         outs = []
         for ctx, budget in zip(contexts, max_new_tokens):
             turn = tok.decode(ctx).count("<|im_start|>assistant")  # 1 for the first turn
-            outs.append(tok.encode(replies[min(turn - 1, len(replies) - 1)], add_special_tokens=False)[:budget])
+            outs.append(tok.encode(replies[min(turn - 1, len(replies) - 1)],
+                                   add_special_tokens=False)[:budget])
         return outs
     return engine, calls
 
 
 def call_text(code):
-    return '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "%s"}}\n</tool_call><|im_end|>' % code
+    return ('<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "%s"}}\n</tool_call><|im_end|>'
+            % code)
 
 
 def test_tool_loop_builds_response_and_mask(tok):
     engine, calls = scripted(tok, [call_text("print(6 * 7)"), "The answer is \\boxed{42}.<|im_end|>"])
     prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "42"}]
     (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_response_tokens=200))
-    assert t.acc and t.reward == 1.0 and t.num_turns == 4 and t.num_tool_calls == 1 and t.stop_reason == "answer"
+    assert (t.acc and t.reward == 1.0 and t.num_turns == 4 and t.num_tool_calls == 1
+            and t.stop_reason == "answer")
     tool_text = tok.decode([i for i, m in zip(t.response_ids, t.response_mask) if m == 0])
-    assert tool_text == "\n<|im_start|>user\n<tool_response>\n42\n\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    assert tool_text == ("\n<|im_start|>user\n<tool_response>\n42\n\n</tool_response><|im_end|>\n"
+                         "<|im_start|>assistant\n")
     assert len(t.steps) == 2 and all(all(t.response_mask[s:e]) for s, e in t.steps)
     assert t.turns[0]["tool_call"] == "print(6 * 7)" and t.turns[0]["tool_status"] == "ok"
 
@@ -170,7 +177,8 @@ def test_generation_is_batched_across_trajectories(tok):
 def test_max_turns_stops_the_loop(tok):
     engine, _ = scripted(tok, [call_text("print(1)")])
     prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "1"}]
-    (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_turns=3, max_response_tokens=2000))
+    (t,) = rollout.rollout(engine, tok, prompts, 1,
+                           rollout.RolloutConfig(max_turns=3, max_response_tokens=2000))
     assert len(t.steps) == 3 and t.num_tool_calls == 2 and t.stop_reason == "max_turns"
     assert t.response_mask[-1] == 1   # ends with a model turn
 
@@ -228,16 +236,20 @@ def test_missing_model_path_is_a_clear_error():
 
 def test_prompt_wrappers_are_chosen_per_row():
     rows = [
-        {"prompt": [{"role": "user", "content": "P"}], "data_source": "math_dapo", "reward_model": {"ground_truth": "1"}},
-        {"prompt": [{"role": "user", "content": "P"}], "data_source": "skywork_code", "reward_model": {"ground_truth": {}}},
-        {"prompt": [{"role": "user", "content": "P"}], "data_source": "other", "reward_model": {"ground_truth": "2"}},
+        {"prompt": [{"role": "user", "content": "P"}], "data_source": "math_dapo",
+         "reward_model": {"ground_truth": "1"}},
+        {"prompt": [{"role": "user", "content": "P"}], "data_source": "skywork_code",
+         "reward_model": {"ground_truth": {}}},
+        {"prompt": [{"role": "user", "content": "P"}], "data_source": "other",
+         "reward_model": {"ground_truth": "2"}},
         {"Problem": "P", "Answer": 7, "data_source": "AIME2024"},
         {"problem": "P", "solution": "B", "domain": "Physics", "data_source": "gpqa_diamond"},
     ]
     texts = [rollout.wrap_prompt(r)[0] for r in rows]
     assert texts[0] == "P" + rollout.NOUNITS_A
     assert texts[1] == "P" + rollout.AGENT + rollout.CODE_SUFFIX
-    assert texts[2] == rollout.MATH1 + "P" + rollout.MATH2 + rollout.AGENT + rollout.ANSFMT + rollout.NOUNITS_B
+    assert texts[2] == (rollout.MATH1 + "P" + rollout.MATH2 + rollout.AGENT + rollout.ANSFMT
+                        + rollout.NOUNITS_B)
     assert texts[3] == rollout.MATH1 + "P" + rollout.MATH2 + rollout.AGENT + rollout.ANSFMT
     assert texts[4].startswith("Analyze and solve the following Physics problem step by step. \n\nP")
     assert rollout.wrap_prompt(rows[3])[2] == "7"
@@ -245,7 +257,8 @@ def test_prompt_wrappers_are_chosen_per_row():
 
 def test_broken_rows_are_skipped_and_counted(tmp_path, caplog):
     path = tmp_path / "rl.jsonl"
-    good = {"prompt": [{"role": "user", "content": "P"}], "data_source": "x", "reward_model": {"ground_truth": "1"}}
+    good = {"prompt": [{"role": "user", "content": "P"}], "data_source": "x",
+            "reward_model": {"ground_truth": "1"}}
     path.write_text("\n".join([json.dumps(good), json.dumps({"foo": 1}), json.dumps(good)]))
     assert len(rollout.load_prompts(str(path))) == 2
     assert "skipped 1 malformed rows" in caplog.text
@@ -280,7 +293,8 @@ def test_toy_tracebacks_are_what_the_sandbox_prints():
         pytest.skip("the traceback path /tmp/main.py is the full sandbox's")
     seen = set()
     for seed in range(12):
-        conv = task.sft_conversation(task.make_problem(random.Random(seed)), random.Random(seed), recovery=True)
+        conv = task.sft_conversation(task.make_problem(random.Random(seed)), random.Random(seed),
+                                     recovery=True)
         for i, m in enumerate(conv):
             if m["role"] == "tool" and "Traceback" in m["content"]:
                 code = conv[i - 1]["tool_calls"][0]["function"]["arguments"]["code"]
@@ -300,7 +314,8 @@ def test_parquet_files_in_the_real_schemas_load(tmp_path):
     pd = pytest.importorskip("pandas")
     rl = tmp_path / "rl.parquet"
     pd.DataFrame([{"prompt": [{"role": "user", "content": "What is 1+1?"}], "data_source": "math_dapo",
-                   "reward_model": {"ground_truth": "2"}, "extra_info": {"index": 0}, "ability": "math"}]).to_parquet(rl)
+                   "reward_model": {"ground_truth": "2"}, "extra_info": {"index": 0},
+                   "ability": "math"}]).to_parquet(rl)
     (p,) = rollout.load_prompts(str(rl))
     assert p["prompt"] == "What is 1+1?" + rollout.NOUNITS_A and p["ground_truth"] == "2"
     aime = tmp_path / "aime.parquet"
@@ -337,3 +352,73 @@ def test_toy_direct_answers_skip_the_tool_and_keep_the_problem_set():
     for r, p in zip(rows, plain):
         if len(r["messages"]) == 2:
             assert r["messages"][1]["content"] == p["messages"][-1]["content"]  # the same boxed answer
+
+
+def test_a_gpqa_row_with_an_answer_column_gets_the_gpqa_wrapper():
+    # the row's data_source decides, not its columns: a GPQA row that also carries an `answer` column
+    # is still a GPQA problem (the AIME layout must not capture it)
+    row = {"problem": "P", "answer": "B", "solution": "B", "domain": "Chemistry",
+           "data_source": "gpqa_diamond"}
+    text, source, truth = rollout.wrap_prompt(row)
+    assert source == "gpqa_diamond" and truth == "B"
+    assert text.startswith("Analyze and solve the following Chemistry problem step by step.")
+    assert text.endswith("into \\boxed{}")
+    aime = {"problem": "P", "answer": 3, "solution": "x", "domain": "Math", "data_source": "AIME2025"}
+    assert rollout.wrap_prompt(aime)[0] == rollout.MATH1 + "P" + rollout.MATH2 + rollout.AGENT + rollout.ANSFMT
+
+
+# -----------------------------------------------------------------------------
+# generation backends: stop tokens and the vLLM engine's settings, with vLLM itself stubbed
+
+class _StubLLM:
+    """Stands in for vllm.LLM.generate: returns, for each prompt, the token ids it was told to sample."""
+    def __init__(self, sampled):
+        self.sampled, self.params = sampled, None
+
+    def generate(self, requests, params, use_tqdm=False):
+        from types import SimpleNamespace
+        self.params = params
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(s))]) for s in self.sampled]
+
+
+def test_vllm_stops_on_every_eos_id_and_appends_nothing():
+    pytest.importorskip("vllm")
+    im_end, endoftext = 7, 9
+    sampled = [[1, 2, im_end], [1, endoftext], [1, 2, 3, 4, 5], [4, im_end, 5]]
+    llm = _StubLLM(sampled)
+    out = rollout.generate_vllm(llm, [[0]] * 4, [8, 8, 3, 8], 1.0, 1.0, [im_end, endoftext], seed=0)
+    # a turn keeps the stop token the model sampled, is cut at its budget, and gains no token it did not sample
+    assert out == [[1, 2, im_end], [1, endoftext], [1, 2, 3], [4, im_end]]
+    assert all(sorted(p.stop_token_ids) == [im_end, endoftext] for p in llm.params)
+    assert [p.seed for p in llm.params] == [0, 1, 2, 3]
+
+
+def test_hf_generation_stops_on_every_eos_id(tok, student):
+    # the tokenizer's stop set holds every end-of-sequence id of its generation config
+    assert rollout.stop_token_ids(tok)[0] == tok.eos_token_id
+    stop = rollout.stop_token_ids(tok)
+    torch.manual_seed(0)
+    outs = rollout.generate_hf(student, [[tok.eos_token_id + 0]] * 8, [40] * 8, 1.0, 1.0, stop,
+                               tok.pad_token_id)
+    for o in outs:  # at most one stop token, and only as the last token
+        assert all(t not in stop for t in o[:-1]) and len(o) <= 40
+
+
+def test_vllm_engine_gets_the_kv_cache_budget(monkeypatch, tmp_path):
+    vllm = pytest.importorskip("vllm")
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")  # restored after the test
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    rollout.make_vllm_engine(str(model_dir), kv_cache_gb=3.0)
+    assert seen["kv_cache_memory_bytes"] == 3 * 2**30
+    import os
+    if not torch.cuda.is_available():  # vLLM's CPU backend reads its budget from the environment
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"

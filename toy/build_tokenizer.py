@@ -36,7 +36,8 @@ def corpus(chat_template: str) -> list[str]:
     texts = [render.apply_chat_template(r["messages"], tools=r["tools"], tokenize=False)
              for r in task.sft_rows(3000, recovery_frac=0.5, seed=123)]
     texts += ["SyntaxError: invalid syntax\nZeroDivisionError: integer division or modulo by zero\n"
-              "Error when executing tool: no stdout here\n...(truncated)...\nIndentationError: unexpected indent\n"] * 50
+              "Error when executing tool: no stdout here\n...(truncated)...\n"
+              "IndentationError: unexpected indent\n"] * 50
     return texts
 
 

@@ -56,9 +56,11 @@ def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4) -> 
 
 
 def traceback_text(line: str, error: str, caret_col: int | None = None) -> str:
-    """The text CPython 3.11 prints for an error on line 1 of /tmp/main.py (checked against the sandbox in tests)."""
+    """The text CPython 3.11 prints for an error on line 1 of /tmp/main.py (checked against the sandbox in
+    tests)."""
     caret = "" if caret_col is None else " " * (4 + caret_col) + "^\n"
-    return f'Traceback (most recent call last):\n  File "/tmp/main.py", line 1, in <module>\n    {line}\n{caret}{error}\n'
+    return (f'Traceback (most recent call last):\n  File "/tmp/main.py", line 1, in <module>\n'
+            f'    {line}\n{caret}{error}\n')
 
 
 def tool_call(code: str) -> dict:
@@ -83,11 +85,13 @@ def sft_conversation(problem: dict, rng: random.Random, recovery: bool, retry: b
         if k == bad_step:
             if k == 0:  # assignment as the last line: auto-print makes it print(a = ...)
                 wrong = problem["lines"][0]
-                text = traceback_text(f"print({wrong})", "TypeError: 'a' is an invalid keyword argument for print()")
+                text = traceback_text(f"print({wrong})",
+                                      "TypeError: 'a' is an invalid keyword argument for print()")
             else:  # refers to the previous call's variable, which the interpreter forgot
                 var = VARS[k - 1]
                 wrong = call.replace(str(problem["outputs"][k - 1]), var, 1)
-                text = traceback_text(wrong, f"NameError: name '{var}' is not defined", caret_col=wrong.index(var))
+                text = traceback_text(wrong, f"NameError: name '{var}' is not defined",
+                                      caret_col=wrong.index(var))
             messages += [{"role": "assistant", "content": "", "tool_calls": [tool_call(wrong)]},
                          {"role": "tool", "content": text}]
         messages += [{"role": "assistant", "content": "", "tool_calls": [tool_call(call)]},
@@ -132,7 +136,9 @@ def sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0, retry_frac: flo
     rows = []
     for p in problems(n, "sft", seed, *steps):
         recovery = rng.random() < recovery_frac
-        retry = retry_frac > 0 and rng.random() < retry_frac  # no extra draw when off: old seeds give old data
+        # no extra draw when off: old seeds give old data
+        retry = retry_frac > 0 and rng.random() < retry_frac
         direct = direct_frac > 0 and rng.random() < direct_frac
-        rows.append({"messages": sft_conversation(p, rng, recovery, retry, direct), "tools": [tools.TOOL_SCHEMA]})
+        rows.append({"messages": sft_conversation(p, rng, recovery, retry, direct),
+                     "tools": [tools.TOOL_SCHEMA]})
     return rows

@@ -13,10 +13,11 @@ pipeline.py: the whole toy pipeline in one command, ending with the paper's comp
 Every stage is the stage file's own `main` with its own config: this file only chooses the sizes.
 
 Three presets. The default is a short run (one seed, ~20 min on 2 cores). --quick runs every stage for a
-handful of steps (a smoke test whose numbers mean nothing). --study is the README's main experiment: a weak
-student and a strong teacher on longer chains with a flaky tool, five seeds (each with its own student SFT),
-256 test problems x 16 samples, a table with bootstrap confidence intervals and paired differences, and a
-picture of held-out accuracy against RL step. Any flag given explicitly overrides its preset value.
+handful of steps (a smoke test whose numbers mean nothing). --study asks the paper's question with a weak
+student: the same task and teacher as the default, a student given one epoch of SFT less and more recoveries
+in its data, five seeds (each with its own student SFT), 256 test problems x 16 samples, a table with
+bootstrap confidence intervals and paired differences, and a picture of validation accuracy against RL step.
+Any flag given explicitly overrides its preset value.
 
 A stage's output is reused only when it was made by the same settings, from the same inputs (the weights of
 the checkpoints it starts from) and by the same code; a stage that was interrupted resumes from its last
@@ -24,7 +25,7 @@ checkpoint; anything else reruns. Each stage says which of the three happened.
 
     python pipeline.py                 # the short default
     python pipeline.py --quick         # the smoke test
-    python pipeline.py --study         # the main experiment (README: measured duration)
+    python pipeline.py --study         # weak student, strong teacher, five seeds
 """
 import hashlib
 import json
@@ -51,8 +52,8 @@ class Config:
     """The toy pipeline: SFT, GRPO teacher, GRPO / OPD / SOD students, evaluation."""
     quick: bool = arg(False, "a few steps per stage and a tiny evaluation: a smoke test, its numbers mean "
                              "nothing")
-    study: bool = arg(False, "the main experiment: weak student, strong teacher, flaky tool, five seeds "
-                             "(README)")
+    study: bool = arg(False, "a weak student and a strong teacher, five seeds, intervals and paired "
+                             "differences (README)")
     out_root: str = arg("", "every stage writes under this folder (empty: runs, or runs-study with --study)")
     seeds: str = arg("", "comma-separated seeds of the student runs (empty: 0, or 0,1,2,3,4 with --study)")
     seed_student_sft: bool = arg(False, "each seed gets its own student SFT (--study: on), not one shared "
@@ -60,7 +61,8 @@ class Config:
     toy_steps: str = arg("", "dependent tool calls per toy problem, e.g. 2-4 (empty: the preset's)")
     tool_failure_rate: float = arg(UNSET_FRACTION, "fraction of tool calls that fail transiently, in every "
                                                    "rollout and evaluation (-1: the preset's)")
-    teacher_model: str = arg("", "toy architecture of the teacher (empty: toy-teacher, or toy-teacher-large)")
+    teacher_model: str = arg("", "toy architecture of the teacher: toy-teacher or toy-teacher-large "
+                                 "(empty: toy-teacher)")
     teacher_sft_epochs: int = arg(UNSET, "SFT epochs of the teacher (-1: the preset's)")
     teacher_direct_frac: float = arg(UNSET_FRACTION, "fraction of the teacher's SFT data answered without the "
                                                      "tool, which its GRPO unlearns (-1: the preset's)")
@@ -92,12 +94,8 @@ PRESETS = {  # every field the presets set; a flag given explicitly wins
                     max_response_tokens=320, rl_steps=30, student_rl_lr=5e-5,
                     rl_eval_every=10, eval_n=8, eval_prompts=128),
     "quick": dict(rl_steps=2, rl_eval_every=0, eval_n=2, eval_prompts=4),
-    "study": dict(out_root="runs-study", seeds="0,1,2,3,4", seed_student_sft=True, toy_steps="3-5",
-                  tool_failure_rate=0.1, teacher_model="toy-teacher-large", teacher_sft_epochs=5,
-                  teacher_direct_frac=0.0, student_sft_epochs=2, student_sft_examples=3000,
-                  student_recovery_frac=0.3, student_retry_frac=0.3, max_response_tokens=448, rl_steps=30,
-                  rl_eval_every=10, eval_n=16,
-                  eval_prompts=256),
+    "study": dict(out_root="runs-study", seeds="0,1,2,3,4", seed_student_sft=True, student_sft_epochs=3,
+                  student_recovery_frac=0.5, eval_n=16, eval_prompts=256),
 }
 
 

@@ -72,7 +72,8 @@ def test_a_missing_default_checkpoint_says_which_command_makes_it(tmp_path, monk
 
 
 def test_ctrl_c_stops_with_one_line_and_leaves_no_sandbox_behind(tmp_path):
-    args = ["sft.py", "--toy_examples", "200", "--max_steps", "400", "--eval_prompts", "0",
+    # long enough (400 steps) that the interrupt always lands before the end
+    args = ["sft.py", "--toy_examples", "200", "--epochs", "50", "--max_steps", "400", "--eval_prompts", "0",
             "--batch_size", "8", "--out_dir", str(tmp_path / "run")]
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))

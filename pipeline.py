@@ -82,6 +82,8 @@ class Config:
                                     "(-1: the preset's)")
     eval_n: int = arg(UNSET, "samples per test problem in the final table (-1: the preset's)")
     eval_prompts: int = arg(UNSET, "test problems in the final table (-1: the preset's)")
+    sandbox: str = arg("warm", "sandbox of every stage's tool calls: warm or cold (the same isolation, "
+                               "a new interpreter per call)")
     eval_split: str = arg("test", "split of the final table: test, or valid while choosing settings "
                                   "(the test split is only for final numbers)")
 
@@ -178,7 +180,7 @@ def main(cfg: Config):
     timings = {}
     sft_sizes = dict(max_steps=3, toy_examples=64, eval_prompts=0) if cfg.quick else {}
     rl_sizes = dict(steps=cfg.rl_steps, eval_every=cfg.rl_eval_every, tool_failure_rate=cfg.tool_failure_rate,
-                    toy_steps=cfg.toy_steps, max_response_tokens=cfg.max_response_tokens)
+                    toy_steps=cfg.toy_steps, max_response_tokens=cfg.max_response_tokens, sandbox=cfg.sandbox)
     if cfg.quick:
         rl_sizes.update(prompts_per_step=2, n_samples=4, eval_prompts=4, eval_n=2)
 
@@ -231,7 +233,8 @@ def main(cfg: Config):
     eval_cfg = evaluate.Config(model=[], data="toy" if cfg.eval_split == "test" else "toy:valid",
                                num_prompts=cfg.eval_prompts, n_samples=cfg.eval_n, toy_steps=cfg.toy_steps,
                                max_response_tokens=cfg.max_response_tokens,
-                               tool_failure_rate=cfg.tool_failure_rate, out_dir=str(root / "eval"), seed=1234)
+                               tool_failure_rate=cfg.tool_failure_rate, sandbox=cfg.sandbox,
+                               out_dir=str(root / "eval"), seed=1234)
     (root / "eval").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     benchmarks = evaluate.load_benchmarks(eval_cfg)

@@ -82,8 +82,8 @@ class Config:
                                     "(-1: the preset's)")
     eval_n: int = arg(UNSET, "samples per test problem in the final table (-1: the preset's)")
     eval_prompts: int = arg(UNSET, "test problems in the final table (-1: the preset's)")
-    sandbox: str = arg("warm", "sandbox of every stage's tool calls: warm or cold (the same isolation, "
-                               "a new interpreter per call)")
+    sandbox: str = arg("warm", "sandbox of the RL stages and the evaluation: warm or cold (the same "
+                               "isolation, a new interpreter per call; SFT's final greedy check stays warm)")
     eval_split: str = arg("test", "split of the final table: test, or valid while choosing settings "
                                   "(the test split is only for final numbers)")
 

@@ -105,6 +105,8 @@ def resolve(cfg: Config) -> Config:
     """The preset's value for every field left unset (UNSET, or an empty string)."""
     if cfg.quick and cfg.study:
         raise SystemExit("--quick and --study are two different presets: choose one")
+    if cfg.eval_split not in ("test", "valid"):  # checked before any stage trains, not after
+        raise SystemExit(f"--eval_split must be test or valid, not {cfg.eval_split!r}")
     preset = dict(PRESETS["default"],
                   **(PRESETS["quick"] if cfg.quick else PRESETS["study"] if cfg.study else {}))
     unset = {f.name: preset[f.name] for f in fields(cfg)
@@ -228,8 +230,6 @@ def main(cfg: Config):
     # 5. one evaluation on the test split, same settings for every model
     print(f"\n=== evaluation -> {root / 'eval'} "
           f"({cfg.eval_prompts} {cfg.eval_split} problems x {cfg.eval_n} samples)")
-    if cfg.eval_split not in ("test", "valid"):
-        raise SystemExit(f"--eval_split must be test or valid, not {cfg.eval_split!r}")
     eval_cfg = evaluate.Config(model=[], data="toy" if cfg.eval_split == "test" else "toy:valid",
                                num_prompts=cfg.eval_prompts, n_samples=cfg.eval_n, toy_steps=cfg.toy_steps,
                                max_response_tokens=cfg.max_response_tokens,

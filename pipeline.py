@@ -12,12 +12,14 @@ pipeline.py: the whole toy pipeline in one command, ending with the paper's comp
 
 Every stage is the stage file's own `main` with its own config: this file only chooses the sizes.
 
-Three presets. The default is a short run (one seed, ~20 min on 2 cores). --quick runs every stage for a
-handful of steps (a smoke test whose numbers mean nothing). --study asks the paper's question with a weak
-student: the same task and teacher as the default, a student given one epoch of SFT less and more recoveries
-in its data, five seeds (each with its own student SFT), 256 test problems x 16 samples, a table with
-bootstrap confidence intervals and paired differences, and a picture of validation accuracy against RL step.
-Any flag given explicitly overrides its preset value.
+Three presets. The default is a short run (one seed, under 20 min on 2 cores). --quick runs every stage for
+a handful of steps (a smoke test whose numbers mean nothing). --study asks the paper's question, a weak
+student and a strong teacher: the same task with a tool call failing now and then (3%), a teacher that never
+retries a failed call, a student whose cold-start data answers most problems without the tool and retries
+failed calls, five seeds (each with its own student SFT), 256 test problems x 16 samples, a table with
+bootstrap confidence intervals and paired differences, the step divergences of the SOD students, and a
+picture of validation accuracy against RL step (runs-study/study.png). Any flag given explicitly overrides
+its preset value.
 
 A stage's output is reused only when it was made by the same settings, from the same inputs (the weights of
 the checkpoints it starts from) and by the same code; a stage that was interrupted resumes from its last
@@ -53,7 +55,7 @@ class Config:
     quick: bool = arg(False, "a few steps per stage and a tiny evaluation: a smoke test, its numbers mean "
                              "nothing")
     study: bool = arg(False, "a weak student and a strong teacher, five seeds, intervals and paired "
-                             "differences (README)")
+                             "differences (README: the study)")
     out_root: str = arg("", "every stage writes under this folder (empty: runs, or runs-study with --study)")
     seeds: str = arg("", "comma-separated seeds of the student runs (empty: 0, or 0,1,2,3,4 with --study)")
     seed_student_sft: bool = arg(False, "each seed gets its own student SFT (--study: on), not one shared "
@@ -72,6 +74,8 @@ class Config:
                                                        "call that is then redone (-1: the preset's)")
     student_retry_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data that retries after a "
                                                     "transient tool failure (-1: the preset's)")
+    student_direct_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data answered at once, "
+                                                     "without the tool (-1: the preset's)")
     max_response_tokens: int = arg(UNSET, "tokens per trajectory, tool tokens included, in RL and evaluation "
                                           "(-1: the preset's)")
     rl_steps: int = arg(UNSET, "RL steps of every RL run, teacher GRPO and each student run "
@@ -80,6 +84,8 @@ class Config:
                                                "(-1: the preset's)")
     rl_eval_every: int = arg(UNSET, "held-out (validation split) evaluation every N RL steps "
                                     "(-1: the preset's)")
+    rl_eval_prompts: int = arg(UNSET, "validation problems of each evaluation during RL (-1: the preset's)")
+    rl_eval_n: int = arg(UNSET, "samples per validation problem during RL (-1: the preset's)")
     eval_n: int = arg(UNSET, "samples per test problem in the final table (-1: the preset's)")
     eval_prompts: int = arg(UNSET, "test problems in the final table (-1: the preset's)")
     sandbox: str = arg("warm", "sandbox of the RL stages and the evaluation: warm or cold (the same "
@@ -92,12 +98,16 @@ PRESETS = {  # every field the presets set; a flag given explicitly wins
     "default": dict(out_root="runs", seeds="0", seed_student_sft=False, toy_steps="2-4",
                     tool_failure_rate=0.0, teacher_model="toy-teacher", teacher_sft_epochs=5,
                     teacher_direct_frac=0.5, student_sft_epochs=4, student_sft_examples=5000,
-                    student_recovery_frac=0.25, student_retry_frac=0.0,
+                    student_recovery_frac=0.25, student_retry_frac=0.0, student_direct_frac=0.0,
                     max_response_tokens=320, rl_steps=30, student_rl_lr=5e-5,
-                    rl_eval_every=10, eval_n=8, eval_prompts=128),
+                    rl_eval_every=10, rl_eval_prompts=64, rl_eval_n=4, eval_n=8, eval_prompts=128),
     "quick": dict(rl_steps=2, rl_eval_every=0, eval_n=2, eval_prompts=4),
-    "study": dict(out_root="runs-study", seeds="0,1,2,3,4", seed_student_sft=True, student_sft_epochs=3,
-                  student_recovery_frac=0.5, eval_n=16, eval_prompts=256),
+    # a weak student and a strong teacher (README, "The study"): a flaky tool that the student's data retries
+    # and the teacher's does not; a student whose data answers 55% of its problems at once, without the tool
+    # (11,000 conversations, so that about as many use the tool as the default student's 5,000)
+    "study": dict(out_root="runs-study", seeds="0,1,2,3,4", seed_student_sft=True, tool_failure_rate=0.03,
+                  student_direct_frac=0.55, student_sft_examples=11000, student_retry_frac=0.3,
+                  rl_eval_prompts=128, eval_n=16, eval_prompts=256),
 }
 
 
@@ -181,8 +191,9 @@ def main(cfg: Config):
     seeds = [int(s) for s in cfg.seeds.split(",")]
     timings = {}
     sft_sizes = dict(max_steps=3, toy_examples=64, eval_prompts=0) if cfg.quick else {}
-    rl_sizes = dict(steps=cfg.rl_steps, eval_every=cfg.rl_eval_every, tool_failure_rate=cfg.tool_failure_rate,
-                    toy_steps=cfg.toy_steps, max_response_tokens=cfg.max_response_tokens, sandbox=cfg.sandbox)
+    rl_sizes = dict(steps=cfg.rl_steps, eval_every=cfg.rl_eval_every, eval_prompts=cfg.rl_eval_prompts,
+                    eval_n=cfg.rl_eval_n, tool_failure_rate=cfg.tool_failure_rate, toy_steps=cfg.toy_steps,
+                    max_response_tokens=cfg.max_response_tokens, sandbox=cfg.sandbox)
     if cfg.quick:
         rl_sizes.update(prompts_per_step=2, n_samples=4, eval_prompts=4, eval_n=2)
 
@@ -202,7 +213,7 @@ def main(cfg: Config):
         run_stage(f"sft student (seed {seed})" if cfg.seed_student_sft else "sft student", out, sft.main,
                   sft.Config(model="toy-student", epochs=cfg.student_sft_epochs,
                              toy_recovery_frac=cfg.student_recovery_frac,
-                             toy_retry_frac=cfg.student_retry_frac,
+                             toy_retry_frac=cfg.student_retry_frac, toy_direct_frac=cfg.student_direct_frac,
                              toy_steps=cfg.toy_steps, seed=seed, out_dir=str(out),
                              **{"toy_examples": cfg.student_sft_examples, **sft_sizes}), [], timings)
         student_sfts[seed] = str(out / "final")
@@ -249,7 +260,8 @@ def main(cfg: Config):
     table = results_table(results, cfg.eval_n)
     if len(seeds) > 1:
         table += "\n\n" + study_tables(results, cfg.eval_n, seeds)
-        plot_learning_curves(root, seeds, cfg, root / "learning_curves.png")
+        table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in seeds])
+        plot_study(root, seeds, root / "study.png")
     if cfg.quick:
         table += "\n\n(--quick: a few steps per stage and a tiny evaluation; these numbers mean nothing)"
     budget = same_budget(root, students)
@@ -311,8 +323,55 @@ def study_tables(results: dict, n: int, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot_learning_curves(root: Path, seeds: list[int], cfg, png: Path):
-    """Validation avg@n against RL step for the three RL students (mean over seeds, shaded min to max)."""
+TURN_KINDS = ("the first turn", "later turns, no failed tool call before them",
+              "turns after a failed tool call", "the failing turn itself")
+
+
+def turn_kind(record: dict) -> str:
+    """Which row of the divergence table an assistant turn of steps.jsonl belongs to (the failing turn itself
+    is counted in its own row as well: see turn_table)."""
+    if record["step"] == 1:
+        return TURN_KINDS[0]
+    return TURN_KINDS[2] if record["after_tool_error"] else TURN_KINDS[1]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def turn_table(run_dirs: list[Path]) -> str:
+    """Mean d_k and w_k of every assistant turn the distilled students wrote in training (their
+    steps.jsonl), by what came before the turn: the measurement behind SOD's premise."""
+    rows = {kind: [] for kind in TURN_KINDS}
+    for run in run_dirs:
+        for r in read_jsonl(run / "steps.jsonl"):
+            rows[turn_kind(r)].append(r)
+            if r["tool_status"] == "error":
+                rows[TURN_KINDS[3]].append(r)
+    lines = [f"| turns of the rollouts of {', '.join(p.name for p in run_dirs)} | turns | mean d_k | mean w_k |",
+             "|---|---|---|---|"]
+    for kind, rs in rows.items():
+        d = np.mean([r["d"] for r in rs]) if rs else float("nan")
+        w = np.mean([r["w"] for r in rs]) if rs else float("nan")
+        lines.append(f"| {kind} | {len(rs):,} | {d:.2f} | {w:.2f} |")
+    return "\n".join(lines)
+
+
+def learning_curves(root: Path, method: str, seeds: list[int]) -> tuple[list[int], np.ndarray]:
+    """Held-out (validation) avg@n of a student's RL runs at every evaluated step: (steps, [seeds, steps])."""
+    curves = []
+    for seed in seeds:
+        rows = read_jsonl(root / f"{method}-student-s{seed}" / "metrics.jsonl")
+        curves.append({r["step"]: 100 * v for r in rows for k, v in r.items()
+                       if k.startswith("eval/") and "avg@" in k})
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, np.array([[c[s] for s in steps] for c in curves])
+
+
+def plot_study(root: Path, seeds: list[int], png: Path):
+    """Left: validation avg@n against RL step for the four students (mean over seeds, shaded min to max;
+    the SFT student is every run's step 0). Middle and right: SOD's mean w_k and d_k per assistant turn k,
+    for turns with and without a failed tool call before them (all seeds, all RL steps)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -320,38 +379,55 @@ def plot_learning_curves(root: Path, seeds: list[int], cfg, png: Path):
     except ImportError:
         log.info("matplotlib not installed: no %s", png.name)
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
     for method, color in (("grpo", "tab:gray"), ("opd", "tab:blue"), ("sod", "tab:red")):
-        curves = []
-        for seed in seeds:
-            rows = [json.loads(x)
-                    for x in (root / f"{method}-student-s{seed}" / "metrics.jsonl").read_text().splitlines()]
-            curves.append({r["step"]: 100 * v
-                           for r in rows for k, v in r.items() if k.startswith("eval/") and "avg@" in k})
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        values = np.array([[c[s] for s in steps] for c in curves])                         # [seeds, steps]
+        steps, values = learning_curves(root, method, seeds)                       # [seeds, steps]
         ax.plot(steps, values.mean(0), marker="o", color=color, label=method.upper())
         ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15)
+    sft = values[:, 0]  # every RL run evaluates its starting checkpoint as step 0
+    ax.axhline(sft.mean(), color="black", ls="--", lw=1, label="SFT (start)")
+    ax.axhspan(sft.min(), sft.max(), color="black", alpha=0.06)
     ax.set(xlabel="RL step", ylabel="validation avg@n (%)",
            title=f"students, mean over {len(seeds)} seeds (min to max)")
     ax.legend()
+    records = [r for s in seeds for r in read_jsonl(root / f"sod-student-s{s}" / "steps.jsonl")]
+    for after, style in ((False, "-"), (True, "--")):
+        rs = [r for r in records if r["step"] > 1 and r["after_tool_error"] == after]
+        rs += [] if after else [r for r in records if r["step"] == 1]
+        ks = sorted({r["step"] for r in rs if r["step"] <= 8})
+        ks = [k for k in ks if sum(r["step"] == k for r in rs) >= 20]   # enough turns for a mean
+        label = "after a failed tool call" if after else "no failed tool call before"
+        for ax, key in ((axes[1], "w"), (axes[2], "d")):
+            ax.plot(ks, [np.mean([r[key] for r in rs if r["step"] == k]) for k in ks], style, marker="o",
+                    color="tab:red", label=label)
+    axes[1].set(xlabel="assistant turn k", ylabel="mean w_k", title="SOD step weights")
+    axes[2].set(xlabel="assistant turn k", ylabel="mean d_k = mean |l_S - l_T|", title="SOD step divergence")
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=100)
     plt.close(fig)
 
 
 def same_budget(root: Path, students: dict) -> dict:
-    """The RL budget every student run recorded in its run.json; refuses to report a table if any differs."""
+    """The RL budget every student run recorded in its run.json, and the SFT checkpoint each started from.
+    Refuses to report a table if any budget differs, or if two runs of one seed started from different
+    checkpoints."""
     keys = ("steps", "prompts_per_step", "n_samples", "lr", "mini_batches", "ppo_epochs",
-            "max_response_tokens", "temperature", "top_p", "tool_failure_rate", "toy_steps", "kl_coef")
-    budgets = {}
+            "max_response_tokens", "temperature", "top_p", "tool_failure_rate", "toy_steps", "kl_coef",
+            "eval_every", "eval_prompts", "eval_n")
+    budgets, starts = {}, {}
     for by_seed in students.values():
-        for path in by_seed.values():
+        for seed, path in by_seed.items():
             config = json.loads((Path(path).parent / "run.json").read_text())["config"]
             budgets[path] = {k: config[k] for k in keys}
+            starts.setdefault(seed, set()).add(config.get("student") or config["model"])
     distinct = {json.dumps(b, sort_keys=True) for b in budgets.values()}
     if len(distinct) != 1:
         raise SystemExit(f"the student runs did not have the same budget: {distinct}")
+    for seed, paths in starts.items():
+        if len(paths) != 1:
+            raise SystemExit(f"the student runs of seed {seed} started from different checkpoints: {paths}")
     return json.loads(distinct.pop())
 
 

@@ -1,0 +1,96 @@
+"""The study's arithmetic (intervals, paired differences, the budget check, the divergence table) on numbers
+whose answer is known, and one multi-seed run of the pipeline end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_bootstrap_interval_holds_the_mean_and_narrows_with_more_problems():
+    rng = np.random.default_rng(0)
+    few = rng.random((5, 32))                                    # [seeds, problems] of per-problem scores
+    many = rng.random((5, 1024))
+    lo, hi = pipeline.bootstrap_interval(few)
+    assert lo < few.mean() < hi
+    lo2, hi2 = pipeline.bootstrap_interval(many)
+    assert lo2 < many.mean() < hi2 and hi2 - lo2 < (hi - lo) / 3
+    assert pipeline.bootstrap_interval(np.full((5, 64), 0.25)) == (0.25, 0.25)   # nothing varies
+
+
+def fake_results(per_seed: dict[str, list[float]], problems: int = 64) -> dict:
+    """results[name][seed] as evaluate.py writes them, every problem of a seed at the same score."""
+    return {f"student {name}": {s: {"per_problem_avg": [v] * problems} for s, v in enumerate(values)}
+            for name, values in per_seed.items()}
+
+
+def test_paired_differences_compare_runs_of_the_same_seed():
+    # OPD is below GRPO on every seed by exactly 5 points, although the seeds' levels differ by 40
+    results = fake_results({"SFT": [0.1, 0.3, 0.5], "GRPO": [0.2, 0.4, 0.6], "OPD": [0.15, 0.35, 0.55],
+                            "SOD": [0.25, 0.45, 0.65]})
+    table = pipeline.study_tables(results, 16, [0, 1, 2])
+    row = next(line for line in table.splitlines() if line.startswith("| OPD - GRPO"))
+    assert row.startswith("| OPD - GRPO | -5.0 | [-5.0, -5.0] | -5.0 / -5.0 / -5.0 |")
+    row = next(line for line in table.splitlines() if line.startswith("| SOD - OPD"))
+    assert "+10.0 | [+10.0, +10.0]" in row
+    sft = next(line for line in table.splitlines() if line.startswith("| SFT |"))
+    assert sft.startswith("| SFT | 30.0 | 16.3 |")                   # mean and std over the seeds' means
+
+
+def write_run(path: Path, start: str, **config):
+    base = dict(steps=30, prompts_per_step=16, n_samples=8, lr=5e-5, mini_batches=4, ppo_epochs=1,
+                max_response_tokens=320, temperature=1.0, top_p=1.0, tool_failure_rate=0.0, toy_steps="2-4",
+                kl_coef=0.0, eval_every=10, eval_prompts=64, eval_n=4, model=start)
+    (path / "final").mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps({"config": dict(base, **config)}))
+    return str(path / "final")
+
+
+def test_the_budget_check_refuses_a_run_with_another_budget_or_another_start(tmp_path):
+    students = {"grpo": {0: write_run(tmp_path / "grpo-s0", "sft-s0")},
+                "opd": {0: write_run(tmp_path / "opd-s0", "", student="sft-s0")}}
+    assert pipeline.same_budget(tmp_path, students)["lr"] == 5e-5
+    students["sod"] = {0: write_run(tmp_path / "sod-s0", "", student="sft-s0", lr=1e-4)}
+    with pytest.raises(SystemExit, match="same budget"):
+        pipeline.same_budget(tmp_path, students)
+    students["sod"] = {0: write_run(tmp_path / "sod-s0-b", "", student="sft-s1")}
+    with pytest.raises(SystemExit, match="different checkpoints"):
+        pipeline.same_budget(tmp_path, students)
+
+
+def test_the_divergence_table_sorts_each_turn_by_what_came_before_it(tmp_path):
+    run = tmp_path / "sod-student-s0"
+    run.mkdir()
+    turns = [  # one trajectory: a clean first call, a failed call, a turn after it
+        dict(step=1, d=0.1, w=1.0, tool_status="ok", after_tool_error=False),
+        dict(step=2, d=2.0, w=0.05, tool_status="error", after_tool_error=False),
+        dict(step=3, d=1.0, w=0.1, tool_status="ok", after_tool_error=True),
+        dict(step=2, d=0.3, w=0.4, tool_status="ok", after_tool_error=False)]   # another trajectory
+    (run / "steps.jsonl").write_text("".join(json.dumps(t) + "\n" for t in turns))
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
+            pipeline.turn_table([run]).splitlines()[2:]}
+    assert rows["the first turn"] == ["1", "0.10", "1.00 |"]
+    assert rows["later turns, no failed tool call before them"] == ["2", "1.15", "0.23 |"]
+    assert rows["turns after a failed tool call"] == ["1", "1.00", "0.10 |"]
+    assert rows["the failing turn itself"] == ["1", "2.00", "0.05 |"]
+
+
+def test_a_two_seed_pipeline_prints_the_study_tables_and_draws_the_study(tmp_path):
+    out = subprocess.run([sys.executable, "pipeline.py", "--quick", "--seeds", "0,1", "--seed_student_sft",
+                          "--out_root", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for row in ("| student SFT |", "| SOD - OPD |", "| OPD - GRPO |", "| the first turn |"):
+        assert row in out.stdout
+    assert (tmp_path / "sft-student-s0").is_dir() and (tmp_path / "sft-student-s1").is_dir()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["student_budget"]["steps"] == 2
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "study.png").stat().st_size > 10_000

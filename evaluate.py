@@ -190,10 +190,11 @@ def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, d=None, ge
             trajs = rollout.rollout(engine, tokenizer, part, cfg.n_samples, cfg, seed=cfg.seed + c,
                                     progress=d.main)
             samples += [(c + t.prompt_index, j % cfg.n_samples, t.pred, t.acc, t.text, t.num_turns,
-                         t.num_tool_calls, t.num_tool_errors, t.stop_reason) for j, t in enumerate(trajs)]
+                         t.num_tool_calls, t.num_tool_errors, t.stop_reason, resent_calls(t.turns))
+                        for j, t in enumerate(trajs)]
         samples = sorted(s for part in rollout.all_gather(samples, d) for s in part)
         by_problem = defaultdict(list)
-        for problem, sample, pred, acc, text, turns, calls, errors, stop in samples:
+        for problem, sample, pred, acc, text, turns, calls, errors, stop, _ in samples:
             by_problem[problem].append((pred, acc))
             if generations_file is not None:
                 generations_file.write(json.dumps({
@@ -207,10 +208,19 @@ def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, d=None, ge
         with_error = [s[3] for s in samples if s[7] > 0]
         results[name]["samples_with_tool_error"] = len(with_error) / max(1, len(samples))
         results[name]["acc_after_tool_error"] = float(np.mean(with_error)) if with_error else None
+        resent = [r for s in samples for r in s[9]]
+        results[name]["failed_calls_resent"] = float(np.mean(resent)) if resent else None
         results[name]["seconds"] = round(time.time() - t0, 1)
         results[name]["tool_calls_per_sample"] = float(np.mean([s[6] for s in samples]))
         results[name]["tool_error_rate"] = sum(s[7] for s in samples) / max(1, sum(s[6] for s in samples))
     return results
+
+
+def resent_calls(turns: list[dict]) -> list[bool]:
+    """For every failed tool call that the model answered with another turn: does that turn send the same
+    code again (a retry), rather than another call or a final answer?"""
+    return [b.get("tool_call") is not None and str(b["tool_call"]) == str(a["tool_call"])
+            for a, b in zip(turns, turns[1:]) if a.get("tool_status") == "error"]
 
 
 def greedy_accuracy(model, tokenizer, data: str = "toy:valid", num_prompts: int = 64,

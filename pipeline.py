@@ -257,14 +257,15 @@ def main(cfg: Config):
         label = name if seed is None else f"{name} (seed {seed})"
         results.setdefault(name, {})[seed] = evaluate_model(label, path, eval_cfg, benchmarks, root / "eval")
     timings["evaluation"] = round(time.time() - t0, 1)
+    budget = same_budget(root, students)  # refuses to compare runs that did not share one budget
     table = results_table(results, cfg.eval_n)
     if len(seeds) > 1:
         table += "\n\n" + study_tables(results, cfg.eval_n, seeds)
+        table += "\n\n" + failure_table(results)
         table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in seeds])
         plot_study(root, seeds, root / "study.png")
     if cfg.quick:
         table += "\n\n(--quick: a few steps per stage and a tiny evaluation; these numbers mean nothing)"
-    budget = same_budget(root, students)
     (root / "results.md").write_text(table + "\n")
     (root / "results.json").write_text(json.dumps({"results": results, "timings_s": timings, "seeds": seeds,
                                                    "config": asdict(cfg), "student_budget": budget},
@@ -323,16 +324,34 @@ def study_tables(results: dict, n: int, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def failure_table(results: dict) -> str:
+    """What each model did at evaluation after a tool call failed (mean over seeds): how many samples met a
+    failed call, how many of those were still right, and how often the failed call was sent again."""
+    lines = ["| model | samples that met a failed call (%) | of those, right (%) | failed calls resent (%) |",
+             "|---|---|---|---|"]
+    for name, by_seed in results.items():
+        cells = []
+        for key in ("samples_with_tool_error", "acc_after_tool_error", "failed_calls_resent"):
+            values = [r.get(key) for r in by_seed.values() if r.get(key) is not None]
+            cells.append(f"{100 * np.mean(values):.1f}" if values else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 TURN_KINDS = ("the first turn", "later turns, no failed tool call before them",
-              "turns after a failed tool call", "the failing turn itself")
+              "turns after a failed tool call", "  of which right after a failure of the sandbox",
+              "  of which right after an error of the model's code", "the failing turn itself")
 
 
-def turn_kind(record: dict) -> str:
-    """Which row of the divergence table an assistant turn of steps.jsonl belongs to (the failing turn itself
-    is counted in its own row as well: see turn_table)."""
+def turn_kinds(record: dict) -> list[str]:
+    """The rows of the divergence table an assistant turn of steps.jsonl belongs to (a turn right after a
+    failure, and the failing turn itself, also count in the rows above them)."""
     if record["step"] == 1:
-        return TURN_KINDS[0]
-    return TURN_KINDS[2] if record["after_tool_error"] else TURN_KINDS[1]
+        kinds = [TURN_KINDS[0]]
+    else:
+        kinds = [TURN_KINDS[2] if record["after_tool_error"] else TURN_KINDS[1]]
+    kinds += {"sandbox": [TURN_KINDS[3]], "code": [TURN_KINDS[4]]}.get(record.get("previous_failure"), [])
+    return kinds + ([TURN_KINDS[5]] if record["tool_status"] == "error" else [])
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -345,9 +364,8 @@ def turn_table(run_dirs: list[Path]) -> str:
     rows = {kind: [] for kind in TURN_KINDS}
     for run in run_dirs:
         for r in read_jsonl(run / "steps.jsonl"):
-            rows[turn_kind(r)].append(r)
-            if r["tool_status"] == "error":
-                rows[TURN_KINDS[3]].append(r)
+            for kind in turn_kinds(r):
+                rows[kind].append(r)
     lines = [f"| turns of the rollouts of {', '.join(p.name for p in run_dirs)} | turns | mean d_k | mean w_k |",
              "|---|---|---|---|"]
     for kind, rs in rows.items():

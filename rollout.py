@@ -712,7 +712,8 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
         for t, calls in pending:
             texts = results[k:k + len(calls)]
             k += len(calls)
-            if cfg.tool_failure_rate > 0 and flaky.random() < cfg.tool_failure_rate:
+            sandbox_failure = cfg.tool_failure_rate > 0 and flaky.random() < cfg.tool_failure_rate
+            if sandbox_failure:
                 # what the reference shows for a sandbox timeout or failure
                 texts = [tools.NO_STDOUT] * len(texts)
             failed = any(tools.tool_call_failed(x) for x in texts)
@@ -720,7 +721,7 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
             t.num_tool_errors += int(failed)
             counts["tool_calls"] += len(calls)
             counts["tool_errors"] += int(failed)
-            t.turns[-1].update(tool_status="error" if failed else "ok",
+            t.turns[-1].update(tool_status="error" if failed else "ok", sandbox_failure=sandbox_failure,
                                tool_output_chars=sum(map(len, texts)),
                                tool_output_truncated="...(truncated)..." in "".join(texts))
             segment = render_tool_response_ids(tokenizer, texts, cfg.tool_junction)

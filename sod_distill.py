@@ -195,8 +195,17 @@ def step_records(trajs, step_id, d, w, r, rl_step) -> list[dict]:
                             "signal": r_step[b, k].item() / max(turn["tokens"], 1),
                             "tool_call": turn.get("tool_call"), "tool_status": turn.get("tool_status"),
                             "after_tool_error": any(x.get("tool_status") == "error" for x in t.turns[:k - 1]),
+                            "previous_failure": previous_failure(t.turns, k),
                             "reward": t.reward})
     return records
+
+
+def previous_failure(turns: list[dict], k: int) -> str | None:
+    """Why the call of turn k - 1 failed, if it did: "sandbox" (a transient failure of the sandbox, the toy's
+    --tool_failure_rate) or "code" (the model's code raised); None if it did not fail or k is the first turn."""
+    if k == 1 or turns[k - 2].get("tool_status") != "error":
+        return None
+    return "sandbox" if turns[k - 2].get("sandbox_failure") else "code"
 
 
 def summarize_steps(records: list[dict]) -> dict:

@@ -120,6 +120,20 @@ def test_problem_metrics_report_every_metric():
     assert {"pass@2", "best@4(bootstrap)", "maj@4(bootstrap)"} <= set(m)
 
 
+def test_a_failed_call_is_resent_only_when_the_next_turn_sends_the_same_code():
+    def turn(call, status=None):
+        return {"tool_call": call, "tool_status": status}
+    retried = [turn("print(1 + 2)", "error"), turn("print(1 + 2)", "ok"), turn(None)]
+    moved_on = [turn("print(1 + 2)", "error"), turn("print(7 + 2)", "ok"), turn(None)]
+    gave_up = [turn("print(1 + 2)", "ok"), turn("print(3 * 2)", "error"), turn(None)]
+    cut_off = [turn("print(1 + 2)", "error")]                     # no turn after it: nothing to count
+    assert evaluate.resent_calls(retried) == [True]
+    assert evaluate.resent_calls(moved_on) == [False]
+    assert evaluate.resent_calls(gave_up) == [False]
+    assert evaluate.resent_calls(cut_off) == []
+    assert evaluate.resent_calls(retried + moved_on) == [True, False]
+
+
 def test_missing_model_path_fails_before_loading(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         evaluate.main(evaluate.Config(model=[str(tmp_path / "nope")], out_dir=str(tmp_path)))

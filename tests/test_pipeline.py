@@ -68,18 +68,22 @@ def test_the_budget_check_refuses_a_run_with_another_budget_or_another_start(tmp
 def test_the_divergence_table_sorts_each_turn_by_what_came_before_it(tmp_path):
     run = tmp_path / "sod-student-s0"
     run.mkdir()
-    turns = [  # one trajectory: a clean first call, a failed call, a turn after it
-        dict(step=1, d=0.1, w=1.0, tool_status="ok", after_tool_error=False),
-        dict(step=2, d=2.0, w=0.05, tool_status="error", after_tool_error=False),
-        dict(step=3, d=1.0, w=0.1, tool_status="ok", after_tool_error=True),
-        dict(step=2, d=0.3, w=0.4, tool_status="ok", after_tool_error=False)]   # another trajectory
+    turns = [  # a clean first call, a call the sandbox failed, its retry, a call whose code raised, a turn after it
+        dict(step=1, d=0.1, w=1.0, tool_status="ok", after_tool_error=False, previous_failure=None),
+        dict(step=2, d=0.2, w=0.5, tool_status="error", after_tool_error=False, previous_failure=None),
+        dict(step=3, d=1.0, w=0.1, tool_status="ok", after_tool_error=True, previous_failure="sandbox"),
+        dict(step=4, d=3.0, w=0.05, tool_status="error", after_tool_error=True, previous_failure=None),
+        dict(step=5, d=2.0, w=0.04, tool_status="ok", after_tool_error=True, previous_failure="code"),
+        dict(step=2, d=0.4, w=0.3, tool_status="ok", after_tool_error=False)]   # another trajectory
     (run / "steps.jsonl").write_text("".join(json.dumps(t) + "\n" for t in turns))
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
             pipeline.turn_table([run]).splitlines()[2:]}
     assert rows["the first turn"] == ["1", "0.10", "1.00 |"]
-    assert rows["later turns, no failed tool call before them"] == ["2", "1.15", "0.23 |"]
-    assert rows["turns after a failed tool call"] == ["1", "1.00", "0.10 |"]
-    assert rows["the failing turn itself"] == ["1", "2.00", "0.05 |"]
+    assert rows["later turns, no failed tool call before them"] == ["2", "0.30", "0.40 |"]
+    assert rows["turns after a failed tool call"] == ["3", "2.00", "0.06 |"]
+    assert rows["of which right after a failure of the sandbox"] == ["1", "1.00", "0.10 |"]
+    assert rows["of which right after an error of the model's code"] == ["1", "2.00", "0.04 |"]
+    assert rows["the failing turn itself"] == ["2", "1.60", "0.28 |"]
 
 
 def test_a_two_seed_pipeline_prints_the_study_tables_and_draws_the_study(tmp_path):

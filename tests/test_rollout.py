@@ -330,6 +330,7 @@ def test_transient_tool_failures_show_the_reference_failure_text(tok):
     (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(tool_failure_rate=1.0), seed=0)
     assert "<tool_response>\nno stdout here\n</tool_response>" in tok.decode(t.response_ids)
     assert t.num_tool_errors == 1
+    assert t.turns[0]["tool_status"] == "error" and t.turns[0]["sandbox_failure"]   # the sandbox's fault
 
 
 def test_toy_retry_conversations_resend_the_failed_call():

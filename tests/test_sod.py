@@ -201,6 +201,13 @@ def test_step_records_report_d_and_w_per_turn():
     assert abs(recs[1]["signal"] - r[0, 5:7].mean().item()) < 1e-9
     assert recs[0]["w"] == 1.0 and recs[1]["after_tool_error"] and not recs[0]["after_tool_error"]
     assert abs(recs[2]["w"] - min(((d[0, 1] + 1e-6) / (d[0, 3] + 1e-6)).item(), 1.2)) < 1e-9
+    assert [r["previous_failure"] for r in recs] == [None, "code", None]   # only the turn right after it
+
+
+def test_a_failure_of_the_sandbox_is_told_apart_from_an_error_of_the_code():
+    turns = [{"tool_status": "error", "sandbox_failure": True}, {"tool_status": "ok"},
+             {"tool_status": "error", "sandbox_failure": False}, {}]
+    assert [sod_distill.previous_failure(turns, k) for k in (1, 2, 3, 4)] == [None, "sandbox", None, "code"]
 
 
 # -----------------------------------------------------------------------------

@@ -366,8 +366,8 @@ def turn_table(run_dirs: list[Path]) -> str:
         for r in read_jsonl(run / "steps.jsonl"):
             for kind in turn_kinds(r):
                 rows[kind].append(r)
-    lines = [f"| turns of the rollouts of {', '.join(p.name for p in run_dirs)} | turns | mean d_k | mean w_k |",
-             "|---|---|---|---|"]
+    runs = ", ".join(p.name for p in run_dirs)
+    lines = [f"| turns of the rollouts of {runs} | turns | mean d_k | mean w_k |", "|---|---|---|---|"]
     for kind, rs in rows.items():
         d = np.mean([r["d"] for r in rs]) if rs else float("nan")
         w = np.mean([r["w"] for r in rs]) if rs else float("nan")

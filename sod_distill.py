@@ -202,7 +202,7 @@ def step_records(trajs, step_id, d, w, r, rl_step) -> list[dict]:
 
 def previous_failure(turns: list[dict], k: int) -> str | None:
     """Why the call of turn k - 1 failed, if it did: "sandbox" (a transient failure of the sandbox, the toy's
-    --tool_failure_rate) or "code" (the model's code raised); None if it did not fail or k is the first turn."""
+    --tool_failure_rate) or "code" (the model's code raised); None if it did not fail or if k = 1."""
     if k == 1 or turns[k - 2].get("tool_status") != "error":
         return None
     return "sandbox" if turns[k - 2].get("sandbox_failure") else "code"

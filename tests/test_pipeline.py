@@ -68,7 +68,8 @@ def test_the_budget_check_refuses_a_run_with_another_budget_or_another_start(tmp
 def test_the_divergence_table_sorts_each_turn_by_what_came_before_it(tmp_path):
     run = tmp_path / "sod-student-s0"
     run.mkdir()
-    turns = [  # a clean first call, a call the sandbox failed, its retry, a call whose code raised, a turn after it
+    # a clean first call, a call the sandbox failed, its retry, a call whose code raised, a turn after it
+    turns = [
         dict(step=1, d=0.1, w=1.0, tool_status="ok", after_tool_error=False, previous_failure=None),
         dict(step=2, d=0.2, w=0.5, tool_status="error", after_tool_error=False, previous_failure=None),
         dict(step=3, d=1.0, w=0.1, tool_status="ok", after_tool_error=True, previous_failure="sandbox"),

@@ -261,9 +261,9 @@ def main(cfg: Config):
     table = results_table(results, cfg.eval_n)
     if len(seeds) > 1:
         table += "\n\n" + study_tables(results, cfg.eval_n, seeds)
-        table += "\n\n" + failure_table(results)
-        table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in seeds])
         plot_study(root, seeds, root / "study.png")
+    table += "\n\n" + failure_table(results)
+    table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in seeds])
     if cfg.quick:
         table += "\n\n(--quick: a few steps per stage and a tiny evaluation; these numbers mean nothing)"
     (root / "results.md").write_text(table + "\n")

@@ -96,3 +96,4 @@ def test_pipeline_quick(tmp_path):
     stdout = run("pipeline.py", "--quick", "true", "--out_root", tmp_path)
     for row in ("teacher SFT", "teacher GRPO", "student SFT", "student GRPO", "student OPD", "student SOD"):
         assert f"| {row} |" in stdout
+    assert "| samples that met a failed call (%) |" in stdout and "| the first turn |" in stdout

@@ -369,9 +369,8 @@ def turn_table(run_dirs: list[Path]) -> str:
     runs = ", ".join(p.name for p in run_dirs)
     lines = [f"| turns of the rollouts of {runs} | turns | mean d_k | mean w_k |", "|---|---|---|---|"]
     for kind, rs in rows.items():
-        d = np.mean([r["d"] for r in rs]) if rs else float("nan")
-        w = np.mean([r["w"] for r in rs]) if rs else float("nan")
-        lines.append(f"| {kind} | {len(rs):,} | {d:.2f} | {w:.2f} |")
+        means = [f"{np.mean([r[key] for r in rs]):.2f}" if rs else "-" for key in ("d", "w")]
+        lines.append(f"| {kind} | {len(rs):,} | " + " | ".join(means) + " |")
     return "\n".join(lines)
 
 

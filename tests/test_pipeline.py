@@ -85,6 +85,8 @@ def test_the_divergence_table_sorts_each_turn_by_what_came_before_it(tmp_path):
     assert rows["of which right after a failure of the sandbox"] == ["1", "1.00", "0.10 |"]
     assert rows["of which right after an error of the model's code"] == ["1", "2.00", "0.04 |"]
     assert rows["the failing turn itself"] == ["2", "1.60", "0.28 |"]
+    (run / "steps.jsonl").write_text(json.dumps(turns[0]) + "\n")   # a kind with no turn shows a dash
+    assert "| the failing turn itself | 0 | - | - |" in pipeline.turn_table([run])
 
 
 def test_a_two_seed_pipeline_prints_the_study_tables_and_draws_the_study(tmp_path):

@@ -35,11 +35,15 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 import rollout
-from rollout import arg
+import tools
+from common import chat_template, dist, models, runs, sandbox
+from common.cli import arg, run_script
+from common.data import drop_long_prompts, load_prompts
 
 log = logging.getLogger("evaluate")
 MAJ_EXACT_LIMIT = 20_000
@@ -156,16 +160,30 @@ def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
     """{benchmark name: prompts}. The toy split, or one benchmark per file (named by its data_source)."""
     if cfg.data.startswith("toy"):
         split = "eval" if cfg.data == "toy" else cfg.data.split(":")[1]
-        return {"toy": rollout.load_prompts(f"toy:{split}", cfg.num_prompts or 256, toy_steps=cfg.toy_steps)}
+        return {"toy": load_prompts(f"toy:{split}", cfg.num_prompts or 256, toy_steps=cfg.toy_steps)}
     benchmarks = {}
     for path in cfg.data.split(","):
-        prompts = rollout.load_prompts(path.strip(), cfg.num_prompts or None)
+        prompts = load_prompts(path.strip(), cfg.num_prompts or None)
         benchmarks[prompts[0]["data_source"] or Path(path).stem] = prompts
     return benchmarks
 
 
 # problems rolled out together; their seed is fixed by their position, not by the ranks
 PROBLEMS_PER_ROLLOUT = 64
+
+
+class Sample(NamedTuple):
+    """One answer to one problem: what generations.jsonl and the metrics read."""
+    problem: int          # index of the problem in its benchmark
+    sample: int           # 0 .. n-1
+    pred: str
+    acc: bool
+    text: str
+    turns: int
+    tool_calls: int
+    tool_errors: int
+    stop_reason: str
+    resent: list          # per failed call answered by another turn: was the same code sent again
 
 
 def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, d=None, generations_file=None,
@@ -175,59 +193,61 @@ def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, d=None, ge
     The problems go in fixed chunks of PROBLEMS_PER_ROLLOUT, each sampled with its own seed; under torchrun
     the ranks share the chunks out and gather every sample, so the numbers do not depend on the number of
     ranks."""
-    d = d or rollout.Dist()
+    d = d or dist.Dist()
     results = {}
     for name, prompts in benchmarks.items():
         t0 = time.time()
-        prompts = rollout.drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=name)
+        prompts = drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=name)
         if not prompts:
             raise SystemExit(f"{name}: every problem is longer than --max_prompt_tokens "
                              f"{cfg.max_prompt_tokens}")
         chunks = range(0, len(prompts), PROBLEMS_PER_ROLLOUT)
-        samples = []  # (problem index, sample index, trajectory record)
+        samples: list[Sample] = []
         for c in chunks[d.rank::d.world]:
             part = prompts[c:c + PROBLEMS_PER_ROLLOUT]
             trajs = rollout.rollout(engine, tokenizer, part, cfg.n_samples, cfg, seed=cfg.seed + c,
                                     progress=d.main)
-            samples += [(c + t.prompt_index, j % cfg.n_samples, t.pred, t.acc, t.text, t.num_turns,
-                         t.num_tool_calls, t.num_tool_errors, t.stop_reason, resent_calls(t.turns))
+            samples += [Sample(c + t.prompt_index, j % cfg.n_samples, t.pred, t.acc, t.text, t.num_turns,
+                               t.num_tool_calls, t.num_tool_errors, t.stop_reason, resent_calls(t.turns))
                         for j, t in enumerate(trajs)]
-        samples = sorted(s for part in rollout.all_gather(samples, d) for s in part)
+        samples = sorted(s for part in dist.all_gather(samples, d) for s in part)
         by_problem = defaultdict(list)
-        for problem, sample, pred, acc, text, turns, calls, errors, stop, _ in samples:
-            by_problem[problem].append((pred, acc))
+        for s in samples:
+            by_problem[s.problem].append((s.pred, s.acc))
             if generations_file is not None:
                 generations_file.write(json.dumps({
-                    "model": model_name, "benchmark": name, "problem_id": prompts[problem]["id"],
-                    "sample": sample, "text": text, "pred": pred, "acc": acc, "turns": turns,
-                    "tool_calls": calls, "tool_errors": errors, "stop_reason": stop}, default=str) + "\n")
+                    "model": model_name, "benchmark": name, "problem_id": prompts[s.problem]["id"],
+                    "sample": s.sample, "text": s.text, "pred": s.pred, "acc": s.acc, "turns": s.turns,
+                    "tool_calls": s.tool_calls, "tool_errors": s.tool_errors, "stop_reason": s.stop_reason},
+                    default=str) + "\n")
         results[name] = problem_metrics(by_problem)
         results[name]["per_problem_avg"] = [float(np.mean([a for _, a in by_problem[p]]))
                                             for p in sorted(by_problem)]
         # samples that met a failed tool call, and their accuracy
-        with_error = [s[3] for s in samples if s[7] > 0]
+        with_error = [s.acc for s in samples if s.tool_errors > 0]
         results[name]["samples_with_tool_error"] = len(with_error) / max(1, len(samples))
         results[name]["acc_after_tool_error"] = float(np.mean(with_error)) if with_error else None
-        resent = [r for s in samples for r in s[9]]
+        resent = [r for s in samples for r in s.resent]
         results[name]["failed_calls_resent"] = float(np.mean(resent)) if resent else None
         results[name]["seconds"] = round(time.time() - t0, 1)
-        results[name]["tool_calls_per_sample"] = float(np.mean([s[6] for s in samples]))
-        results[name]["tool_error_rate"] = sum(s[7] for s in samples) / max(1, sum(s[6] for s in samples))
+        results[name]["tool_calls_per_sample"] = float(np.mean([s.tool_calls for s in samples]))
+        results[name]["tool_error_rate"] = (sum(s.tool_errors for s in samples)
+                                            / max(1, sum(s.tool_calls for s in samples)))
     return results
 
 
-def resent_calls(turns: list[dict]) -> list[bool]:
-    """For every failed tool call that the model answered with another turn: does that turn send the same
-    code again (a retry), rather than another call or a final answer?"""
-    return [b.get("tool_call") is not None and str(b["tool_call"]) == str(a["tool_call"])
-            for a, b in zip(turns, turns[1:]) if a.get("tool_status") == "error"]
+def resent_calls(turns: list) -> list[bool]:
+    """For every failed tool call that the model answered with another turn (rollout.Turn records): does that
+    turn send the same code again (a retry), rather than another call or a final answer?"""
+    return [b.tool_call is not None and str(b.tool_call) == str(a.tool_call)
+            for a, b in zip(turns, turns[1:]) if a.tool_status == "error"]
 
 
 def greedy_accuracy(model, tokenizer, data: str = "toy:valid", num_prompts: int = 64,
                     toy_steps: str = "2-4") -> float:
     """Accuracy with greedy decoding, one sample per problem (sft.py's check at the end, on the validation
     split)."""
-    prompts = rollout.load_prompts(data, num_prompts, toy_steps=toy_steps)
+    prompts = load_prompts(data, num_prompts, toy_steps=toy_steps)
     trajs = rollout.rollout(model, tokenizer, prompts, 1, rollout.RolloutConfig(temperature=0.0))
     return sum(t.acc for t in trajs) / len(trajs)
 
@@ -244,30 +264,32 @@ def markdown_table(all_results: dict) -> str:
 
 
 def main(cfg: Config) -> dict:
-    models = cfg.model if isinstance(cfg.model, list) else [cfg.model]
-    for m in models:  # every input is checked before anything loads or is written
-        rollout.check_model_path(m)
+    model_paths = cfg.model if isinstance(cfg.model, list) else [cfg.model]
+    for m in model_paths:  # every input is checked before anything loads or is written
+        models.check_model_path(m)
+        chat_template.check_declares_tool(models.load_tokenizer(m, cfg.chat_template), tools.TOOL_SCHEMA, m)
     rollout.check_rollout_settings(cfg)
+    sandbox.configure(cfg.sandbox, cfg.sandbox_url)
     backend = rollout.resolve_backend(cfg.backend)
     benchmarks = load_benchmarks(cfg)
-    first_tokenizer = rollout.load_tokenizer(models[0])
+    first_tokenizer = models.load_tokenizer(model_paths[0], cfg.chat_template)
     # a benchmark whose every prompt is too long stops here, not later
     for name, prompts in benchmarks.items():
-        if not rollout.drop_long_prompts(prompts, first_tokenizer, cfg.max_prompt_tokens, name=name):
+        if not drop_long_prompts(prompts, first_tokenizer, cfg.max_prompt_tokens, name=name):
             raise SystemExit(f"{name}: every problem is longer than --max_prompt_tokens "
                              f"{cfg.max_prompt_tokens}")
-    d, device = rollout.init_processes(cfg.device)  # torchrun: the ranks share the problems out
+    d, device = dist.init_processes(cfg.device)  # torchrun: the ranks share the problems out
     out_dir = Path(cfg.out_dir)
-    rollout.lock_out_dir(out_dir, d)
+    runs.lock_out_dir(out_dir, d)
     all_results = {}
     generations = out_dir / ".generations.jsonl.tmp"
     with open(generations, "w") if d.main else open(os.devnull, "w") as gen_file:
-        for m in models:
-            tokenizer = rollout.load_tokenizer(m)
+        for m in model_paths:
+            tokenizer = models.load_tokenizer(m, cfg.chat_template)
             if backend == "vllm":
                 engine = rollout.make_vllm_engine(m, seed=cfg.seed, d=d, kv_cache_gb=cfg.vllm_kv_cache_gb)
             else:
-                engine = rollout.load_model(m, device=device, seed=cfg.seed)
+                engine = models.load_model(m, device=device, seed=cfg.seed)
             all_results[m] = evaluate_engine(engine, tokenizer, benchmarks, cfg, d, gen_file, model_name=m)
             del engine
     if d.main:  # the outputs appear whole, once every model is evaluated
@@ -281,4 +303,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    rollout.run_script(main, Config)
+    run_script(main, Config)

@@ -25,9 +25,9 @@ distillation mode.
 
 Many processes (torchrun): each rank rolls out whole GRPO groups of its share of the step's prompts, every
 rank then holds the global batch, each PPO mini-batch is split over the ranks, and the student is sharded
-with FSDP2 (README, Many GPUs). With one process none of it runs.
+with FSDP2 (docs/distributed.md). With one process none of it runs.
 
-Deviations from the reference (README, deviations rows 8 and 18): the token mean runs over the whole
+Deviations from the reference (docs/deviations.md, rows 8 and 18): the token mean runs over the whole
 mini-batch and all ranks (verl, with its dynamic batch size, takes each micro-batch's token mean and scales it
 by the micro-batch's share of the mini-batch's sequences); prompt wrappers are chosen per row.
 
@@ -53,7 +53,10 @@ import torch
 
 import evaluate
 import rollout
-from rollout import arg
+import tools
+from common import chat_template, dist, models, runs, sandbox
+from common.cli import arg, reject_unused, run_script
+from common.data import drop_long_prompts, load_prompts, load_rows, write_jsonl
 
 log = logging.getLogger("grpo")
 
@@ -159,9 +162,9 @@ def batched_logprobs(model, batch: dict, micro_batch_size: int, temperature: flo
     A sharded model must run `forward_passes` forwards on every rank: the extra ones run on row 0 and are
     dropped."""
     B = batch["input_ids"].shape[0]
-    count = forward_passes or rollout.n_micro_batches(B, micro_batch_size)
+    count = forward_passes or dist.n_micro_batches(B, micro_batch_size)
     parts = []
-    for rows in rollout.micro_batches(list(range(B)), micro_batch_size, count):
+    for rows in dist.micro_batches(list(range(B)), micro_batch_size, count):
         out = rollout.token_logprobs(model, batch["input_ids"][rows or [0]],
                                      batch["attention_mask"][rows or [0]], temperature,
                                      with_entropy=with_entropy)
@@ -182,7 +185,7 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logp
     n_updates = 0
     for _ in range(cfg.ppo_epochs):
         for rows, mb_tokens, passes in minibatches:  # in order, no shuffle (reference)
-            for micro in rollout.micro_batches(rows, cfg.micro_batch_size, passes):
+            for micro in dist.micro_batches(rows, cfg.micro_batch_size, passes):
                 idx = torch.as_tensor(micro or rows[:1])
                 m = mask[idx] * bool(micro)   # an empty turn of a short rank: a forward with nothing to learn
                 logprobs = rollout.token_logprobs(model, batch["input_ids"][idx],
@@ -200,11 +203,11 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logp
                     extremes["ratio_max"] = max(extremes.get("ratio_max", 1.0), st["ratio_max"])
                     extremes["ratio_min"] = min(extremes.get("ratio_min", 1.0), st["ratio_min"])
                 stats["loss"] += loss.item()
-            stats["grad_norm"] += rollout.optimizer_step(optimizer, model, cfg.grad_clip, health)
+            stats["grad_norm"] += runs.optimizer_step(optimizer, model, cfg.grad_clip, health)
             n_updates += 1
     grad_norm = stats.pop("grad_norm", 0.0)  # already the same on every rank
-    stats = rollout.all_sum(dict(stats), d)
-    every = rollout.all_gather(extremes, d)
+    stats = dist.all_sum(dict(stats), d)
+    every = dist.all_gather(extremes, d)
     return {**{k: v / max(n_updates, 1) for k, v in stats.items()},
             "grad_norm": grad_norm / max(n_updates, 1),
             "ratio_max": max(e.get("ratio_max", 1.0) for e in every),
@@ -214,9 +217,9 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logp
 def load_rl_prompts(cfg, tokenizer) -> list[dict]:
     """RL prompts, the over-long ones dropped (measured as the reference measures them)."""
     data = "toy:train" if cfg.data == "toy" else cfg.data
-    prompts = rollout.load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed,
-                                   toy_steps=cfg.toy_steps)
-    kept = rollout.drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=data)
+    prompts = load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed,
+                           toy_steps=cfg.toy_steps)
+    kept = drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=data)
     if len(kept) < cfg.prompts_per_step:
         raise SystemExit(f"{data}: {len(kept)} of {len(prompts)} prompts fit in --max_prompt_tokens "
                          f"{cfg.max_prompt_tokens}, fewer than --prompts_per_step {cfg.prompts_per_step}")
@@ -279,170 +282,122 @@ def report_start_and_end(metrics_path: Path, name: str) -> None:
 def check_inputs(cfg, start: str):
     """Everything a run reads, checked before anything is written."""
     if cfg.data != "toy":
-        rollout.reject_unused(cfg, ["toy_prompts", "toy_steps"], "with --data other than toy")
-        rollout.load_rows(cfg.data)
+        reject_unused(cfg, ["toy_prompts", "toy_steps"], "with --data other than toy")
+        load_rows(cfg.data)
     for path in ([] if cfg.eval_data.startswith("toy") else cfg.eval_data.split(",")):
-        rollout.load_rows(path.strip())
-    rollout.check_model_path(start)
+        load_rows(path.strip())
+    models.check_model_path(start)
     rollout.check_rollout_settings(cfg)
+
+
+def rollout_groups(model, engine, tokenizer, step_prompts: list[dict], cfg, step: int, d) -> tuple[list, dict]:
+    """Steps 1-2: n trajectories with the tool for each prompt, and their rewards. Each rank rolls out whole
+    GRPO groups of its share of the prompts; every rank then holds all trajectories, in prompt order.
+    Returns (trajectories, the step's metrics row so far)."""
+    t0 = time.time()
+    share = dist.my_share(len(step_prompts), d)
+    counts = Counter()
+    model.eval()
+    mine = rollout.rollout(engine, tokenizer, step_prompts[share.start:share.stop], cfg.n_samples, cfg,
+                           seed=cfg.seed * 100_003 + step + 1_000_003 * d.rank, counts=counts)
+    model.train()
+    for t in mine:
+        t.prompt_index += share.start
+    trajs = [t for part in dist.all_gather(mine, d) for t in part]
+    counts = Counter(dist.all_sum(dict(counts), d))
+    return trajs, {"step": step + 1, **rollout_metrics(trajs, counts), "t_rollout": time.time() - t0,
+                   "t_tools": counts["tool_seconds"]}
+
+
+def generation_engine(cfg, start: str, model, d, device: str, resumed: bool):
+    """What rolls out: vLLM, or the trained model itself (a plain replica of it when the model is sharded),
+    holding the trained weights from the first step on."""
+    if rollout.resolve_backend(cfg.backend) == "vllm":
+        engine = rollout.make_vllm_engine(start, seed=cfg.seed + d.rank, d=d)
+    else:
+        engine = model if d.world == 1 else models.load_model(start, device=device, dtype=torch.float32)
+    if engine is not model and (resumed or d.world > 1):
+        rollout.push_weights(engine, model, d)
+    return engine
 
 
 # -----------------------------------------------------------------------------
 # The RL loop
 
-LOGS = ["metrics.jsonl", "trajectories.jsonl", "steps.jsonl"]
-
-
-def train(cfg, start: str, advantages_fn=None, summarize_fn=None, name: str = "grpo"):
-    """RL from checkpoint `start`. The one seam: advantages_fn(prompts, trajs, batch, old_logprobs,
-    grpo_advantages, step) returns the per-token advantages [B, T-1] that PPO optimises, and per-step records
-    (written to steps.jsonl, summarised into metrics.jsonl by summarize_fn). Without it this is GRPO:
-    A_{i,t} = A_i m_t."""
+def train(cfg, start: str, advantages_fn=None, name: str = "grpo"):
+    """RL from checkpoint `start`, the steps of this file's docstring. The one seam: advantages_fn(prompts,
+    trajs, batch, old_logprobs, grpo_adv, step) returns the per-token advantages [B, T-1] that PPO optimises
+    and a dict of metrics for the step's row. Without it this is GRPO: A_{i,t} = A_i m_t."""
     check_inputs(cfg, start)
-    d, device = rollout.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
-    out_dir = Path(cfg.out_dir)
-    tokenizer = rollout.load_tokenizer(start)
+    sandbox.configure(cfg.sandbox, cfg.sandbox_url)
+    d, device = dist.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
+    tokenizer = models.load_tokenizer(start, cfg.chat_template)
+    chat_template.check_declares_tool(tokenizer, tools.TOOL_SCHEMA, start)  # before anything is written
     prompts = load_rl_prompts(cfg, tokenizer)
-    # fp32 master weights
-    model = rollout.load_model(start, device=device, dtype=torch.float32, seed=cfg.seed)
-    rollout.lock_out_dir(out_dir, d)
-    ckpt, state = rollout.start_or_resume(out_dir, cfg.resume, d, LOGS)
-    rollout.seed_everything(cfg.seed)
-    model, optimizer = rollout.ready_to_train(
-        model, ckpt, d, device,
-        make_optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2),
-                                                        weight_decay=cfg.weight_decay))
-    start_step = 0
-    if state is not None:
-        rollout.set_rng_state(state["rng"])
-        start_step = state["step"]
-    run_id = rollout.new_run(out_dir, cfg, state, d)
+    model = models.load_model(start, device=device, dtype=torch.float32, seed=cfg.seed)  # fp32 master weights
+    run = runs.start_run(cfg, model, d, device, make_optimizer=lambda params: torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay))
+    model = run.model
     # the KL anchor is the starting checkpoint, also when resuming; frozen models are replicated on every rank
-    ref_model = rollout.load_model(start, device=device).requires_grad_(False) if cfg.kl_coef > 0 else None
-    # the generation engine: vLLM, or the trained model itself
-    # (a plain replica of it when the model is sharded)
-    if rollout.resolve_backend(cfg.backend) == "vllm":
-        engine = rollout.make_vllm_engine(start, seed=cfg.seed + d.rank, d=d)
-    else:
-        engine = model if d.world == 1 else rollout.load_model(start, device=device, dtype=torch.float32)
-    if engine is not model and (ckpt is not None or d.world > 1):
-        rollout.push_weights(engine, model, d)
-    health = Counter()  # optimizer steps skipped for a non-finite gradient
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if d.main else None
-
-    def log_row(row: dict):
-        if d.main:
-            metrics_file.write(json.dumps(dict(row, run_id=run_id)) + "\n")
-            metrics_file.flush()
-
-    if cfg.eval_before_train and start_step == 0:  # the starting checkpoint, as step 0 (skipped on resume)
+    ref_model = models.load_model(start, device=device).requires_grad_(False) if cfg.kl_coef > 0 else None
+    engine = generation_engine(cfg, start, model, d, device, resumed=run.state is not None)
+    if cfg.eval_before_train and run.start_step == 0:  # the starting checkpoint, as step 0
         row = {"step": 0, **held_out_eval(model, tokenizer, cfg, engine, d)}
-        log_row(row)
-        logging.getLogger(name).info("held-out before training: %s",
-                                     {k: round(v, 4) for k, v in row.items() if "avg@" in k})
-    from tqdm import tqdm
-    bar = tqdm(range(start_step, cfg.steps), desc=name, initial=start_step, total=cfg.steps,
-               disable=not d.main)
-    step = start_step
-    try:
-        for step in bar:
-            t0 = time.time()
-            # 1-2. rollouts with the tool, and their rewards: each rank rolls out whole GRPO groups of its
-            # share of the step's prompts; every rank then holds all trajectories, in prompt order
+        run.log(row)
+        log.info("held-out before training: %s", {k: round(v, 4) for k, v in row.items() if "avg@" in k})
+    with run:
+        for step in run.steps(cfg.steps, name):
+            # 1-2. rollouts with the tool, and their rewards
             step_prompts = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
-            share = rollout.my_share(len(step_prompts), d)
-            counts = Counter()
-            model.eval()
-            mine = rollout.rollout(engine, tokenizer, step_prompts[share.start:share.stop], cfg.n_samples,
-                                   cfg, seed=cfg.seed * 100_003 + step + 1_000_003 * d.rank, counts=counts)
-            model.train()
-            for t in mine:
-                t.prompt_index += share.start
-            trajs = [t for part in rollout.all_gather(mine, d) for t in part]
-            counts = Counter(rollout.all_sum(dict(counts), d))
-            row = {"step": step + 1, **rollout_metrics(trajs, counts), "t_rollout": time.time() - t0,
-                   "t_tools": counts["tool_seconds"]}
+            trajs, row = rollout_groups(model, engine, tokenizer, step_prompts, cfg, step, d)
             rewards = torch.tensor([t.reward for t in trajs])                            # [B]
             group_ids = torch.tensor([t.prompt_index for t in trajs])                    # [B]
             # 3. group-normalised advantages (with dynamic sampling, only the groups that carry signal)
             grpo_adv = group_advantages(rewards, group_ids)                              # [B]
             keep = (dynamic_sampling_keep(rewards, group_ids) if cfg.dynamic_sampling
                     else list(range(len(trajs))))
-            if len(keep) < d.world:
-                keep = []  # too few to give every rank a row: no update this step
+            keep = keep if len(keep) >= d.world else []  # too few to give every rank a row: no update
             row["kept_trajectories"] = len(keep)
             if keep:
-                # PPO mini-batches over the kept trajectories, in order;
-                # each rank takes every world-th row of each
-                minibatches = np.array_split(np.arange(len(keep)), cfg.mini_batches)
-                mine_per_mb = [mb[d.rank::d.world].tolist() for mb in minibatches]
-                local = [i for rows in mine_per_mb for i in rows]                        # positions in keep
+                # PPO mini-batches over the kept trajectories, in order; this rank's rows of each
+                local, passes, layout = dist.minibatch_layout([sum(trajs[i].response_mask) for i in keep],
+                                                              cfg.mini_batches, cfg.micro_batch_size, d)
                 kept = [trajs[keep[i]] for i in local]
-                batch = rollout.pad_trajectories(kept, tokenizer.pad_token_id, device)
+                batch = dict(rollout.pad_trajectories(kept, tokenizer.pad_token_id, device),
+                             forward_passes=passes, positions=local)
                 mask = batch["response_mask"]                                            # [b, T-1]
-                largest = sum(len(mb[0::d.world]) for mb in minibatches)                 # rank 0 has the most
-                batch["forward_passes"] = rollout.n_micro_batches(largest, cfg.micro_batch_size)
                 # 4. old log-probs of the sampled tokens (no grad), at the sampling temperature
                 t1 = time.time()
                 old_logprobs, entropy = batched_logprobs(model, batch, cfg.micro_batch_size, cfg.temperature,
-                                                         with_entropy=True,
-                                                         forward_passes=batch["forward_passes"])
-                ent = rollout.all_sum({"sum": (entropy * mask).sum().item(), "tokens": mask.sum().item()}, d)
+                                                         with_entropy=True, forward_passes=passes)
+                ent = dist.all_sum({"sum": (entropy * mask).sum().item(), "tokens": mask.sum().item()}, d)
                 row["entropy"] = ent["sum"] / max(ent["tokens"], 1)  # of the rollout policy on its own tokens
                 ref_logprobs = (batched_logprobs(ref_model, batch, cfg.micro_batch_size, cfg.temperature)
                                 if ref_model else None)
-                # 3'. THE SEAM: per-token advantages, A_i m_t for GRPO,
-                # plus the teacher's signal when distilling
-                adv = grpo_adv[[keep[i] for i in local]].to(device)
-                if advantages_fn is None:
-                    advantages = adv[:, None] * mask                                     # [b, T-1]
-                else:
-                    advantages, records = advantages_fn(step_prompts, kept, batch, old_logprobs, adv,
-                                                        step + 1)
-                    for r in records:
-                        # this rank's row -> position among the kept trajectories
-                        r["traj"] = local[r["traj"]]
-                    records = sorted((r for part in rollout.all_gather(records, d) for r in part),
-                                     key=lambda r: (r["traj"], r["step"]))
-                    row.update(summarize_fn(records) if summarize_fn else {})
-                    if d.main:
-                        rollout.write_jsonl(out_dir / "steps.jsonl", records)
-                row["t_advantages"] = time.time() - t1
+                # 3'. THE SEAM: per-token advantages, A_i m_t for GRPO, plus the teacher's signal in SOD
+                adv = grpo_adv[[keep[i] for i in local]].to(device)                     # [b]
+                advantages, extra = ((adv[:, None] * mask, {}) if advantages_fn is None else
+                                     advantages_fn(step_prompts, kept, batch, old_logprobs, adv, step + 1))
+                row.update(extra, t_advantages=time.time() - t1)
                 # 5. PPO updates; each mini-batch's token mean is over all its rows, on every rank
                 t2 = time.time()
-                tokens = [sum(sum(trajs[keep[i]].response_mask) for i in mb) for mb in minibatches]
-                offsets = np.cumsum([0] + [len(rows) for rows in mine_per_mb])
-                layout = [(list(range(offsets[k], offsets[k + 1])), tokens[k],
-                           rollout.n_micro_batches(len(mb[0::d.world]), cfg.micro_batch_size))
-                          for k, mb in enumerate(minibatches)]
-                row.update(ppo_update(model, optimizer, batch, advantages, old_logprobs, ref_logprobs,
-                                      layout, cfg, d, health))
+                row.update(ppo_update(model, run.optimizer, batch, advantages, old_logprobs, ref_logprobs,
+                                      layout, cfg, d, run.health))
                 row["t_train"] = time.time() - t2
                 # 6. the generation engine gets the new weights
                 if engine is not model:
                     rollout.push_weights(engine, model, d)
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
                 row.update(held_out_eval(model, tokenizer, cfg, engine, d))
-            log_row(row)
+            run.log(row)
             if d.main:
-                rollout.write_jsonl(out_dir / "trajectories.jsonl",
-                                    [dict(t.log_record(), step=step + 1) for t in trajs[:cfg.n_samples * 2]])
-            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}")
-            # the last one lets --resume extend a run
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                rollout.save_checkpoint(out_dir, step + 1, model, tokenizer, optimizer, d, {
-                    "step": step + 1, "rng": rollout.rng_state(), "run_id": run_id, "config": asdict(cfg),
-                    "start": start})
-    except KeyboardInterrupt:
-        saved = rollout.latest_checkpoint(out_dir)
-        logging.getLogger(name).warning("interrupted at step %d; the last checkpoint is %s", step,
-                                        saved.name if saved else "none")
-        raise
+                write_jsonl(run.out_dir / "trajectories.jsonl",
+                            [dict(t.log_record(), step=step + 1) for t in trajs[:cfg.n_samples * 2]])
+            run.bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}")
+            run.save_if_due(step + 1, cfg.steps, tokenizer, start=start)
+    run.finish(tokenizer)
     if d.main:
-        metrics_file.close()
-        report_start_and_end(out_dir / "metrics.jsonl", name)
-    rollout.save_final(out_dir, model, tokenizer, d)
-    logging.getLogger(name).info("saved %s", out_dir / "final")
+        report_start_and_end(run.out_dir / "metrics.jsonl", name)
     return model
 
 
@@ -451,4 +406,4 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    rollout.run_script(main, Config)
+    run_script(main, Config)

@@ -53,15 +53,15 @@ import json
 import logging
 import math
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import rollout
-from rollout import arg
+from common import chat_template, dist, models, runs
+from common.cli import arg, reject_unused, run_script
+from common.data import load_rows, toy_steps_range
 from toy import task
 
 log = logging.getLogger("sft")
@@ -73,6 +73,8 @@ class Config:
     # data
     model: str = arg("toy-student", "local path, Hugging Face name, or toy-student / toy-teacher")
     data: str = arg("toy", "'toy' (generated) or a .jsonl/.parquet file with `messages` and `tools`")
+    chat_template: str = arg("", "chat template: empty (the model's own), qwen3 (Qwen3's, tool-aware) or a "
+                                 ".jinja file; saved with the checkpoints")
     toy_examples: int = arg(5000, "number of generated toy conversations")
     toy_recovery_frac: float = arg(0.25, "fraction of toy conversations where one tool call fails "
                                          "and is redone")
@@ -107,21 +109,25 @@ class Config:
 # -----------------------------------------------------------------------------
 # Tokenization with the assistant-only mask
 
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
-END = "<|im_end|>"
-CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # Qwen3's; a tokenizer's own in a run
 
 
-def tokenize_conversation(tokenizer, messages: list[dict],
-                          tools_schema: list[dict] | None = None) -> tuple[list[int], list[int]]:
+def tokenize_conversation(tokenizer, messages: list[dict], tools_schema: list[dict] | None = None,
+                          marks: chat_template.Markers | None = None) -> tuple[list[int], list[int]]:
     """Conversation -> (input_ids, loss_mask). loss_mask[t] = 1 exactly for tokens the assistant wrote."""
     text = tokenizer.apply_chat_template(messages, tools=tools_schema or None, tokenize=False)
-    # Cut the text at the assistant spans: [header][content ... <|im_end|>] -> mask 0, mask 1.
+    return tokenize_rendered(tokenizer, text, marks or chat_template.markers(tokenizer, "the tokenizer"))
+
+
+def tokenize_rendered(tokenizer, text: str, marks: chat_template.Markers) -> tuple[list[int], list[int]]:
+    """A rendered conversation -> (input_ids, loss_mask), cut at the template's assistant markers."""
+    # Cut the text at the assistant spans: [header][content ... end] -> mask 0, mask 1
+    # (Qwen3: header "<|im_start|>assistant\n", end "<|im_end|>").
     pieces, pos = [], 0
-    while (start := text.find(ASSISTANT_HEADER, pos)) != -1:
-        start += len(ASSISTANT_HEADER)
-        end = text.find(END, start)
-        end = len(text) if end == -1 else end + len(END)
+    while (start := text.find(marks.header, pos)) != -1:
+        start += len(marks.header)
+        end = text.find(marks.end, start)
+        end = len(text) if end == -1 else end + len(marks.end)
         pieces += [(text[pos:start], 0), (text[start:end], 1)]
         pos = end
     pieces.append((text[pos:], 0))
@@ -133,7 +139,7 @@ def tokenize_conversation(tokenizer, messages: list[dict],
     return input_ids, loss_mask
 
 
-def check_conversation(row) -> str | None:
+def check_conversation(row, control_tokens=CONTROL_TOKENS) -> str | None:
     """What is wrong with an SFT row, in words, or None."""
     if not isinstance(row, dict) or "messages" not in row:
         return "no `messages` column"
@@ -148,7 +154,7 @@ def check_conversation(row) -> str | None:
             return f"system message at position {i} (only index 0 is allowed)"
         if m["role"] == "tool" and not saw_call:
             return f"tool message {i} with no preceding assistant tool call"
-        for token in CONTROL_TOKENS:
+        for token in control_tokens:
             if token in str(m.get("content") or "") or token in json.dumps(m.get("tool_calls"), default=str):
                 return f"message {i} ({m['role']}) holds the control token {token} in its text"
         if m["role"] == "assistant":
@@ -188,19 +194,29 @@ def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]
     """All rows tokenized; malformed rows are reported with file and row number, then skipped (or fatal)."""
     if cfg.data == "toy":
         rows, name = task.sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, cfg.seed, cfg.toy_retry_frac,
-                                   cfg.toy_direct_frac, rollout.toy_steps_range(cfg.toy_steps)), "toy"
+                                   cfg.toy_direct_frac, toy_steps_range(cfg.toy_steps)), "toy"
     else:
-        rows, name = rollout.load_rows(cfg.data), cfg.data
-    examples, problems = [], []
+        rows, name = load_rows(cfg.data), cfg.data
+    marks, control = chat_template.markers(tokenizer, cfg.model), chat_template.control_tokens(tokenizer)
+    examples, problems, declared = [], [], False
     for i, row in enumerate(rows):
-        problem = check_conversation(row)
+        problem = check_conversation(row, control)
         if problem is None:
             messages = [dict(m, content=m.get("content") or "") for m in row["messages"]]
+            if row.get("tools") and not declared:  # once per run: the template shows the model its tool
+                chat_template.check_declares_tool(tokenizer, row["tools"][0], cfg.model)
+                declared = True
             try:
-                ids, mask = tokenize_conversation(tokenizer, messages, row.get("tools"))
+                text = tokenizer.apply_chat_template(messages, tools=row.get("tools") or None, tokenize=False)
             except Exception as e:  # a template error names the row instead of surfacing from jinja
                 problem = f"chat template failed: {e}"
             else:
+                lost = chat_template.lost_in_rendering(text, messages)
+                if lost:  # the template drops tool calls or responses: every row would train without them
+                    raise SystemExit(f"{cfg.model}: its chat template dropped {lost} of {name} row {i}, so "
+                                     f"SFT would train on conversations without their tool use. "
+                                     f"{chat_template.FIX}")
+                ids, mask = tokenize_rendered(tokenizer, text, marks)
                 if sum(mask) == 0:
                     problem = "empty loss mask"
                 elif sum(mask[:cfg.max_length]) == 0:
@@ -243,48 +259,32 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 def main(cfg: Config):
     # the inputs first: nothing is written before the model and the data are known to be usable
     if cfg.data != "toy":
-        rollout.reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac",
+        reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac",
                                     "toy_steps"],
                               "with --data other than toy")
         if cfg.eval_prompts not in (0, Config.eval_prompts):
             raise SystemExit("--eval_prompts is not used with --data other than toy "
                              "(the held-out check is the toy's)")
-    d, device = rollout.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
-    tokenizer = rollout.load_tokenizer(cfg.model)
+    d, device = dist.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
+    tokenizer = models.load_tokenizer(cfg.model, cfg.chat_template)
     examples = load_sft_examples(cfg, tokenizer)
     steps_per_epoch = max(1, len(examples) // cfg.batch_size)  # drop_last, as the reference
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps < 0 else cfg.max_steps
     n_tokens = sum(sum(m) for _, m in examples)
     log.info("%d examples, %d trained tokens, %d steps", len(examples), n_tokens, total_steps)
 
-    # fp32 master weights
-    model = rollout.load_model(cfg.model, device=device, dtype=torch.float32, seed=cfg.seed)
-
-    out_dir = Path(cfg.out_dir)
-    rollout.lock_out_dir(out_dir, d)
-    ckpt, state = rollout.start_or_resume(out_dir, cfg.resume, d, ["metrics.jsonl"])
-    rollout.seed_everything(cfg.seed)
-    model, optimizer = rollout.ready_to_train(
-        model, ckpt, d, device, grad_checkpointing=cfg.grad_checkpointing,
-        make_optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                                        weight_decay=cfg.weight_decay))
+    model = models.load_model(cfg.model, device=device, dtype=torch.float32, seed=cfg.seed)  # fp32 master
+    run = runs.start_run(cfg, model, d, device, grad_checkpointing=cfg.grad_checkpointing,
+                         make_optimizer=lambda params: torch.optim.AdamW(
+                             params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay))
+    model, optimizer = run.model, run.optimizer
     warmup = int(cfg.warmup_frac * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
-    start_step = 0
-    if state is not None:
-        scheduler.load_state_dict(state["scheduler"])
-        rollout.set_rng_state(state["rng"])
-        start_step = state["step"]
-    run_id = rollout.new_run(out_dir, cfg, state, d)
-    health = Counter()  # optimizer steps skipped for a non-finite gradient
+    if run.state is not None:
+        scheduler.load_state_dict(run.state["scheduler"])
 
-    from tqdm import tqdm
-    metrics = open(out_dir / "metrics.jsonl", "a") if d.main else None
-    bar = tqdm(range(start_step, total_steps), desc="sft", initial=start_step, total=total_steps,
-               disable=not d.main)
-    step = start_step
-    try:
-        for step in bar:
+    with run:
+        for step in run.steps(total_steps, "sft"):
             # Data order is a pure function of (seed, epoch): a resumed run sees the same batches.
             epoch, k = divmod(step, steps_per_epoch)
             order = np.random.RandomState(cfg.seed + epoch).permutation(len(examples))
@@ -293,8 +293,8 @@ def main(cfg: Config):
             mine = batch[d.rank::d.world]                     # this rank's rows (all of them in one process)
             t0 = time.time()
             loss_sum = 0.0
-            n_micro = rollout.n_micro_batches(-(-len(batch) // d.world), cfg.micro_batch_size)
-            for rows in rollout.micro_batches(list(range(len(mine))), cfg.micro_batch_size, n_micro):
+            n_micro = dist.n_micro_batches(-(-len(batch) // d.world), cfg.micro_batch_size)
+            for rows in dist.micro_batches(list(range(len(mine))), cfg.micro_batch_size, n_micro):
                 # an empty turn still runs a forward
                 part = [mine[i] for i in rows] or [(batch[0][0][:2], [0, 0])]
                 input_ids, attention_mask, label_mask = collate(part, tokenizer.pad_token_id, device)
@@ -305,40 +305,25 @@ def main(cfg: Config):
                 # FSDP averages gradients over ranks: x world makes the average a sum
                 (loss * d.world).backward()
                 loss_sum += loss.item()
-            grad_norm = rollout.optimizer_step(optimizer, model, cfg.grad_clip, health)
+            grad_norm = runs.optimizer_step(optimizer, model, cfg.grad_clip, run.health)
             scheduler.step()
-            stats = rollout.all_sum({"loss": loss_sum}, d)
-            row = {"step": step + 1, "loss": stats["loss"], "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": grad_norm,
-                   "tokens_per_s": sum(len(ids) for ids, _ in batch) / (time.time() - t0),
-                   "skipped_steps": health["skipped"], "run_id": run_id}
-            if d.main:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-            bar.set_postfix(loss=f"{stats['loss']:.3f}")
-            # the last one lets --resume extend a run
-            if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
-                rollout.save_checkpoint(out_dir, step + 1, model, tokenizer, optimizer, d, {
-                    "scheduler": scheduler.state_dict(), "step": step + 1, "rng": rollout.rng_state(),
-                    "run_id": run_id, "config": asdict(cfg)})
-    except KeyboardInterrupt:
-        saved = rollout.latest_checkpoint(out_dir)
-        log.warning("interrupted at step %d; the last checkpoint is %s", step,
-                    saved.name if saved else "none")
-        raise
-    if metrics:
-        metrics.close()
-    rollout.save_final(out_dir, model, tokenizer, d)
-    log.info("saved %s", out_dir / "final")
+            stats = dist.all_sum({"loss": loss_sum}, d)
+            run.log({"step": step + 1, "loss": stats["loss"], "lr": scheduler.get_last_lr()[0],
+                     "grad_norm": grad_norm,
+                     "tokens_per_s": sum(len(ids) for ids, _ in batch) / (time.time() - t0),
+                     "skipped_steps": run.health["skipped"]})
+            run.bar.set_postfix(loss=f"{stats['loss']:.3f}")
+            run.save_if_due(step + 1, total_steps, tokenizer, scheduler=scheduler.state_dict())
+    run.finish(tokenizer)
     if cfg.data == "toy" and cfg.eval_prompts > 0 and d.main:
         import evaluate
-        plain = model.eval() if d.world == 1 else rollout.load_model(str(out_dir / "final"), device=device)
+        plain = model.eval() if d.world == 1 else models.load_model(str(run.out_dir / "final"), device=device)
         result = evaluate.greedy_accuracy(plain, tokenizer, "toy:valid", cfg.eval_prompts, cfg.toy_steps)
         log.info("greedy accuracy on %d toy validation problems: %.3f", cfg.eval_prompts, result)
         print(f"greedy accuracy on the validation split: {result:.3f}")
-    rollout.barrier(d)
+    dist.barrier(d)
     return model
 
 
 if __name__ == "__main__":
-    rollout.run_script(main, Config)
+    run_script(main, Config)

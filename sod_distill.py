@@ -51,7 +51,6 @@ their SOD script runs).
 import copy
 import json
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,9 @@ import torch
 
 import grpo
 import rollout
-from rollout import arg
+from common import dist, models
+from common.cli import arg, not_a_flag, run_script
+from common.data import write_jsonl
 
 log = logging.getLogger("sod")
 MODES = ("sod", "opd", "gated", "opsd_gt", "opsd_hint")
@@ -82,7 +83,7 @@ class Config(grpo.Config):
     gated_beta_max: float = arg(0.1, "gated: beta_max")
     teacher_offload: bool = arg(False, "keep the teacher on CPU between steps (GPU memory)")
     # grpo.Config fields whose meaning or default differs here
-    model: str = arg("", "not used: the student is --student")
+    model: str = not_a_flag("", "the student is --student")
     out_dir: str = arg("runs/sod-student", "checkpoints, metrics.jsonl, steps.jsonl, "
                                            "step_weights.png, final/")
 
@@ -190,22 +191,23 @@ def step_records(trajs, step_id, d, w, r, rl_step) -> list[dict]:
         for k, turn in enumerate(t.turns[:len(t.steps)], start=1):
             if k >= K1:
                 break
-            records.append({"rl_step": rl_step, "traj": b, "step": k, "tokens": turn["tokens"],
+            records.append({"rl_step": rl_step, "traj": b, "step": k, "tokens": turn.tokens,
                             "d": d[b, k].item(), "w": w_step[b, k].item(),
-                            "signal": r_step[b, k].item() / max(turn["tokens"], 1),
-                            "tool_call": turn.get("tool_call"), "tool_status": turn.get("tool_status"),
-                            "after_tool_error": any(x.get("tool_status") == "error" for x in t.turns[:k - 1]),
+                            "signal": r_step[b, k].item() / max(turn.tokens, 1),
+                            "tool_call": turn.tool_call, "tool_status": turn.tool_status,
+                            "after_tool_error": any(x.tool_status == "error" for x in t.turns[:k - 1]),
                             "previous_failure": previous_failure(t.turns, k),
                             "reward": t.reward})
     return records
 
 
-def previous_failure(turns: list[dict], k: int) -> str | None:
-    """Why the call of turn k - 1 failed, if it did: "sandbox" (a transient failure of the sandbox, the toy's
-    --tool_failure_rate) or "code" (the model's code raised); None if it did not fail or if k = 1."""
-    if k == 1 or turns[k - 2].get("tool_status") != "error":
+def previous_failure(turns: list, k: int) -> str | None:
+    """Why the call of turn k - 1 (a rollout.Turn) failed, if it did: "sandbox" (a transient failure of the
+    sandbox, the toy's --tool_failure_rate) or "code" (the model's code raised); None if it did not fail or if
+    k = 1."""
+    if k == 1 or turns[k - 2].tool_status != "error":
         return None
-    return "sandbox" if turns[k - 2].get("sandbox_failure") else "code"
+    return "sandbox" if turns[k - 2].sandbox_failure else "code"
 
 
 def summarize_steps(records: list[dict]) -> dict:
@@ -267,7 +269,7 @@ def check_flags(cfg: Config):
     default = Config()
     if cfg.mode not in MODES:
         raise SystemExit(f"--mode must be one of {', '.join(MODES)}, not {cfg.mode!r}")
-    if cfg.model:
+    if cfg.model:  # a Config built in code: the command line has no --model here
         raise SystemExit("sod_distill.py takes the student as --student, not --model")
     owners = {"eps": ("sod",), "delta": ("sod",), "coef": ("sod", "opd", "opsd_gt", "opsd_hint"),
               "gated_gamma": ("gated",), "gated_beta_min": ("gated",), "gated_beta_max": ("gated",)}
@@ -280,33 +282,41 @@ def check_flags(cfg: Config):
 
 def main(cfg: Config):
     check_flags(cfg)
-    tokenizer = rollout.load_tokenizer(cfg.student)
+    tokenizer = models.load_tokenizer(cfg.student)
     # opsd_* modes: the teacher is a frozen copy of the starting student, shown a privileged prompt
     teacher_path = cfg.student if cfg.mode.startswith("opsd") else cfg.teacher or "runs/grpo-teacher/final"
-    rollout.check_same_tokenizer(tokenizer, rollout.load_tokenizer(teacher_path), cfg.student, teacher_path)
+    models.check_same_tokenizer(tokenizer, models.load_tokenizer(teacher_path), cfg.student, teacher_path)
     teacher = None  # loaded at the first step, on the device of the batch, and replicated on every rank
 
     def advantages_fn(step_prompts, trajs, batch, old_logprobs, grpo_adv, rl_step):
         """What SOD adds to the GRPO step: the teacher's log-probs of the same tokens, and the weighted
-        signal."""
+        signal. Writes the step's per-turn records to steps.jsonl and returns their summary."""
         nonlocal teacher
         device, home = batch["input_ids"].device, "cpu" if cfg.teacher_offload else batch["input_ids"].device
         if teacher is None:
             # bf16 on GPU, fp32 on CPU
-            teacher = rollout.load_model(teacher_path, device=home).requires_grad_(False)
+            teacher = models.load_model(teacher_path, device=home).requires_grad_(False)
         teacher.to(device)
         teacher_lp = teacher_logprobs_for(teacher, tokenizer, trajs, batch, step_prompts, cfg)  # l^T [B, T-1]
         teacher.to(home)
         mask = batch["response_mask"]                                                          # [B, T-1]
         advantages, r, w, d, step_id = distill_advantages(cfg.mode, grpo_adv, old_logprobs, teacher_lp,
                                                           mask, cfg)
-        return advantages, step_records(trajs, step_id, d, w, r, rl_step)
+        records = step_records(trajs, step_id, d, w, r, rl_step)
+        for rec in records:  # this rank's row -> its position among the step's kept trajectories
+            rec["traj"] = batch["positions"][rec["traj"]]
+        records = sorted((rec for part in dist.all_gather(records, ranks) for rec in part),
+                         key=lambda rec: (rec["traj"], rec["step"]))
+        if ranks.main:
+            write_jsonl(Path(cfg.out_dir) / "steps.jsonl", records)
+        return advantages, summarize_steps(records)
 
-    model = grpo.train(cfg, cfg.student, advantages_fn, summarize_steps, name=cfg.mode)
-    if int(os.environ.get("RANK", "0")) == 0:
+    ranks = dist.this_process()
+    model = grpo.train(cfg, cfg.student, advantages_fn, name=cfg.mode)
+    if ranks.main:
         plot_steps(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "step_weights.png")
     return model
 
 
 if __name__ == "__main__":
-    rollout.run_script(main, Config)
+    run_script(main, Config)

@@ -15,7 +15,7 @@ them we build the Hugging Face fast tokenizer that Qwen3's tokenizer.json descri
   - eos <|im_end|>, pad <|endoftext|>, the real Qwen3 chat template (toy/tokenizer/chat_template.jinja),
     model_max_length 40960.
 
-    tok = qwen3_tokenizer(tmp_dir)           # also saved in tmp_dir, loadable by rollout.load_tokenizer
+    tok = qwen3_tokenizer(tmp_dir)           # also saved in tmp_dir, loadable by models.load_tokenizer
     ref = tiktoken_encoding()                # the same vocabulary through tiktoken, the reference encoder
 """
 import base64
@@ -106,8 +106,7 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
     """The `tokenizers` serialization of Qwen3's tokenizer (built once per process, a few seconds)."""
-    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
-                            processors)
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     ranks = bpe_ranks()
     byte_char = bytes_to_unicode()
 
@@ -140,7 +139,7 @@ def _tokenizer_json() -> str:
 def qwen3_tokenizer(tmp_dir):
     """Qwen3's tokenizer as a transformers fast tokenizer, saved (save_pretrained) into tmp_dir with Qwen3's
     generation_config.json (its two stop ids) and, unless the folder has one, the tiny model's config.json:
-    rollout.load_tokenizer only reads folders that look like a model folder (config.json), and then gives the
+    models.load_tokenizer only reads folders that look like a model folder (config.json), and then gives the
     same tokenizer with stop_token_ids [151645, 151643]."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast

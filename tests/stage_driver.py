@@ -6,7 +6,7 @@
   - SOD_STOP_AFTER_SAVE=k stops the run right after its checkpoint of step k is saved, on every rank;
   - SOD_KILL_AT_FILE_OP=n SIGKILLs the process at the n-th file operation (1-based) of its checkpoint saves:
     every os.replace, rmtree, mkdir, unlink, file write, torch.save, distributed-checkpoint or Hugging Face
-    save that rollout.save_checkpoint makes (SOD_KILL_SCOPE=all: also those the libraries make inside them).
+    save that runs.save_checkpoint makes (SOD_KILL_SCOPE=all: also those the libraries make inside them).
 
     python tests/stage_driver.py grpo --model ... --out_dir ...
     torchrun --nproc_per_node=2 tests/stage_driver.py grpo --model ... --out_dir ...
@@ -26,6 +26,7 @@ import grpo  # noqa: E402
 import rollout  # noqa: E402
 import sft  # noqa: E402
 import sod_distill  # noqa: E402
+from common import cli, runs  # noqa: E402
 
 real_generate_hf = rollout.generate_hf
 
@@ -44,7 +45,7 @@ def generate_each_context_alone(model, contexts, max_new_tokens, temperature, to
 rollout.generate_hf = generate_each_context_alone
 
 stop_after = int(os.environ.get("SOD_STOP_AFTER_SAVE", "0"))
-real_save = rollout.save_checkpoint
+real_save = runs.save_checkpoint
 
 
 def save_then_maybe_stop(out_dir, step, *args, **kwargs):
@@ -53,7 +54,7 @@ def save_then_maybe_stop(out_dir, step, *args, **kwargs):
         raise SystemExit(0)
 
 
-rollout.save_checkpoint = save_then_maybe_stop
+runs.save_checkpoint = save_then_maybe_stop
 
 kill_at = int(os.environ.get("SOD_KILL_AT_FILE_OP", "0"))  # -1: count the operations, kill nowhere
 save_log = os.environ.get("SOD_SAVE_LOG")                   # "step first_op last_op" per completed save
@@ -66,7 +67,7 @@ every_op = os.environ.get("SOD_KILL_SCOPE") == "all"
 def counted(fn):
     """fn, with a SIGKILL of this process just before its kill_at-th call inside a checkpoint save."""
     def wrapper(*args, **kwargs):
-        if file_ops["saving"] and (every_op or sys._getframe(1).f_code.co_filename.endswith("rollout.py")):
+        if file_ops["saving"] and (every_op or sys._getframe(1).f_code.co_filename.endswith("runs.py")):
             file_ops["n"] += 1
             if file_ops["n"] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -85,8 +86,8 @@ if kill_at:
     Path.unlink = counted(Path.unlink)
     torch.save = counted(torch.save)
     dcp.save = counted(dcp.save)
-    rollout._save_hf = counted(rollout._save_hf)
-    inner_save = rollout.save_checkpoint
+    runs._save_hf = counted(runs._save_hf)
+    inner_save = runs.save_checkpoint
 
     def save_counting_file_ops(out_dir, step, *args, **kwargs):
         first = file_ops["n"] + 1
@@ -99,11 +100,11 @@ if kill_at:
             with open(save_log, "a") as f:
                 f.write(f"{step} {first} {file_ops['n']}\n")
 
-    rollout.save_checkpoint = save_counting_file_ops
+    runs.save_checkpoint = save_counting_file_ops
 
 if __name__ == "__main__":
     stage = sys.argv.pop(1)
     main, config = {"sft": (sft.main, sft.Config), "grpo": (grpo.main, grpo.Config),
                     "evaluate": (evaluate.main, evaluate.Config),
                     "sod": (sod_distill.main, sod_distill.Config)}[stage]
-    rollout.run_script(main, config)
+    cli.run_script(main, config)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import rollout
+from common import models, runs
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ["sft.py", "grpo.py", "sod_distill.py", "evaluate.py", "pipeline.py", "rollout.py"]
@@ -30,10 +30,17 @@ def test_every_script_has_a_help_that_works(script):
     assert "usage:" in out.stdout and "(default: )" not in out.stdout
 
 
+def test_help_lists_only_the_flags_a_stage_accepts():
+    out = run("sod_distill.py", "--help").stdout
+    assert "--student" in out and "--model" not in out
+    refused = run("sod_distill.py", "--model", "x", "--steps", "0", check=False)
+    assert refused.returncode != 0 and "--model" in refused.stderr
+
+
 def test_boolean_flags_work_bare_negated_or_with_a_value():
     from dataclasses import dataclass
 
-    from rollout import arg, parse_args
+    from common.cli import arg, parse_args
 
     @dataclass
     class Flags:
@@ -68,7 +75,7 @@ def test_a_missing_model_path_of_any_shape_does_not_exist_and_nothing_is_written
 def test_a_missing_default_checkpoint_says_which_command_makes_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a folder without runs/, whatever the checkout holds
     with pytest.raises(SystemExit, match=r"runs/grpo-teacher/final.*python grpo.py"):
-        rollout.check_model_path("runs/grpo-teacher/final")
+        models.check_model_path("runs/grpo-teacher/final")
 
 
 def test_ctrl_c_stops_with_one_line_and_leaves_no_sandbox_behind(tmp_path):
@@ -109,4 +116,4 @@ def test_the_pipeline_reruns_exactly_what_a_changed_flag_affects(tmp_path):
         assert "running again, settings changed (steps: 2 -> 1)" in changed or "its inputs changed" in changed
         assert not what[name].startswith("reused"), (name, what[name])
     record = json.loads((tmp_path / "grpo-teacher" / "pipeline_stage.json").read_text())
-    assert record["settings"]["steps"] == 1 and record["code_version"] == rollout.code_version()
+    assert record["settings"]["steps"] == 1 and record["code_version"] == runs.code_version()

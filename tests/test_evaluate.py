@@ -9,6 +9,7 @@ import pytest
 
 import evaluate
 from evaluate import bootstrap_best_at_k, bootstrap_maj_at_k, maj_at_k, majority_vote_acc, pass_at_k
+from rollout import Turn
 
 
 def test_pass_at_k_is_exact_for_every_n_up_to_64():
@@ -122,7 +123,7 @@ def test_problem_metrics_report_every_metric():
 
 def test_a_failed_call_is_resent_only_when_the_next_turn_sends_the_same_code():
     def turn(call, status=None):
-        return {"tool_call": call, "tool_status": status}
+        return Turn(tokens=1, tool_call=call, tool_status=status)
     retried = [turn("print(1 + 2)", "error"), turn("print(1 + 2)", "ok"), turn(None)]
     moved_on = [turn("print(1 + 2)", "error"), turn("print(7 + 2)", "ok"), turn(None)]
     gave_up = [turn("print(1 + 2)", "ok"), turn("print(3 * 2)", "error"), turn(None)]

@@ -6,6 +6,7 @@ import torch
 
 import grpo
 import rollout
+from common import models
 
 
 def reference_group_advantages(rewards, index, eps=1e-6):
@@ -104,7 +105,7 @@ def test_micro_batches_sum_to_the_mini_batch_token_mean():
 def test_no_full_vocabulary_float32_tensor_over_the_batch(monkeypatch):
     """Every float32 tensor with the vocabulary as last dimension covers fewer positions than the batch."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    model = rollout.load_model("toy-student", device="cpu")
+    model = models.load_model("toy-student", device="cpu")
     V = model.get_output_embeddings().weight.shape[0]
     B, T = 8, 300
     ids = torch.randint(0, V, (B, T))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline
+from common import study
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,11 +18,11 @@ def test_the_bootstrap_interval_holds_the_mean_and_narrows_with_more_problems():
     rng = np.random.default_rng(0)
     few = rng.random((5, 32))                                    # [seeds, problems] of per-problem scores
     many = rng.random((5, 1024))
-    lo, hi = pipeline.bootstrap_interval(few)
+    lo, hi = study.bootstrap_interval(few)
     assert lo < few.mean() < hi
-    lo2, hi2 = pipeline.bootstrap_interval(many)
+    lo2, hi2 = study.bootstrap_interval(many)
     assert lo2 < many.mean() < hi2 and hi2 - lo2 < (hi - lo) / 3
-    assert pipeline.bootstrap_interval(np.full((5, 64), 0.25)) == (0.25, 0.25)   # nothing varies
+    assert study.bootstrap_interval(np.full((5, 64), 0.25)) == (0.25, 0.25)   # nothing varies
 
 
 def fake_results(per_seed: dict[str, list[float]], problems: int = 64) -> dict:
@@ -35,7 +35,7 @@ def test_paired_differences_compare_runs_of_the_same_seed():
     # OPD is below GRPO on every seed by exactly 5 points, although the seeds' levels differ by 40
     results = fake_results({"SFT": [0.1, 0.3, 0.5], "GRPO": [0.2, 0.4, 0.6], "OPD": [0.15, 0.35, 0.55],
                             "SOD": [0.25, 0.45, 0.65]})
-    table = pipeline.study_tables(results, 16, [0, 1, 2])
+    table = study.study_tables(results, 16, [0, 1, 2])
     row = next(line for line in table.splitlines() if line.startswith("| OPD - GRPO"))
     assert row.startswith("| OPD - GRPO | -5.0 | [-5.0, -5.0] | -5.0 / -5.0 / -5.0 |")
     row = next(line for line in table.splitlines() if line.startswith("| SOD - OPD"))
@@ -56,13 +56,13 @@ def write_run(path: Path, start: str, **config):
 def test_the_budget_check_refuses_a_run_with_another_budget_or_another_start(tmp_path):
     students = {"grpo": {0: write_run(tmp_path / "grpo-s0", "sft-s0")},
                 "opd": {0: write_run(tmp_path / "opd-s0", "", student="sft-s0")}}
-    assert pipeline.same_budget(tmp_path, students)["lr"] == 5e-5
+    assert study.same_budget(tmp_path, students)["lr"] == 5e-5
     students["sod"] = {0: write_run(tmp_path / "sod-s0", "", student="sft-s0", lr=1e-4)}
     with pytest.raises(SystemExit, match="same budget"):
-        pipeline.same_budget(tmp_path, students)
+        study.same_budget(tmp_path, students)
     students["sod"] = {0: write_run(tmp_path / "sod-s0-b", "", student="sft-s1")}
     with pytest.raises(SystemExit, match="different checkpoints"):
-        pipeline.same_budget(tmp_path, students)
+        study.same_budget(tmp_path, students)
 
 
 def test_the_divergence_table_sorts_each_turn_by_what_came_before_it(tmp_path):
@@ -78,7 +78,7 @@ def test_the_divergence_table_sorts_each_turn_by_what_came_before_it(tmp_path):
         dict(step=2, d=0.4, w=0.3, tool_status="ok", after_tool_error=False)]   # another trajectory
     (run / "steps.jsonl").write_text("".join(json.dumps(t) + "\n" for t in turns))
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
-            pipeline.turn_table([run]).splitlines()[2:]}
+            study.turn_table([run]).splitlines()[2:]}
     assert rows["the first turn"] == ["1", "0.10", "1.00 |"]
     assert rows["later turns, no failed tool call before them"] == ["2", "0.30", "0.40 |"]
     assert rows["turns after a failed tool call"] == ["3", "2.00", "0.06 |"]
@@ -86,7 +86,7 @@ def test_the_divergence_table_sorts_each_turn_by_what_came_before_it(tmp_path):
     assert rows["of which right after an error of the model's code"] == ["1", "2.00", "0.04 |"]
     assert rows["the failing turn itself"] == ["2", "1.60", "0.28 |"]
     (run / "steps.jsonl").write_text(json.dumps(turns[0]) + "\n")   # a kind with no turn shows a dash
-    assert "| the failing turn itself | 0 | - | - |" in pipeline.turn_table([run])
+    assert "| the failing turn itself | 0 | - | - |" in study.turn_table([run])
 
 
 def test_a_two_seed_pipeline_prints_the_study_tables_and_draws_the_study(tmp_path):

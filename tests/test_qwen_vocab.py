@@ -28,6 +28,7 @@ import rollout  # noqa: E402
 import sft  # noqa: E402
 import sod_distill  # noqa: E402
 import tools  # noqa: E402
+from common import models  # noqa: E402
 from toy import task  # noqa: E402
 
 HEADER = "<|im_start|>assistant\n"
@@ -53,8 +54,8 @@ def model_dir(built, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(built):
-    """The tokenizer as every stage loads it: rollout.load_tokenizer of the saved folder."""
-    return rollout.load_tokenizer(str(built[2]))
+    """The tokenizer as every stage loads it: models.load_tokenizer of the saved folder."""
+    return models.load_tokenizer(str(built[2]))
 
 
 # -----------------------------------------------------------------------------

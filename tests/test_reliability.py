@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import rollout
 import sft
+from common import dist, models, runs
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = str(REPO / "tests" / "stage_driver.py")
@@ -57,7 +58,7 @@ def assert_same_outcome(a: Path, b: Path):
 
 
 def latest_step(out_dir: Path) -> int:
-    ckpt = rollout.latest_checkpoint(out_dir)
+    ckpt = runs.latest_checkpoint(out_dir)
     return int(ckpt.name.split("-")[-1]) if ckpt else 0
 
 
@@ -142,7 +143,7 @@ def test_resume_without_a_checkpoint_says_what_it_found_and_starts_over(tmp_path
 
 def test_a_second_run_into_the_same_folder_is_refused_with_who_holds_it(tmp_path):
     out = tmp_path / "busy"
-    rollout.lock_out_dir(out, rollout.Dist())   # this process holds the folder
+    runs.lock_out_dir(out, dist.Dist())   # this process holds the folder
     result = stage(*SFT, "--max_steps", 1, "--out_dir", out, check=False)
     assert result.returncode != 0
     assert f"is in use by pid {os.getpid()}" in result.stderr
@@ -154,11 +155,11 @@ def test_a_second_run_into_the_same_folder_is_refused_with_who_holds_it(tmp_path
 
 def test_a_checkpoint_with_nan_weights_is_refused_with_the_file_named(tmp_path):
     path = tmp_path / "bad"
-    model = rollout.load_model("toy-student", device="cpu")
+    model = models.load_model("toy-student", device="cpu")
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = math.nan
     model.save_pretrained(path)
-    rollout.load_tokenizer("toy-student").save_pretrained(path)
+    models.load_tokenizer("toy-student").save_pretrained(path)
     with pytest.raises(SystemExit, match=f"{path}: the weights are not finite.*layers.0.mlp.up_proj"):
         sft.main(sft.Config(model=str(path), max_steps=1, toy_examples=32, eval_prompts=0,
                             out_dir=str(tmp_path / "o")))
@@ -186,7 +187,7 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted_and_a_run_of_t
 
 
 def test_a_single_non_finite_step_leaves_the_weights_as_they_were(tmp_path, monkeypatch):
-    real_logprobs, real_step = rollout.token_logprobs, rollout.optimizer_step
+    real_logprobs, real_step = rollout.token_logprobs, runs.optimizer_step
     calls, snapshots = {"n": 0}, []
 
     def nan_on_second_step(*args, **kwargs):
@@ -201,7 +202,7 @@ def test_a_single_non_finite_step_leaves_the_weights_as_they_were(tmp_path, monk
         return norm
 
     monkeypatch.setattr(rollout, "token_logprobs", nan_on_second_step)
-    monkeypatch.setattr(rollout, "optimizer_step", step_and_watch)
+    monkeypatch.setattr(runs, "optimizer_step", step_and_watch)
     model = sft.main(sft.Config(max_steps=3, toy_examples=48, batch_size=16, micro_batch_size=16,
                                 eval_prompts=0, out_dir=str(tmp_path / "run")))
     # only the NaN step left them alone
@@ -216,18 +217,18 @@ def test_a_single_non_finite_step_leaves_the_weights_as_they_were(tmp_path, monk
 
 def test_a_truncated_weights_file_is_named(tmp_path):
     path = tmp_path / "cut"
-    rollout.load_model("toy-student", device="cpu").save_pretrained(path)
+    models.load_model("toy-student", device="cpu").save_pretrained(path)
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(SystemExit, match=f"could not load model weights from {weights}"):
-        rollout.load_model(str(path), device="cpu")
+        models.load_model(str(path), device="cpu")
 
 
 def test_a_tokenizer_mismatch_says_how_many_tokens_differ():
-    a, b = rollout.load_tokenizer("toy-student"), rollout.load_tokenizer("toy-student")
+    a, b = models.load_tokenizer("toy-student"), models.load_tokenizer("toy-student")
     b.add_tokens(["<only_in_the_teacher>"])
     with pytest.raises(SystemExit, match=r"disagree on 1 tokens, e.g. \['<only_in_the_teacher>'\]"):
-        rollout.check_same_tokenizer(a, b)
+        models.check_same_tokenizer(a, b)
 
 
 def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(tmp_path, monkeypatch):
@@ -247,4 +248,4 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(tmp_path
     monkeypatch.setattr(torch, "save", no_space_on_second)
     with pytest.raises(SystemExit, match="no space left on the device.*checkpoint-000001.*is intact"):
         sft.main(cfg)
-    assert rollout.latest_checkpoint(tmp_path / "run").name == "checkpoint-000001"
+    assert runs.latest_checkpoint(tmp_path / "run").name == "checkpoint-000001"

@@ -12,6 +12,7 @@ import torch
 
 import rollout
 import tools
+from common import data, models, sandbox
 from toy import task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,12 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def tok():
-    return rollout.load_tokenizer("toy-student")
+    return models.load_tokenizer("toy-student")
 
 
 @pytest.fixture(scope="module")
 def student():
-    return rollout.load_model("toy-student", device="cpu")
+    return models.load_model("toy-student", device="cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_tool_loop_builds_response_and_mask(tok):
     assert tool_text == ("\n<|im_start|>user\n<tool_response>\n42\n\n</tool_response><|im_end|>\n"
                          "<|im_start|>assistant\n")
     assert len(t.steps) == 2 and all(all(t.response_mask[s:e]) for s, e in t.steps)
-    assert t.turns[0]["tool_call"] == "print(6 * 7)" and t.turns[0]["tool_status"] == "ok"
+    assert t.turns[0].tool_call == "print(6 * 7)" and t.turns[0].tool_status == "ok"
 
 
 def test_generation_is_batched_across_trajectories(tok):
@@ -204,7 +205,7 @@ def test_malformed_and_unknown_tool_calls_follow_the_reference(tok):
 
 
 def test_rollout_of_the_toy_student_with_hf_generate(tok, student):
-    prompts = rollout.load_prompts("toy:eval", 4)
+    prompts = data.load_prompts("toy:eval", 4)
     trajs = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), seed=0)
     assert len(trajs) == 8 and all(len(t.response_ids) <= 64 for t in trajs)
     again = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), seed=0)
@@ -222,16 +223,16 @@ def test_pad_trajectories_puts_the_mask_in_label_space(tok):
 # models, data, the toy task
 
 def test_teacher_and_student_must_share_a_tokenizer(tok, tmp_path):
-    rollout.check_same_tokenizer(tok, rollout.load_tokenizer("toy-teacher"))
-    other = rollout.load_tokenizer("toy-student")
+    models.check_same_tokenizer(tok, models.load_tokenizer("toy-teacher"))
+    other = models.load_tokenizer("toy-student")
     other.add_tokens(["<extra_token>"])
     with pytest.raises(SystemExit, match="tokenizer mismatch"):
-        rollout.check_same_tokenizer(tok, other)
+        models.check_same_tokenizer(tok, other)
 
 
 def test_missing_model_path_is_a_clear_error():
     with pytest.raises(SystemExit, match="does not exist"):
-        rollout.load_model("runs/no-such-model/final")
+        models.load_model("runs/no-such-model/final")
 
 
 def test_prompt_wrappers_are_chosen_per_row():
@@ -245,14 +246,14 @@ def test_prompt_wrappers_are_chosen_per_row():
         {"Problem": "P", "Answer": 7, "data_source": "AIME2024"},
         {"problem": "P", "solution": "B", "domain": "Physics", "data_source": "gpqa_diamond"},
     ]
-    texts = [rollout.wrap_prompt(r)[0] for r in rows]
-    assert texts[0] == "P" + rollout.NOUNITS_A
-    assert texts[1] == "P" + rollout.AGENT + rollout.CODE_SUFFIX
-    assert texts[2] == (rollout.MATH1 + "P" + rollout.MATH2 + rollout.AGENT + rollout.ANSFMT
-                        + rollout.NOUNITS_B)
-    assert texts[3] == rollout.MATH1 + "P" + rollout.MATH2 + rollout.AGENT + rollout.ANSFMT
+    texts = [data.wrap_prompt(r)[0] for r in rows]
+    assert texts[0] == "P" + data.NOUNITS_A
+    assert texts[1] == "P" + data.AGENT + data.CODE_SUFFIX
+    assert texts[2] == (data.MATH1 + "P" + data.MATH2 + data.AGENT + data.ANSFMT
+                        + data.NOUNITS_B)
+    assert texts[3] == data.MATH1 + "P" + data.MATH2 + data.AGENT + data.ANSFMT
     assert texts[4].startswith("Analyze and solve the following Physics problem step by step. \n\nP")
-    assert rollout.wrap_prompt(rows[3])[2] == "7"
+    assert data.wrap_prompt(rows[3])[2] == "7"
 
 
 def test_broken_rows_are_skipped_and_counted(tmp_path, caplog):
@@ -260,12 +261,12 @@ def test_broken_rows_are_skipped_and_counted(tmp_path, caplog):
     good = {"prompt": [{"role": "user", "content": "P"}], "data_source": "x",
             "reward_model": {"ground_truth": "1"}}
     path.write_text("\n".join([json.dumps(good), json.dumps({"foo": 1}), json.dumps(good)]))
-    assert len(rollout.load_prompts(str(path))) == 2
+    assert len(data.load_prompts(str(path))) == 2
     assert "skipped 1 malformed rows" in caplog.text
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     with pytest.raises(SystemExit, match="bad.jsonl:1"):
-        rollout.load_prompts(str(bad))
+        data.load_prompts(str(bad))
 
 
 def test_toy_splits_are_disjoint_and_seeded():
@@ -289,7 +290,7 @@ def test_toy_problems_need_dependent_tool_calls():
 
 
 def test_toy_tracebacks_are_what_the_sandbox_prints():
-    if tools.sandbox_isolation()[0] != "full":
+    if sandbox.sandbox_isolation()[0] != "full":
         pytest.skip("the traceback path /tmp/main.py is the full sandbox's")
     seen = set()
     for seed in range(12):
@@ -316,11 +317,11 @@ def test_parquet_files_in_the_real_schemas_load(tmp_path):
     pd.DataFrame([{"prompt": [{"role": "user", "content": "What is 1+1?"}], "data_source": "math_dapo",
                    "reward_model": {"ground_truth": "2"}, "extra_info": {"index": 0},
                    "ability": "math"}]).to_parquet(rl)
-    (p,) = rollout.load_prompts(str(rl))
-    assert p["prompt"] == "What is 1+1?" + rollout.NOUNITS_A and p["ground_truth"] == "2"
+    (p,) = data.load_prompts(str(rl))
+    assert p["prompt"] == "What is 1+1?" + data.NOUNITS_A and p["ground_truth"] == "2"
     aime = tmp_path / "aime.parquet"
     pd.DataFrame([{"Problem": "Find x.", "Answer": 204, "data_source": "AIME2024"}]).to_parquet(aime)
-    (p,) = rollout.load_prompts(str(aime))
+    (p,) = data.load_prompts(str(aime))
     assert p["ground_truth"] == "204" and p["data_source"] == "AIME2024"
 
 
@@ -330,7 +331,7 @@ def test_transient_tool_failures_show_the_reference_failure_text(tok):
     (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(tool_failure_rate=1.0), seed=0)
     assert "<tool_response>\nno stdout here\n</tool_response>" in tok.decode(t.response_ids)
     assert t.num_tool_errors == 1
-    assert t.turns[0]["tool_status"] == "error" and t.turns[0]["sandbox_failure"]   # the sandbox's fault
+    assert t.turns[0].tool_status == "error" and t.turns[0].sandbox_failure   # the sandbox's fault
 
 
 def test_toy_retry_conversations_resend_the_failed_call():
@@ -360,12 +361,12 @@ def test_a_gpqa_row_with_an_answer_column_gets_the_gpqa_wrapper():
     # is still a GPQA problem (the AIME layout must not capture it)
     row = {"problem": "P", "answer": "B", "solution": "B", "domain": "Chemistry",
            "data_source": "gpqa_diamond"}
-    text, source, truth = rollout.wrap_prompt(row)
+    text, source, truth = data.wrap_prompt(row)
     assert source == "gpqa_diamond" and truth == "B"
     assert text.startswith("Analyze and solve the following Chemistry problem step by step.")
     assert text.endswith("into \\boxed{}")
     aime = {"problem": "P", "answer": 3, "solution": "x", "domain": "Math", "data_source": "AIME2025"}
-    assert rollout.wrap_prompt(aime)[0] == rollout.MATH1 + "P" + rollout.MATH2 + rollout.AGENT + rollout.ANSFMT
+    assert data.wrap_prompt(aime)[0] == data.MATH1 + "P" + data.MATH2 + data.AGENT + data.ANSFMT
 
 
 # -----------------------------------------------------------------------------
@@ -396,8 +397,8 @@ def test_vllm_stops_on_every_eos_id_and_appends_nothing():
 
 def test_hf_generation_stops_on_every_eos_id(tok, student):
     # the tokenizer's stop set holds every end-of-sequence id of its generation config
-    assert rollout.stop_token_ids(tok)[0] == tok.eos_token_id
-    stop = rollout.stop_token_ids(tok)
+    assert models.stop_token_ids(tok)[0] == tok.eos_token_id
+    stop = models.stop_token_ids(tok)
     torch.manual_seed(0)
     outs = rollout.generate_hf(student, [[tok.eos_token_id + 0]] * 8, [40] * 8, 1.0, 1.0, stop,
                                tok.pad_token_id)

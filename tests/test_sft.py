@@ -4,17 +4,18 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_rollout import conversation
 
 import rollout
 import sft
 import tools
+from common import models
 from toy import task
-from test_rollout import conversation
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return rollout.load_tokenizer("toy-student")
+    return models.load_tokenizer("toy-student")
 
 
 def assistant_spans(text):

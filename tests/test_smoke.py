@@ -47,6 +47,7 @@ def test_grpo_script(runs):
             <= set(rows[1]))
     assert "eval/toy/avg@2" in rows[-1]
     assert (runs / "grpo-teacher" / "final" / "model.safetensors").exists()
+    assert not (runs / "grpo-teacher" / "steps.jsonl").exists()  # per-turn records are SOD's, not GRPO's
 
 
 def test_sod_script(runs):

@@ -11,6 +11,7 @@ import torch
 import grpo
 import sft
 import sod_distill
+from rollout import Turn
 from sod_distill import distill_advantages, step_divergence, step_index, step_weights
 
 
@@ -193,8 +194,7 @@ def test_step_records_report_d_and_w_per_turn():
     step_id, d = step_divergence(s, t, m)
     w = step_weights(d, step_id)
     traj = SimpleNamespace(steps=[(0, 3), (5, 7), (9, 13)], reward=1.0,
-                           turns=[{"tokens": 3, "tool_status": "error"}, {"tokens": 2, "tool_status": "ok"},
-                                  {"tokens": 4}])
+                           turns=[Turn(3, tool_status="error"), Turn(2, tool_status="ok"), Turn(4)])
     r = (t - s) * m
     recs = sod_distill.step_records([traj], step_id, d, w, r, rl_step=1)
     assert [r["step"] for r in recs] == [1, 2, 3]
@@ -205,8 +205,8 @@ def test_step_records_report_d_and_w_per_turn():
 
 
 def test_a_failure_of_the_sandbox_is_told_apart_from_an_error_of_the_code():
-    turns = [{"tool_status": "error", "sandbox_failure": True}, {"tool_status": "ok"},
-             {"tool_status": "error", "sandbox_failure": False}, {}]
+    turns = [Turn(1, tool_status="error", sandbox_failure=True), Turn(1, tool_status="ok"),
+             Turn(1, tool_status="error", sandbox_failure=False), Turn(1)]
     assert [sod_distill.previous_failure(turns, k) for k in (1, 2, 3, 4)] == [None, "sandbox", None, "code"]
 
 

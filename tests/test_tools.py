@@ -1,5 +1,6 @@
 """
-Tests for tools.py, one property each: the sandbox survives hostile code, the
+Tests for tools.py and what it stands on (common/sandbox.py, common/sandbox_fusion.py,
+common/code_tests.py), one property each: the sandbox survives hostile code, the
 tool text follows the reference's conventions, the parser never raises, and the
 rewards match the reference's definitions.
 
@@ -23,24 +24,34 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tools  # tests/conftest.py puts the repository root on sys.path
+from common import code_tests, sandbox
 
 TIMEOUT = 2.0  # short, so the hostile battery stays quick
 GRACE = 2.0  # every call must return within TIMEOUT + GRACE
-LEVEL = tools.sandbox_isolation()[0]
+LEVEL = sandbox.sandbox_isolation()[0]
 needs_full_isolation = pytest.mark.skipif(LEVEL != "full", reason=f"isolation level is {LEVEL}, not full")
 needs_uid_drop = pytest.mark.skipif(LEVEL == "basic", reason="basic isolation cannot kill setsid() escapes")
 
 
+@pytest.fixture(autouse=True)
+def default_sandbox():
+    """Every test starts and ends with the default sandbox: local, warm."""
+    sandbox.configure()
+    yield
+    sandbox.configure()
+
+
 @pytest.fixture(params=["warm", "cold"])
-def sandbox(request):
+def sandbox_kind(request):
     """Every hostile program runs on both paths to the full sandbox: warm (forked from a pooled interpreter)
     and cold (a new interpreter in new namespaces per call)."""
+    sandbox.configure(kind=request.param)
     return request.param
 
 
-def run_hostile(code, sandbox="warm", **kwargs):
+def run_hostile(code, **kwargs):
     start = time.monotonic()
-    text = tools.execute_code(code, TIMEOUT, autoprint="off", sandbox=sandbox, **kwargs)
+    text = tools.execute_code(code, TIMEOUT, autoprint="off", **kwargs)
     elapsed = time.monotonic() - start
     assert elapsed < TIMEOUT + GRACE, f"took {elapsed:.1f} s"
     return text
@@ -74,9 +85,9 @@ def unique_marker():
 # the sandbox against hostile code
 
 
-def test_infinite_loop_returns_the_reference_timeout_text_and_is_killed(sandbox):
+def test_infinite_loop_returns_the_reference_timeout_text_and_is_killed(sandbox_kind):
     marker = unique_marker()
-    assert run_hostile(name_self(marker) + "while True: pass", sandbox=sandbox) == "no stdout here"
+    assert run_hostile(name_self(marker) + "while True: pass") == "no stdout here"
     assert live_processes_with(marker) == []
 
 
@@ -84,22 +95,22 @@ def test_infinite_loop_returns_the_reference_timeout_text_and_is_killed(sandbox)
                          ["while True: os.fork()",  # dies as soon as the namespace's pid 1 hits the limit
                           "while True:\n    try: os.fork()\n    except OSError: pass"],  # keeps forking
                          ids=["plain", "resilient"])
-def test_fork_bomb_is_bounded_and_leaves_nothing_running(loop, sandbox):
+def test_fork_bomb_is_bounded_and_leaves_nothing_running(loop, sandbox_kind):
     marker = unique_marker()
-    text = run_hostile(name_self(marker) + "import os\n" + loop, sandbox=sandbox)
+    text = run_hostile(name_self(marker) + "import os\n" + loop)
     # the children's tracebacks interleave and the 256-char cap may cut "BlockingIOError" out:
     # any traceback will do
     assert text == "no stdout here" or text.startswith("Traceback") or "BlockingIOError" in text
     assert live_processes_with(marker) == []
 
 
-def test_allocating_10_gb_gives_a_memory_error(sandbox):
-    assert "MemoryError" in run_hostile("x = bytearray(10 * 2**30)", sandbox=sandbox)
+def test_allocating_10_gb_gives_a_memory_error(sandbox_kind):
+    assert "MemoryError" in run_hostile("x = bytearray(10 * 2**30)")
 
 
-def test_printing_forever_is_capped_on_the_host(sandbox):
+def test_printing_forever_is_capped_on_the_host(sandbox_kind):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    text = run_hostile("import sys\nwhile True: sys.stdout.write('x' * 2**20)", sandbox=sandbox)
+    text = run_hostile("import sys\nwhile True: sys.stdout.write('x' * 2**20)")
     assert len(text) <= 256 + len("...(truncated)...")
     assert text.startswith("x" * 100)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024
@@ -111,17 +122,17 @@ def test_printing_forever_is_capped_on_the_host(sandbox):
     "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
     "        os.execvp('sleep', ['sleep', '{marker}'])\n    os._exit(0)\ntime.sleep(0.2)\nprint('spawned')",
 ], ids=["popen", "double-fork-setsid"])
-def test_background_children_do_not_survive(spawn, sandbox):
+def test_background_children_do_not_survive(spawn, sandbox_kind):
     marker = f"{10**6 + secrets.randbelow(10**6)}.{secrets.randbelow(10**6)}"  # an unused sleep duration
-    assert run_hostile(spawn.format(marker=marker), sandbox=sandbox) == "spawned\n"
+    assert run_hostile(spawn.format(marker=marker)) == "spawned\n"
     assert live_processes_with(marker) == []
 
 
 @needs_uid_drop
-def test_a_program_that_leaves_its_process_group_is_killed_on_timeout(sandbox):
+def test_a_program_that_leaves_its_process_group_is_killed_on_timeout(sandbox_kind):
     marker = unique_marker()
-    assert run_hostile(name_self(marker) + "import os, time\nos.setsid()\ntime.sleep(100)",
-                       sandbox=sandbox) == "no stdout here"
+    assert (run_hostile(name_self(marker) + "import os, time\nos.setsid()\ntime.sleep(100)")
+            == "no stdout here")
     assert live_processes_with(marker) == []
 
 
@@ -129,8 +140,8 @@ def test_a_program_that_leaves_its_process_group_is_killed_on_timeout(sandbox):
 def test_fallback_levels_run_code_and_kill_it_on_timeout(level, monkeypatch):
     if level == "uid" and LEVEL != "full" and LEVEL != "uid":
         pytest.skip("needs root and setpriv")
-    python = tools.sandbox_isolation()[1] if level == "uid" else sys.executable
-    monkeypatch.setattr(tools, "_isolation", (level, python))
+    python = sandbox.sandbox_isolation()[1] if level == "uid" else sys.executable
+    monkeypatch.setattr(sandbox, "_isolation", (level, python))
     assert tools.execute_code("6 * 7") == "42\n"
     marker = unique_marker()
     assert run_hostile(name_self(marker) + "import os\nif os.fork() == 0:\n    os.setsid()\n"
@@ -143,14 +154,14 @@ def test_fallback_levels_run_code_and_kill_it_on_timeout(level, monkeypatch):
 
 
 @needs_full_isolation
-def test_writes_outside_the_working_directory_do_not_reach_the_host(sandbox):
+def test_writes_outside_the_working_directory_do_not_reach_the_host(sandbox_kind):
     name = unique_marker()
     targets = [f"/tmp/{name}", str(Path(__file__).resolve().parents[1] / name)]
     code = "".join(f"try:\n    open({t!r}, 'w').write('x')\n    print('wrote')\n"
                    "except OSError as e:\n    print(e)\n"
                    for t in targets)
     try:
-        run_hostile(code, max_output_chars=0, sandbox=sandbox)
+        run_hostile(code, max_output_chars=0)
         # read-only root, private /tmp: neither write reaches the host (wherever the repository lives)
         assert not any(os.path.exists(t) for t in targets)
     finally:
@@ -159,7 +170,7 @@ def test_writes_outside_the_working_directory_do_not_reach_the_host(sandbox):
                 os.remove(t)
 
 
-def test_the_parent_environment_is_not_visible(sandbox):
+def test_the_parent_environment_is_not_visible(sandbox_kind):
     secret = "secret-" + secrets.token_hex(8)
     os.environ["SOD_TEST_SECRET"] = secret
     try:
@@ -167,7 +178,7 @@ def test_the_parent_environment_is_not_visible(sandbox):
                 f"for pid in (1, {os.getpid()}, os.getppid()):\n"
                 "    try:\n        print(open(f'/proc/{pid}/environ', 'rb').read())\n"
                 "    except OSError as e:\n        print(e)\n")
-        text = run_hostile(code, max_output_chars=0, sandbox=sandbox)
+        text = run_hostile(code, max_output_chars=0)
     finally:
         del os.environ["SOD_TEST_SECRET"]
     assert "'PATH'" in text
@@ -177,28 +188,28 @@ def test_the_parent_environment_is_not_visible(sandbox):
 
 
 @needs_full_isolation
-def test_network_connections_fail(sandbox):
+def test_network_connections_fail(sandbox_kind):
     text = run_hostile("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)\n"
-                       "print('connected')", sandbox=sandbox)
+                       "print('connected')")
     assert "connected" not in text and "Network is unreachable" in text
 
 
-def test_sys_exit_with_an_error_code_returns_the_output_normally(sandbox):
-    assert run_hostile("import sys\nprint('bye')\nsys.exit(3)", sandbox=sandbox) == "bye\n"
-    result = tools.run_python("import sys\nsys.exit(3)", timeout=TIMEOUT, sandbox=sandbox)
+def test_sys_exit_with_an_error_code_returns_the_output_normally(sandbox_kind):
+    assert run_hostile("import sys\nprint('bye')\nsys.exit(3)") == "bye\n"
+    result = sandbox.run_python("import sys\nsys.exit(3)", timeout=TIMEOUT)
     assert (result["status"], result["returncode"]) == ("finished", 3)
-    result = tools.run_python("raise SystemExit('bye')", timeout=TIMEOUT, sandbox=sandbox)
+    result = sandbox.run_python("raise SystemExit('bye')", timeout=TIMEOUT)
     assert (result["returncode"], result["stderr"]) == (1, "bye\n")
 
 
-def test_a_segfault_is_reported_as_a_signal(sandbox):
-    assert (run_hostile("import ctypes\nctypes.string_at(0)", sandbox=sandbox)
+def test_a_segfault_is_reported_as_a_signal(sandbox_kind):
+    assert (run_hostile("import ctypes\nctypes.string_at(0)")
             == "Process killed by signal SIGSEGV")
 
 
-def test_run_python_feeds_stdin_and_keeps_streams_apart(sandbox):
-    result = tools.run_python("import sys\nprint(input()[::-1])\nprint('oops', file=sys.stderr)",
-                              stdin="abc\n", sandbox=sandbox)
+def test_run_python_feeds_stdin_and_keeps_streams_apart(sandbox_kind):
+    result = sandbox.run_python("import sys\nprint(input()[::-1])\nprint('oops', file=sys.stderr)",
+                                stdin="abc\n")
     assert result == {"status": "finished", "returncode": 0, "stdout": "cba\n", "stderr": "oops\n"}
 
 # -----------------------------------------------------------------------------
@@ -238,7 +249,8 @@ def test_reference_autoprint_keeps_its_quirks():
 
 
 def test_expression_autoprint_wraps_only_a_final_bare_expression():
-    wrap = lambda code: tools.add_autoprint(code, "expression")
+    def wrap(code):
+        return tools.add_autoprint(code, "expression")
     assert wrap("x = 5") == "x = 5"
     assert wrap("print(1)") == "print(1)"
     assert wrap("def f(:") == "def f(:"  # a syntax error is left for python to report
@@ -300,7 +312,7 @@ class FakeSandboxFusion(http.server.BaseHTTPRequestHandler):
 def sandbox_fusion(monkeypatch):
     pytest.importorskip("sandbox_fusion",
                         reason="the SandboxFusion client (pip install -r tests/requirements.txt)")
-    monkeypatch.setattr(tools, "HTTP_RETRY_DELAY", 0.0)
+    monkeypatch.setattr("common.sandbox_fusion.HTTP_RETRY_DELAY", 0.0)
     FakeSandboxFusion.replies, FakeSandboxFusion.requests = [], []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeSandboxFusion)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -312,7 +324,8 @@ def test_sandbox_fusion_api_retries_504_and_returns_stdout_then_stderr(sandbox_f
     finished = {"status": "Failed", "message": "", "run_result": {"status": "Finished", "stdout": "out\n",
                                                                  "stderr": "err\n", "return_code": 1}}
     FakeSandboxFusion.replies = [(504, {}), (504, {}), (200, finished)]
-    assert tools.execute_code("x", 7, 512, sandbox_url=sandbox_fusion) == "out\nerr\n"
+    sandbox.configure(url=sandbox_fusion)
+    assert tools.execute_code("x", 7, 512) == "out\nerr\n"
     path, payload = FakeSandboxFusion.requests[-1]
     assert path == "/run_code" and len(FakeSandboxFusion.requests) == 3
     assert payload == {"code": "print(x)", "language": "python", "compile_timeout": 7, "run_timeout": 7,
@@ -323,9 +336,12 @@ def test_sandbox_fusion_failures_give_the_reference_text(sandbox_fusion):
     FakeSandboxFusion.replies = [(200, {"status": "Failed", "message": "",
                                         "run_result": {"status": "TimeLimitExceeded"}}),
                                  (500, {})]
-    assert tools.execute_code("1", sandbox_url=sandbox_fusion + "/run_code") == "no stdout here"
-    assert tools.execute_code("1", sandbox_url=sandbox_fusion) == "no stdout here"  # no retry on 500
-    assert tools.execute_code("1", sandbox_url="http://127.0.0.1:9") == "no stdout here"
+    sandbox.configure(url=sandbox_fusion + "/run_code")
+    assert tools.execute_code("1") == "no stdout here"
+    sandbox.configure(url=sandbox_fusion)
+    assert tools.execute_code("1") == "no stdout here"  # no retry on 500
+    sandbox.configure(url="http://127.0.0.1:9")
+    assert tools.execute_code("1") == "no stdout here"
 
 # -----------------------------------------------------------------------------
 # tool calls
@@ -410,7 +426,8 @@ def test_run_tool_calls_answers_calls_that_cannot_run_with_the_reference_error_t
 
 def test_a_timeout_argument_is_honoured_up_to_the_configured_timeout():
     slow = "import time\ntime.sleep(1.5)\nprint('done')"
-    call = lambda t: {"name": "code_interpreter", "arguments": {"code": slow, "timeout": t}}
+    def call(t):
+        return {"name": "code_interpreter", "arguments": {"code": slow, "timeout": t}}
     start = time.monotonic()
     short, capped, ignored = tools.run_tool_calls([call(0.5), call(100), call("soon")], timeout=3.0)
     assert short == "no stdout here" and capped == ignored == "done\n"
@@ -488,9 +505,9 @@ DOUBLE = "```python\nn = int(input())\nprint(n * 2)\n```"
 def test_score_code_stdin_stdout_gives_partial_credit():
     # trailing newlines are ignored
     tests = {"inputs": ["1\n", "2\n", "3\n", "4\n"], "outputs": ["2\n", "4", "7\n", "8\n\n"]}
-    assert tools.score_code(DOUBLE, tests) == {"score": 0.75, "acc": False,
-                                               "pred": "n = int(input())\nprint(n * 2)\n"}
-    assert tools.score_code(DOUBLE, json.dumps({"inputs": ["5\n"], "outputs": ["10\n"]}))["acc"]
+    assert code_tests.score_code(DOUBLE, tests) == {"score": 0.75, "acc": False,
+                                                    "pred": "n = int(input())\nprint(n * 2)\n"}
+    assert code_tests.score_code(DOUBLE, json.dumps({"inputs": ["5\n"], "outputs": ["10\n"]}))["acc"]
 
 
 def test_score_code_calls_fn_name_on_solution_or_on_a_function():
@@ -498,37 +515,37 @@ def test_score_code_calls_fn_name_on_solution_or_on_a_function():
     method = ("```python\nclass Solution:\n    def pair(self, xs: List[int], n: int):\n"
               "        return (xs, n)\n```")
     function = "```python\ndef pair(xs, n):\n    return [xs, n]\n```"
-    assert tools.score_code(method, tests)["score"] == 1.0  # a tuple equals its list
-    assert tools.score_code(function, tests)["score"] == 1.0
-    assert tools.score_code("```python\ndef other(xs, n):\n    return 0\n```", tests)["score"] == -1.0
+    assert code_tests.score_code(method, tests)["score"] == 1.0  # a tuple equals its list
+    assert code_tests.score_code(function, tests)["score"] == 1.0
+    assert code_tests.score_code("```python\ndef other(xs, n):\n    return 0\n```", tests)["score"] == -1.0
 
 
 def test_score_code_runs_leetcode_style_asserts_one_by_one():
     tests = {"import_prefix": "from typing import *\n", "entry_point": "add",
              "test_code": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
                           "    assert candidate(2, 2) == 5\n"}
-    assert tools.score_code("```python\ndef add(a, b):\n    return a + b\n```", tests)["score"] == 0.5
+    assert code_tests.score_code("```python\ndef add(a, b):\n    return a + b\n```", tests)["score"] == 0.5
 
 
 def test_score_code_reads_after_the_last_think_unless_asked_for_the_reference_split():
     tests = {"inputs": ["2\n"], "outputs": ["4\n"]}
     text = "<think>a</think>```python\nprint(0)\n```<think>b</think>" + DOUBLE
-    assert tools.score_code(text, tests)["acc"]
-    assert not tools.score_code(text, tests, code_scoring="reference")["acc"]  # grades print(0)
+    assert code_tests.score_code(text, tests)["acc"]
+    assert not code_tests.score_code(text, tests, code_scoring="reference")["acc"]  # grades print(0)
 
 
 def test_reference_newline_unescaping_breaks_escaped_strings():
     code = "```python\nprint('\\n'.join(['a', 'b']))\n```"
     tests = {"inputs": [""], "outputs": ["a\nb\n"]}
-    assert tools.score_code(code, tests)["acc"]
-    assert (tools.score_code(code, tests, code_scoring="reference")
+    assert code_tests.score_code(code, tests)["acc"]
+    assert (code_tests.score_code(code, tests, code_scoring="reference")
             == {"score": -1.0, "acc": False, "pred": None})
 
 
 def test_score_code_without_a_block_or_with_a_syntax_error_scores_minus_one():
     tests = {"inputs": ["1\n"], "outputs": ["2\n"]}
-    assert tools.score_code("print(2)", tests)["score"] == -1.0
-    assert tools.score_code("```python\ndef (\n```", tests)["score"] == -1.0
+    assert code_tests.score_code("print(2)", tests)["score"] == -1.0
+    assert code_tests.score_code("```python\ndef (\n```", tests)["score"] == -1.0
 
 # -----------------------------------------------------------------------------
 # compute_score
@@ -538,7 +555,8 @@ def test_compute_score_shaping_modes():
     wrong, right = "\\boxed{1}", "\\boxed{2}"
     assert tools.compute_score("aime", right, "2") == {"score": 1.0, "acc": True, "pred": "2"}
     assert tools.compute_score("aime", wrong, "2")["score"] == pytest.approx(-1.1)  # num_turns reads 0
-    turns = lambda n: tools.compute_score("aime", wrong, "2", {"num_turns": n}, tool_shaping="turns")["score"]
+    def turns(n):
+        return tools.compute_score("aime", wrong, "2", {"num_turns": n}, tool_shaping="turns")["score"]
     assert [turns(2), turns(4), turns(6), turns(20)] == pytest.approx([-1.0, -0.9, -0.8, -0.6])
     assert tools.compute_score("aime", wrong, "2", {"num_turns": 6}, tool_shaping="none")["score"] == -1.0
     assert tools.compute_score("gpqa", "no box", "A")["pred"] == ""
@@ -562,8 +580,8 @@ def one_worker(monkeypatch):
     """A warm pool of one worker, so that consecutive calls land on the same interpreter."""
     if LEVEL != "full":
         pytest.skip(f"the warm path needs full isolation, not {LEVEL}")
-    pool = tools._WarmPool(tools.sandbox_isolation()[1], size=1)
-    monkeypatch.setattr(tools, "_warm_pool", pool)
+    pool = sandbox._WarmPool(sandbox.sandbox_isolation()[1], size=1)
+    monkeypatch.setattr(sandbox, "_warm_pool", pool)
     yield pool
     pool.close()
 
@@ -586,15 +604,16 @@ LOOK_FOR_STATE = """
 import os, resource, json, sys, glob
 print(os.path.exists('/tmp/left_behind'), os.path.exists('/dev/shm/left_behind'), os.getcwd(),
       os.environ.get('LEFT_BEHIND'), hasattr(json, 'left_behind'), hasattr(sys, 'left_behind'),
-      resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 7, sorted(glob.glob('/tmp/*')), sorted(os.listdir('/proc/self/fd')))
+      resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 7, sorted(glob.glob('/tmp/*')),
+      sorted(os.listdir('/proc/self/fd')))
 """
 
 
 def test_no_state_reaches_the_next_call_on_the_same_worker(one_worker):
     marker = f"{10**6 + secrets.randbelow(10**6)}.{secrets.randbelow(10**6)}"
-    first = tools.run_python(LEAVE_STATE.replace("{marker}", marker), timeout=5)
+    first = sandbox.run_python(LEAVE_STATE.replace("{marker}", marker), timeout=5)
     assert first["stdout"].startswith("left"), first
-    fresh = tools.run_python(LOOK_FOR_STATE, timeout=5)
+    fresh = sandbox.run_python(LOOK_FOR_STATE, timeout=5)
     assert fresh["stdout"] == ("False False /tmp None False False False ['/tmp/main.py'] "
                                "['0', '1', '2', '3']\n"), fresh
     assert live_processes_with(marker) == []
@@ -618,20 +637,21 @@ def test_warm_calls_are_at_least_five_times_cheaper_than_cold_ones():
         pytest.skip("the warm path needs full isolation")
     code = "print(57 * 26)"
     figures = {}
-    for sandbox in ("warm", "cold"):
-        tools.execute_code(code, sandbox=sandbox)
+    for kind in ("warm", "cold"):
+        sandbox.configure(kind=kind)
+        tools.execute_code(code)
         start = time.perf_counter()
         for _ in range(20):  # one after another
-            assert tools.execute_code(code, sandbox=sandbox) == "1482\n"
+            assert tools.execute_code(code) == "1482\n"
         alone = (time.perf_counter() - start) / 20
         calls = [{"name": tools.TOOL_NAME, "arguments": {"code": f"print(57 * {i})"}} for i in range(64)]
-        tools.run_tool_calls(calls, sandbox=sandbox)  # the warm pool starts its workers on the first burst
+        tools.run_tool_calls(calls)  # the warm pool starts its workers on the first burst
         at_once = float("inf")
         for _ in range(3):  # best of three bursts
             start = time.perf_counter()
-            assert tools.run_tool_calls(calls, sandbox=sandbox) == [f"{57 * i}\n" for i in range(64)]
+            assert tools.run_tool_calls(calls) == [f"{57 * i}\n" for i in range(64)]
             at_once = min(at_once, time.perf_counter() - start)
-        figures[sandbox] = (alone, at_once)
+        figures[kind] = (alone, at_once)
     (warm_alone, warm_64), (cold_alone, cold_64) = figures["warm"], figures["cold"]
     print(f"per call alone: warm {warm_alone * 1e3:.1f} ms, cold {cold_alone * 1e3:.1f} ms "
           f"({cold_alone / warm_alone:.1f}x); 64 at once: warm {warm_64:.2f} s, cold {cold_64:.2f} s "
@@ -644,8 +664,10 @@ SIGKILL_DURING_A_CALL = """
 import sys, time
 sys.path.insert(0, {repo!r})
 import tools
+from common import sandbox
+sandbox.configure(kind={kind!r})
 print("calling", flush=True)
-tools.execute_code(open('/proc/self/comm', 'w').write({marker!r}) and "import time\\ntime.sleep(30)", 60, sandbox={sandbox!r})
+tools.execute_code(open('/proc/self/comm', 'w').write({marker!r}) and "import time\\ntime.sleep(30)", 60)
 """
 
 
@@ -656,7 +678,7 @@ def test_no_sandbox_outlives_a_killed_trainer(path, tmp_path):
     import subprocess
     marker = unique_marker()
     code = SIGKILL_DURING_A_CALL.format(repo=str(Path(__file__).resolve().parents[1]), marker=marker,
-                                        sandbox=path)
+                                        kind=path)
     code = code.replace("open('/proc/self/comm', 'w').write({marker!r}) and ".format(marker=marker),
                         f"\"open('/proc/self/comm', 'w').write({marker!r})\\n\" + ")
     trainer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -673,7 +695,7 @@ def test_no_sandbox_outlives_a_killed_trainer(path, tmp_path):
         stale = [p for p in Path(tempfile.gettempdir()).glob(f"sod_sandbox_{trainer.pid}_*")]
         subprocess.run([sys.executable, "-c",
                         f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
-                        "import tools; tools.sandbox_isolation()"], check=True)
+                        "from common import sandbox; sandbox.sandbox_isolation()"], check=True)
         assert stale and not any(p.exists() for p in stale)
 
 
@@ -728,7 +750,7 @@ def authors_verdicts(generation: str, tests: dict) -> list[bool]:
     stdout.rstrip("\\n") == str(expected).rstrip("\\n")."""
     verdicts = []
     for inp, expected in zip(tests["inputs"], tests["outputs"]):
-        r = tools.run_python(authors_wrapper(generation, tests["fn_name"]), str(inp), timeout=10)
+        r = sandbox.run_python(authors_wrapper(generation, tests["fn_name"]), str(inp), timeout=10)
         verdicts.append(r["status"] == "finished" and r["returncode"] == 0
                         and r["stdout"].rstrip("\n") == str(expected).rstrip("\n"))
     return verdicts
@@ -757,10 +779,11 @@ FUNCTION_PROBLEMS = [
 @pytest.mark.parametrize("solution, fn_name, cases", FUNCTION_PROBLEMS)
 def test_function_problems_get_the_verdicts_of_the_authors_wrapper(solution, fn_name, cases):
     tests = {"inputs": [i for i, _ in cases], "outputs": [o for _, o in cases], "fn_name": fn_name}
-    ours = tools.code_verdicts(solution, __import__("ast").parse(solution), tests)
+    ours = code_tests.code_verdicts(solution, __import__("ast").parse(solution), tests)
     theirs = authors_verdicts(solution, tests)
     if ours is None:  # the code defines neither the function nor class Solution: the reference scores it -1
-        assert not any(theirs) and tools.score_code(f"```python\n{solution}\n```", tests)["score"] == -1.0
+        assert not any(theirs)
+        assert code_tests.score_code(f"```python\n{solution}\n```", tests)["score"] == -1.0
     else:
         assert ours == theirs
 
@@ -768,11 +791,11 @@ def test_function_problems_get_the_verdicts_of_the_authors_wrapper(solution, fn_
 def test_reference_code_scoring_fails_function_problems_given_as_objects_without_class_solution():
     tests = {"inputs": ["3"], "outputs": ["3"], "fn_name": "f"}
     solution = "```python\ndef f(a):\n    return a\n```"
-    assert tools.score_code(solution, tests)["acc"]
+    assert code_tests.score_code(solution, tests)["acc"]
     # a JSON string parses
-    assert tools.score_code(solution, json.dumps(tests), code_scoring="reference")["acc"]
+    assert code_tests.score_code(solution, json.dumps(tests), code_scoring="reference")["acc"]
     # str(dict) does not
-    assert tools.score_code(solution, tests, code_scoring="reference")["score"] == -1.0
+    assert code_tests.score_code(solution, tests, code_scoring="reference")["score"] == -1.0
 
 
 def test_code_tests_and_tool_calls_reach_sandbox_fusion_from_a_stage_config(sandbox_fusion, monkeypatch):
@@ -783,8 +806,9 @@ def test_code_tests_and_tool_calls_reach_sandbox_fusion_from_a_stage_config(sand
                                                              "stderr": "", "return_code": 0}}
     FakeSandboxFusion.replies = [(200, ok)] * 2
     cfg = rollout.RolloutConfig(sandbox_url=sandbox_fusion)
-    assert (rollout.run_calls([{"name": tools.TOOL_NAME, "arguments": {"code": "print(2 + 2)"}}], cfg)
-            == ["4\n"])
+    sandbox.configure(kind=cfg.sandbox, url=cfg.sandbox_url)  # as a stage does once, at its start
+    assert (tools.tool_runner(cfg)([[{"name": tools.TOOL_NAME, "arguments": {"code": "print(2 + 2)"}}]])
+            == [tools.Reply(["4\n"])])
     t = rollout.Trajectory(prompt_ids=[], data_source="livecodebench",
                            ground_truth={"inputs": ["2"], "outputs": ["4"]})
     monkeypatch.setattr(t, "response_ids", [], raising=False)

@@ -8,6 +8,7 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm.txt)")
 
 import rollout  # noqa: E402
+from common import data, models  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -16,11 +17,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 def engine_and_model(tmp_path_factory):
     """A tiny student saved to disk, loaded by the trainer (HF) and by a colocated vLLM engine."""
     path = tmp_path_factory.mktemp("vllm") / "student"
-    model = rollout.load_model("toy-student", device="cpu", seed=0)
+    model = models.load_model("toy-student", device="cpu", seed=0)
     model.save_pretrained(path)
-    rollout.load_tokenizer("toy-student").save_pretrained(path)
+    models.load_tokenizer("toy-student").save_pretrained(path)
     llm = rollout.make_vllm_engine(str(path), seed=0, max_model_len=1024)
-    return llm, rollout.load_model(str(path), device="cpu"), rollout.load_tokenizer(str(path))
+    return llm, models.load_model(str(path), device="cpu"), models.load_tokenizer(str(path))
 
 
 def vllm_logprobs(llm, ids):
@@ -33,7 +34,7 @@ def vllm_logprobs(llm, ids):
 
 def test_tool_loop_on_the_vllm_backend(engine_and_model):
     llm, _, tok = engine_and_model
-    prompts = rollout.load_prompts("toy:eval", 3)
+    prompts = data.load_prompts("toy:eval", 3)
     trajs = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3),
                             seed=0)
     assert len(trajs) == 6

@@ -1,0 +1,1 @@
+"""Plumbing below the stage files: one topic per module."""

@@ -1,0 +1,108 @@
+"""
+common/chat_template.py: the chat template a run renders with, and the checks that it keeps the tool.
+
+Every stage renders text with the tokenizer's chat template: the prompt that declares the tool, the assistant
+turns that call it, the tool's responses. A template that ignores `tools=` or `tool_calls` (many chat models'
+templates do) renders a prompt without the tool and SFT conversations whose tool calls are gone, and nothing
+downstream would notice. So:
+  - `--chat_template` replaces the tokenizer's template by a file, or by the Qwen3 template this repository
+    ships ("qwen3"); the template is saved with every checkpoint (chat_template.jinja), so later stages and
+    vLLM render the same way;
+  - `check_declares_tool` stops a run whose rendered prompt does not declare the tool, and
+    `lost_in_rendering` says what of an SFT conversation (a tool call, a tool response) the rendering lost;
+  - `markers` reads from the template itself where an assistant turn starts and ends, and what it puts between
+    a turn's end and the next message, for the SFT masks and the rollout's tool segments. A template whose
+    assistant turns cannot be located is refused.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# Qwen3's own template, tool-aware (the toy tokenizer carries it)
+TEMPLATES = {"qwen3": Path(__file__).resolve().parent.parent / "toy" / "tokenizer" / "chat_template.jinja"}
+FIX = ("Give the stage a tool-aware template: --chat_template qwen3 (Qwen3's, for any tokenizer with its "
+       "<|im_start|> and <|im_end|> tokens) or --chat_template PATH.jinja")
+
+
+def apply(tokenizer, chat_template: str, model: str):
+    """Replace the tokenizer's template by `chat_template` (a name of TEMPLATES or a .jinja file); "" keeps
+    the model's own. Every control token the template writes must be a single token of the vocabulary."""
+    if not chat_template:
+        return tokenizer
+    path = TEMPLATES.get(chat_template, Path(chat_template))
+    if not path.is_file():
+        raise SystemExit(f"--chat_template {chat_template!r} is neither a file nor one of {sorted(TEMPLATES)}")
+    text = path.read_text()
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in ("<|im_start|>", "<|im_end|>") if t in text and t not in vocab]
+    if missing:
+        raise SystemExit(f"{model}: the chat template {path} writes {missing}, which the tokenizer does not "
+                         "hold as single tokens: choose a template written for this model's control tokens")
+    tokenizer.chat_template = text
+    return tokenizer
+
+
+def check_declares_tool(tokenizer, tool_schema: dict, model: str):
+    """Stop the run if the prompt the template renders with tools=[tool_schema] does not name the tool."""
+    name = tool_schema["function"]["name"]
+    text = render(tokenizer, [{"role": "user", "content": "Q"}], tools=[tool_schema], generation_prompt=True)
+    if name not in text:
+        raise SystemExit(f"{model}: its chat template ignores tools=: the rendered prompt never mentions the "
+                         f"{name!r} tool, so the model would never be shown it. {FIX}")
+
+
+def lost_in_rendering(text: str, messages: list[dict]) -> str | None:
+    """What a rendered conversation lost, in words: a tool call (its name or its code) or a tool response
+    that does not appear in `text`; None if everything is there."""
+    for i, m in enumerate(messages):
+        if m.get("role") == "tool" and str(m.get("content") or "").strip() not in text:
+            return f"the tool response of message {i}"
+        for call in m.get("tool_calls") or []:
+            function = call.get("function", {})
+            arguments = function.get("arguments")
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+            code = str((arguments or {}).get("code", "")) if isinstance(arguments, dict) else ""
+            forms = {code, json.dumps(code)[1:-1], json.dumps(code, ensure_ascii=False)[1:-1]}
+            if function.get("name", "") not in text or not any(f in text for f in forms):
+                return f"the tool call of message {i}"
+    return None
+
+
+def control_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens (<|im_start|>, <|im_end|>, <|endoftext|> in Qwen3): text that holds one
+    is read as the control token itself."""
+    found = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return found + [t for t in tokenizer.all_special_tokens if t not in found]
+
+
+def render(tokenizer, messages, tools=None, generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+@dataclass
+class Markers:
+    header: str    # what opens an assistant turn, up to its first generated token ("<|im_start|>assistant\n")
+    end: str       # the control token that ends it, generated by the model ("<|im_end|>")
+    junction: str  # what the template writes between that end and the next message ("\n")
+
+
+def markers(tokenizer, model: str) -> Markers:
+    """The template's assistant markers, read off renderings of a probe conversation."""
+    user, again = [{"role": "user", "content": "Q"}], [{"role": "user", "content": "Q2"}]
+    bare, prompted = render(tokenizer, user), render(tokenizer, user, generation_prompt=True)
+    header = prompted[len(bare):] if prompted.startswith(bare) else ""
+    try:  # an assistant turn between two user turns: "Z", then what ends it, then the next user turn
+        done = render(tokenizer, user + [{"role": "assistant", "content": "Z"}] + again)
+    except Exception:  # a template that refuses the probe
+        done = ""
+    start = done.find(header + "Z") if header else -1
+    after = done[start + len(header) + 1:] if start >= 0 else ""
+    end = max((t for t in control_tokens(tokenizer) if after.startswith(t)), key=len, default="")
+    if not end:
+        raise SystemExit(f"{model}: cannot locate the assistant turns of its chat template (no generation "
+                         "prompt, or no special token closing an assistant turn), so the SFT loss mask cannot "
+                         f"be built. {FIX}")
+    rest, next_user = after[len(end):], render(tokenizer, again)
+    junction = rest[:len(rest) - len(next_user)] if rest.endswith(next_user) else ""
+    return Markers(header=header, end=end, junction=junction)

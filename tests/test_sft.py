@@ -9,7 +9,7 @@ from test_rollout import conversation
 import rollout
 import sft
 import tools
-from common import models
+from common import chat_template, models
 from toy import task
 
 
@@ -147,3 +147,34 @@ def test_sft_parquet_with_openai_tool_calls_loads(tmp_path, tok):
     (example,) = sft.load_sft_examples(sft.Config(data=str(path)), tok)
     ids, mask = example
     assert "print(" in tok.decode([i for i, m in zip(ids, mask) if m])
+
+
+# -----------------------------------------------------------------------------
+# Chat templates: the markers come from the template, and a rendering that loses the tool stops the run
+
+def test_the_assistant_markers_are_read_off_the_template(tok):
+    marks = chat_template.markers(tok, "toy")
+    assert (marks.header, marks.end, marks.junction) == ("<|im_start|>assistant\n", "<|im_end|>", "\n")
+
+
+def test_a_template_whose_assistant_turns_cannot_be_located_is_refused(tok):
+    plain = models.load_tokenizer("toy-student")
+    plain.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(SystemExit, match="cannot locate the assistant turns"):
+        chat_template.markers(plain, "plain")
+
+
+def test_a_template_that_drops_tool_calls_stops_sft_before_anything_is_written(tmp_path):
+    template = tmp_path / "no_tools.jinja"  # ChatML without tools, tool calls or tool responses
+    template.write_text("{% for m in messages %}{% if m['role'] != 'tool' %}<|im_start|>{{ m['role'] }}\n"
+                        "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    cfg = sft.Config(chat_template=str(template), toy_examples=8, out_dir=str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match="chat template ignores tools="):
+        sft.main(cfg)
+    row = task.sft_rows(1, 0.0, 0)[0]
+    text = chat_template.render(models.load_tokenizer("toy-student", str(template)), row["messages"])
+    assert chat_template.lost_in_rendering(text, row["messages"]).startswith("the tool")
+    assert chat_template.lost_in_rendering(chat_template.render(models.load_tokenizer("toy-student"),
+                                                                row["messages"]), row["messages"]) is None
+    assert not (tmp_path / "out").exists()

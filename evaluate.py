@@ -42,7 +42,7 @@ import numpy as np
 import rollout
 import tools
 from common import chat_template, dist, models, runs, sandbox
-from common.cli import arg, run_script
+from common.cli import arg, not_a_flag, run_script
 from common.data import drop_long_prompts, load_prompts
 
 log = logging.getLogger("evaluate")
@@ -63,6 +63,10 @@ class Config(rollout.RolloutConfig):
     top_p: float = arg(0.6, "nucleus sampling (reference 0.6 in evaluation)")
     max_prompt_tokens: int = arg(4096, "prompts longer than this, measured with the chat template, "
                                        "are dropped (reference 4096 in evaluation)")
+    # the reward's shaping: an evaluation reports accuracy, not reward, so these are no flags here
+    tool_shaping: str = not_a_flag("reference", "wrong-answer shaping of the reward")
+    overlong_buffer: int = not_a_flag(0, "DAPO overlong penalty buffer")
+    overlong_penalty: float = not_a_flag(1.0, "DAPO overlong penalty factor")
     out_dir: str = arg("runs/eval", "results.md, results.json, generations.jsonl")
     seed: int = arg(0, "sampling seed")
     device: str = arg("", "cpu or cuda (empty: cuda if available)")

@@ -163,7 +163,7 @@ def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
         return {"toy": load_prompts(f"toy:{split}", cfg.num_prompts or 256, toy_steps=cfg.toy_steps)}
     benchmarks = {}
     for path in cfg.data.split(","):
-        prompts = load_prompts(path.strip(), cfg.num_prompts or None)
+        prompts = load_prompts(path.strip(), cfg.num_prompts or None, wrapper_choice=cfg.wrapper_choice)
         benchmarks[prompts[0]["data_source"] or Path(path).stem] = prompts
     return benchmarks
 

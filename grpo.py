@@ -218,7 +218,7 @@ def load_rl_prompts(cfg, tokenizer) -> list[dict]:
     """RL prompts, the over-long ones dropped (measured as the reference measures them)."""
     data = "toy:train" if cfg.data == "toy" else cfg.data
     prompts = load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed,
-                           toy_steps=cfg.toy_steps)
+                           toy_steps=cfg.toy_steps, wrapper_choice=cfg.wrapper_choice)
     kept = drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=data)
     if len(kept) < cfg.prompts_per_step:
         raise SystemExit(f"{data}: {len(kept)} of {len(prompts)} prompts fit in --max_prompt_tokens "
@@ -313,7 +313,7 @@ def generation_engine(cfg, start: str, model, d, device: str, resumed: bool):
     """What rolls out: vLLM, or the trained model itself (a plain replica of it when the model is sharded),
     holding the trained weights from the first step on."""
     if rollout.resolve_backend(cfg.backend) == "vllm":
-        engine = rollout.make_vllm_engine(start, seed=cfg.seed + d.rank, d=d)
+        engine = rollout.make_vllm_engine(start, seed=cfg.seed + d.rank, d=d, kv_cache_gb=cfg.vllm_kv_cache_gb)
     else:
         engine = model if d.world == 1 else models.load_model(start, device=device, dtype=torch.float32)
     if engine is not model and (resumed or d.world > 1):

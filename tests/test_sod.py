@@ -263,3 +263,13 @@ def test_a_distillation_step_without_teacher_signal_is_a_grpo_step(start_checkpo
 def test_flags_a_mode_would_ignore_are_rejected(flags, message):
     with pytest.raises(SystemExit, match=message):
         sod_distill.main(sod_distill.Config(**flags))
+
+
+def test_opsd_teachers_read_the_privileged_text_at_the_end_of_the_user_message():
+    system = {"role": "system", "content": "S"}
+    prompt = {"prompt": [system, {"role": "user", "content": "Q"}], "ground_truth": "7", "hint": "add first"}
+    assert sod_distill.privileged_prompt(prompt, "opsd_gt") == [
+        system, {"role": "user", "content": "Q\n(The correct final answer is 7.)"}]
+    hinted = sod_distill.privileged_prompt(prompt, "opsd_hint")
+    assert hinted[1] == {"role": "user", "content": "Q\n(Hint: add first.)"}
+    assert prompt["prompt"][1]["content"] == "Q"

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tools  # tests/conftest.py puts the repository root on sys.path
+from authors_code import authors_verdicts
 from common import code_tests, sandbox
 
 TIMEOUT = 2.0  # short, so the hostile battery stays quick
@@ -700,61 +701,7 @@ def test_no_sandbox_outlives_a_killed_trainer(path, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# function-call code tests, graded as the authors' sandbox wrapper grades them
-
-def authors_wrapper(generation: str, fn_name: str) -> str:
-    """The program verl/utils/reward_score/sandbox_fusion/utils.py (_process_single_case) sends for a test of
-    a function, written out from that code: `import traceback`, eighteen star imports and sixteen plain ones,
-    the solution, then a harness that reads one JSON value per line of stdin (when stdin is not blank), calls
-    globals()[fn_name] or else Solution().fn_name, and prints json.dumps of a dict, list, tuple, None or bool
-    and str() of anything else; an error prints its traceback to stderr and nothing to stdout."""
-    stars = ["string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
-             "statistics", "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing"]
-    plain = [m for m in stars if m not in ("builtins", "typing")]
-    header = ("import traceback\n" + "".join(f"from {m} import *\n" for m in stars)
-              + "".join(f"import {m}\n" for m in plain))
-    harness = f'''
-WANTED = {fn_name!r}
-def call_it():
-    raw = sys.stdin.read()
-    args = []
-    if raw.strip():
-        try:
-            args = [json.loads(line) for line in raw.split('\\n')]
-        except json.JSONDecodeError as error:
-            sys.stderr.write("bad input")
-            return None, True
-    try:
-        if WANTED in globals():
-            target = globals()[WANTED]
-        elif 'Solution' in globals():
-            target = getattr(Solution(), WANTED)
-        else:
-            raise NameError(WANTED)
-        return target(*args), False
-    except Exception:
-        sys.stderr.write(traceback.format_exc())
-        return None, True
-result, failed = call_it()
-if not failed:
-    if isinstance(result, (dict, list, tuple)) or result is None or isinstance(result, bool):
-        print(json.dumps(result))
-    else:
-        print(str(result))
-'''
-    return header + "\n" + generation + "\n" + harness
-
-
-def authors_verdicts(generation: str, tests: dict) -> list[bool]:
-    """Their comparison: the run finished with exit code 0 and
-    stdout.rstrip("\\n") == str(expected).rstrip("\\n")."""
-    verdicts = []
-    for inp, expected in zip(tests["inputs"], tests["outputs"]):
-        r = sandbox.run_python(authors_wrapper(generation, tests["fn_name"]), str(inp), timeout=10)
-        verdicts.append(r["status"] == "finished" and r["returncode"] == 0
-                        and r["stdout"].rstrip("\n") == str(expected).rstrip("\n"))
-    return verdicts
-
+# function-call code tests, graded as the authors' sandbox wrapper grades them (tests/authors_code.py)
 
 FUNCTION_PROBLEMS = [
     # (solution, fn_name, [(stdin, expected stdout)])

@@ -24,7 +24,8 @@ sample: problem id, sample index, text, pred, acc, turns, tool calls).
     python evaluate.py --model runs/sft-student/final runs/sod-student/final --n_samples 8
     python evaluate.py --model runs/sod-0.6b/final \\
         --data aime_2024_problems.parquet,aime_2025_problems.parquet,gpqa_diamond.parquet,lcb_v6.parquet \\
-        --n_samples 32 --max_response_tokens 20480 --backend vllm        # the paper's protocol
+        --n_samples 32 --max_response_tokens 20480 --backend vllm \\
+        --tool_junction reference                                   # the paper's protocol
 """
 import itertools
 import json

@@ -19,8 +19,10 @@ Top to bottom:
 The tool itself (what a call returns, the rewards) is tools.py; data, models, processes and runs are in
 common/.
 
-The rollout's ids equal the chat template's rendering of the same conversation (docs/deviations.md: the
-newline after <|im_end|>), so sft.py trains on exactly the ids the RL stages roll out.
+By default (--tool_junction template) the rollout's ids equal the chat template's rendering of the same
+conversation, so sft.py trains on exactly the ids the RL stages roll out; --tool_junction reference leaves out
+the newline after <|im_end|>, as the authors' rollouts do (docs/deviations.md row 16, and why the real-recipe
+commands with the released teacher use it).
 
 The toy default runs on a CPU with nothing downloaded:
     python rollout.py                       # 8 toy prompts x 4 samples with the untrained student
@@ -71,7 +73,8 @@ class RolloutConfig:
     max_tool_calls_per_turn: int = arg(1, "tool calls executed per assistant turn (reference 1: the first)")
     tool_junction: str = arg("template", "the ids between a turn's <|im_end|> and the next tool response: "
                                          "template (the chat template's newline, as SFT data has it) "
-                                         "| reference (none)")
+                                         "| reference (none, as the authors' rollouts: use it with their "
+                                         "released teacher, docs/deviations.md row 16)")
     # the tool
     sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) "
                                "| cold (a new one per call)")

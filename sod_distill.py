@@ -46,7 +46,7 @@ their SOD script runs).
     python sod_distill.py --student runs/sft-0.6b/final --teacher youngzhong/SOD-GRPO_teacher-4B \\
         --data Open-AgentRL-30K.parquet --backend vllm --steps 470 --prompts_per_step 64 --n_samples 16 \\
         --lr 1e-6 --max_prompt_tokens 2560 --max_response_tokens 20480 --overlong_buffer 1024 \\
-        --micro_batch_size 4 --teacher_offload
+        --micro_batch_size 4 --teacher_offload --tool_junction reference   # the released teacher's junction
 """
 import copy
 import json

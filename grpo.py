@@ -29,8 +29,9 @@ with FSDP2 (docs/distributed.md). With one process none of it runs.
 
 Deviations from the reference (docs/deviations.md, rows 8, 18 and 24): the token mean runs over the whole
 mini-batch and all ranks (verl, with its dynamic batch size, takes each micro-batch's token mean and scales it
-by the micro-batch's share of the mini-batch's sequences); prompt wrappers are chosen per row; the mini-batches
-hold whole GRPO groups in prompt order, where verl reorders the step by length first.
+by the micro-batch's share of the mini-batch's sequences); prompt wrappers are chosen per row (theirs per
+file: --wrapper_choice file); the mini-batches hold whole GRPO groups in prompt order, where verl reorders the
+step by length first.
 
 Reference values (real models): lr 1e-6 constant, AdamW (0.9, 0.999), wd 0.01, clip 1.0, 64 prompts x 16
 samples, 4 mini-batches, T = 1.0, top_p = 1.0, 16 turns, 20480 response tokens, overlong buffer 1024.

@@ -24,7 +24,8 @@ sample: problem id, sample index, text, pred, acc, turns, tool calls).
     python evaluate.py --model runs/sft-student/final runs/sod-student/final --n_samples 8
     python evaluate.py --model runs/sod-0.6b/final \\
         --data aime_2024_problems.parquet,aime_2025_problems.parquet,gpqa_diamond.parquet,lcb_v6.parquet \\
-        --n_samples 32 --max_response_tokens 20480 --backend vllm        # the paper's protocol
+        --n_samples 32 --max_response_tokens 20480 --backend vllm \\
+        --tool_junction reference                                   # the paper's protocol
 """
 import itertools
 import json
@@ -167,7 +168,7 @@ def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
         return {"toy": load_prompts(f"toy:{split}", cfg.num_prompts or 256, toy_steps=cfg.toy_steps)}
     benchmarks = {}
     for path in cfg.data.split(","):
-        prompts = load_prompts(path.strip(), cfg.num_prompts or None)
+        prompts = load_prompts(path.strip(), cfg.num_prompts or None, wrapper_choice=cfg.wrapper_choice)
         benchmarks[prompts[0]["data_source"] or Path(path).stem] = prompts
     return benchmarks
 

@@ -27,9 +27,11 @@ Many processes (torchrun): each rank rolls out whole GRPO groups of its share of
 rank then holds the global batch, each PPO mini-batch is split over the ranks, and the student is sharded
 with FSDP2 (docs/distributed.md). With one process none of it runs.
 
-Deviations from the reference (docs/deviations.md, rows 8 and 18): the token mean runs over the whole
+Deviations from the reference (docs/deviations.md, rows 8, 18 and 24): the token mean runs over the whole
 mini-batch and all ranks (verl, with its dynamic batch size, takes each micro-batch's token mean and scales it
-by the micro-batch's share of the mini-batch's sequences); prompt wrappers are chosen per row.
+by the micro-batch's share of the mini-batch's sequences); prompt wrappers are chosen per row (theirs per
+file: --wrapper_choice file); the mini-batches hold whole GRPO groups in prompt order, where verl reorders the
+step by length first.
 
 Reference values (real models): lr 1e-6 constant, AdamW (0.9, 0.999), wd 0.01, clip 1.0, 64 prompts x 16
 samples, 4 mini-batches, T = 1.0, top_p = 1.0, 16 turns, 20480 response tokens, overlong buffer 1024.
@@ -39,7 +41,7 @@ samples, 4 mini-batches, T = 1.0, top_p = 1.0, 16 turns, 20480 response tokens, 
     python grpo.py --model runs/sft-4b/final --data Open-AgentRL-30K.parquet --backend vllm \\
         --out_dir runs/grpo-4b --steps 470 --prompts_per_step 64 --n_samples 16 --lr 1e-6 \\
         --max_prompt_tokens 2560 --max_response_tokens 20480 --overlong_buffer 1024 --micro_batch_size 4 \\
-        --eval_data aime_2024_problems.parquet,aime_2025_problems.parquet
+        --eval_data aime_2024_problems.parquet,aime_2025_problems.parquet --tool_junction reference
 """
 import json
 import logging
@@ -73,7 +75,8 @@ class Config(rollout.RolloutConfig):
     steps: int = arg(30, "RL steps (reference: one epoch of 30K prompts / 64 = ~470)")
     prompts_per_step: int = arg(16, "prompts per step (reference 64)")
     n_samples: int = arg(8, "samples per prompt, the GRPO group n (reference 16)")
-    dynamic_sampling: bool = arg(False, "drop groups whose rewards are all equal (DAPO); reference off")
+    dynamic_sampling: bool = arg(False, "drop groups of two or more whose rewards are all equal (DAPO), unless "
+                                        "that drops every group; reference off")
     # optimization
     lr: float = arg(5e-5, "learning rate, constant (reference 1e-6)")
     beta2: float = arg(0.999, "AdamW beta2 (beta1 0.9)")
@@ -184,7 +187,8 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logp
     stats, extremes = Counter(), {}
     n_updates = 0
     for _ in range(cfg.ppo_epochs):
-        for rows, mb_tokens, passes in minibatches:  # in order, no shuffle (reference)
+        # in order, no shuffle; the reference first reorders the step by length (docs/deviations.md row 24)
+        for rows, mb_tokens, passes in minibatches:
             for micro in dist.micro_batches(rows, cfg.micro_batch_size, passes):
                 idx = torch.as_tensor(micro or rows[:1])
                 m = mask[idx] * bool(micro)   # an empty turn of a short rank: a forward with nothing to learn
@@ -218,7 +222,7 @@ def load_rl_prompts(cfg, tokenizer) -> list[dict]:
     """RL prompts, the over-long ones dropped (measured as the reference measures them)."""
     data = "toy:train" if cfg.data == "toy" else cfg.data
     prompts = load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed,
-                           toy_steps=cfg.toy_steps)
+                           toy_steps=cfg.toy_steps, wrapper_choice=cfg.wrapper_choice)
     kept = drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=data)
     if len(kept) < cfg.prompts_per_step:
         raise SystemExit(f"{data}: {len(kept)} of {len(prompts)} prompts fit in --max_prompt_tokens "
@@ -235,14 +239,15 @@ def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -
 
 
 def dynamic_sampling_keep(rewards: torch.Tensor, group_ids: torch.Tensor) -> list[int]:
-    """DAPO's filter: the trajectories of groups whose rewards are not all equal (a group of one carries no
-    signal)."""
+    """DAPO's filter as the authors run it (verl/trainer/ppo/ray_trainer.py: _apply_filter_groups): the
+    trajectories of groups whose rewards are not all equal, and of groups of one (whose advantage is their
+    reward, mean 0 and std 1); a step where no group would be kept keeps them all."""
     keep = []
     for i, g in enumerate(group_ids.tolist()):
         group = rewards[group_ids == g]
-        if len(group) > 1 and group.std().item() > 0:
+        if len(group) == 1 or group.std().item() > 0:
             keep.append(i)
-    return keep
+    return keep or list(range(len(group_ids)))
 
 
 def rollout_metrics(trajs: list, counts: Counter) -> dict:
@@ -313,7 +318,7 @@ def generation_engine(cfg, start: str, model, d, device: str, resumed: bool):
     """What rolls out: vLLM, or the trained model itself (a plain replica of it when the model is sharded),
     holding the trained weights from the first step on."""
     if rollout.resolve_backend(cfg.backend) == "vllm":
-        engine = rollout.make_vllm_engine(start, seed=cfg.seed + d.rank, d=d)
+        engine = rollout.make_vllm_engine(start, seed=cfg.seed + d.rank, d=d, kv_cache_gb=cfg.vllm_kv_cache_gb)
     else:
         engine = model if d.world == 1 else models.load_model(start, device=device, dtype=torch.float32)
     if engine is not model and (resumed or d.world > 1):

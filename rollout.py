@@ -19,8 +19,10 @@ Top to bottom:
 The tool itself (what a call returns, the rewards) is tools.py; data, models, processes and runs are in
 common/.
 
-The rollout's ids equal the chat template's rendering of the same conversation (docs/deviations.md: the
-newline after <|im_end|>), so sft.py trains on exactly the ids the RL stages roll out.
+By default (--tool_junction template) the rollout's ids equal the chat template's rendering of the same
+conversation, so sft.py trains on exactly the ids the RL stages roll out; --tool_junction reference leaves out
+the newline after <|im_end|>, as the authors' rollouts do (docs/deviations.md row 16, and why the real-recipe
+commands with the released teacher use it).
 
 The toy default runs on a CPU with nothing downloaded:
     python rollout.py                       # 8 toy prompts x 4 samples with the untrained student
@@ -39,7 +41,7 @@ import torch
 import tools
 from common import chat_template, sandbox
 from common.cli import arg, parse_args
-from common.data import load_prompts, write_jsonl
+from common.data import as_messages, load_prompts, write_jsonl
 from common.dist import Dist, full_state_dict
 from common.models import TOY_MODELS, check_model_path, load_model, load_tokenizer, stop_token_ids
 
@@ -65,10 +67,14 @@ class RolloutConfig:
     max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
     max_prompt_tokens: int = arg(512, "prompts longer than this, measured with the chat template, are "
                                       "dropped (reference 2560 in training, 4096 in evaluation)")
+    wrapper_choice: str = arg("row", "prompt wrapper of a data file's rows: row (each by its own data_source) "
+                                     "| file (every row by the first row's, as the authors' loader; "
+                                     "docs/deviations.md row 8)")
     max_tool_calls_per_turn: int = arg(1, "tool calls executed per assistant turn (reference 1: the first)")
     tool_junction: str = arg("template", "the ids between a turn's <|im_end|> and the next tool response: "
                                          "template (the chat template's newline, as SFT data has it) "
-                                         "| reference (none)")
+                                         "| reference (none, as the authors' rollouts: use it with their "
+                                         "released teacher, docs/deviations.md row 16)")
     # the tool
     sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) "
                                "| cold (a new one per call)")
@@ -81,15 +87,18 @@ class RolloutConfig:
                                             "(reference 256)")
     autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression "
                                       "(bare expressions only)")
-    dedupe_tool_calls: bool = arg(True, "run identical tool calls of one turn batch once "
-                                        "(exact for deterministic code)")
+    dedupe_tool_calls: str = arg("auto", "identical tool calls of one turn batch run once and share the answer: "
+                                         "auto (on for the toy, whose code is deterministic arithmetic; off for "
+                                         "other data, whose code may draw unseeded random numbers or read the "
+                                         "clock, as the authors run every call) | on | off")
     tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently ('no stdout here'), "
                                         "a toy option")
     # the reward
     math_scoring: str = arg("strict", "math and GPQA answers: strict (the reference's exact last box) "
                                       "| lenient (math-verify's symbolic equivalence)")
     code_scoring: str = arg("fixed", "code problems: fixed | reference (the authors' </think> split, newline "
-                                     "unescaping and object-tests bugs; docs/deviations.md)")
+                                     "unescaping, reading of the tests and class Solution wrapping; "
+                                     "docs/deviations.md)")
     tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) "
                                          "| turns (+0.1 per tool round) | none")
     overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
@@ -99,7 +108,8 @@ class RolloutConfig:
 CHOICES = {"backend": ("auto", "hf", "vllm"), "autoprint": ("reference", "expression"),
            "tool_junction": ("template", "reference"), "sandbox": ("warm", "cold"),
            "code_scoring": ("fixed", "reference"), "math_scoring": ("strict", "lenient"),
-           "tool_shaping": ("reference", "turns", "none")}
+           "tool_shaping": ("reference", "turns", "none"), "wrapper_choice": ("row", "file"),
+           "dedupe_tool_calls": ("auto", "on", "off")}
 
 
 def check_rollout_settings(cfg):
@@ -230,11 +240,11 @@ def resolve_backend(backend: str) -> str:
 # -----------------------------------------------------------------------------
 # 3. The multi-turn tool loop
 
-def render_prompt_ids(tokenizer, prompt: str, tools_schema: list[dict] | None = None) -> list[int]:
-    """The initial context: system block declaring the tools, the user turn, and `<|im_start|>assistant\\n`.
-    `enable_thinking` is not passed, as in the reference, so no empty think block is pre-filled."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         tools=tools_schema or [tools.TOOL_SCHEMA],
+def render_prompt_ids(tokenizer, prompt: str | list[dict], tools_schema: list[dict] | None = None) -> list[int]:
+    """The initial context: the prompt's messages (a string is one user message) rendered with the tools
+    declared (Qwen3: in the system block), and `<|im_start|>assistant\\n`. `enable_thinking` is not passed,
+    as in the reference, so no empty think block is pre-filled."""
+    text = tokenizer.apply_chat_template(as_messages(prompt), tools=tools_schema or [tools.TOOL_SCHEMA],
                                          tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -311,7 +321,10 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
     from tqdm import tqdm
     counts = counts if counts is not None else Counter()
     stop_ids, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
-    call_tools = tools.tool_runner(cfg, seed)  # the tool as cfg sets it up (the sandbox is set up once)
+    # identical calls of a turn share one answer only where the code is known to be deterministic
+    dedupe = cfg.dedupe_tool_calls == "on" or (cfg.dedupe_tool_calls == "auto"
+                                               and all(p["data_source"].startswith("toy") for p in prompts))
+    call_tools = tools.tool_runner(cfg, seed, dedupe)  # the tool as cfg sets it up (the sandbox is set up once)
     if seed is not None:
         torch.manual_seed(seed)
     trajs = []
@@ -512,9 +525,9 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model, args.chat_template)
     chat_template.check_declares_tool(tokenizer, tools.TOOL_SCHEMA, args.model)
     backend = resolve_backend(args.backend)
-    engine = (make_vllm_engine(args.model, seed=args.seed) if backend == "vllm"
-              else load_model(args.model, seed=args.seed))
-    prompts = load_prompts(args.data, args.num_prompts, seed=args.seed)
+    engine = (make_vllm_engine(args.model, seed=args.seed, kv_cache_gb=args.vllm_kv_cache_gb)
+              if backend == "vllm" else load_model(args.model, seed=args.seed))
+    prompts = load_prompts(args.data, args.num_prompts, seed=args.seed, wrapper_choice=args.wrapper_choice)
     counts = Counter()
     t0 = time.time()
     trajs = rollout(engine, tokenizer, prompts, args.n_samples, args, seed=args.seed,

@@ -36,8 +36,14 @@ Deviations from the reference trainer, on purpose:
     of token t-1, so it skips the first token of every assistant turn and trains the token after its
     closing newline (verl/trainer/fsdp_sft_trainer.py);
   - the "\\n" after an assistant's <|im_end|> is not trained (m = 0): a rollout never generates it
-    (generation stops at <|im_end|>, rollout.py appends it as part of the tool segment);
-  - loss is a token mean over the whole optimizer batch, not a mean of per-micro-batch means.
+    (generation stops at <|im_end|>; with the default --tool_junction template, rollout.py appends it as part
+    of the tool segment). The reference trains it (multiturn_sft_dataset.py renders each assistant message
+    with the template, newline included, under mask 1), and its rollouts leave it out (docs/deviations.md
+    rows 15, 16);
+  - loss is a token mean over the whole optimizer batch, not a mean of per-micro-batch token means
+    (--loss_agg micro: the reference's);
+  - warmup multiplies the peak lr by (step + 1) / W, where the reference's scheduler uses step / W and runs
+    its first optimizer step at lr 0 (--warmup_from_zero: the reference's).
 
 Reference values (real models): lr 1e-5, AdamW (0.9, 0.95), weight decay 0.01, grad clip 1.0,
 cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocast (always on a GPU).
@@ -95,6 +101,10 @@ class Config:
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "max gradient norm")
     warmup_frac: float = arg(0.1, "linear warmup, fraction of all steps; cosine decay to 0 after")
+    warmup_from_zero: bool = arg(False, "warmup multiplier step / W (the first step at lr 0), as the reference's "
+                                        "scheduler; default (step + 1) / W")
+    loss_agg: str = arg("batch", "batch: one token mean over the whole optimizer batch | micro: the mean of "
+                                 "per-micro-batch token means, as the reference's SFT trainer")
     grad_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     # run
     out_dir: str = arg("runs/sft-student", "checkpoints, metrics.jsonl and final/ go here")
@@ -237,6 +247,19 @@ def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]
     return examples
 
 
+def micro_batch_loss(logprobs, label_mask, loss_agg: str, batch_tokens: int, parts: int):
+    """This micro-batch's share of the optimizer batch's loss; the shares of all micro-batches of all ranks
+    add up to the loss. logprobs, label_mask: [b, T-1].
+      batch: its summed NLL over the label tokens of the whole batch (one token mean over the batch);
+      micro: its own token mean over `parts`, the number of micro-batches on all ranks (the reference's
+             fsdp_sft_trainer: a token mean per micro-batch and rank, divided by the micro-batch count, the
+             gradients averaged over ranks)."""
+    nll = -(logprobs * label_mask).sum()
+    if loss_agg == "micro":
+        return nll / label_mask.sum().clamp(min=1) / parts
+    return nll / batch_tokens
+
+
 def collate(batch, pad_id, device):
     """[B, T] ids and attention mask, and the loss mask in label space [B, T-1].
     NOTE: the logit at position t predicts token t+1, so it is weighted by the mask of token t+1
@@ -246,10 +269,12 @@ def collate(batch, pad_id, device):
 
 # -----------------------------------------------------------------------------
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the peak lr: linear warmup, then cosine down to 0."""
+def cosine_lr(step: int, total: int, warmup: int, from_zero: bool = False) -> float:
+    """Multiplier of the peak lr: linear warmup, then cosine down to 0. The warmup reaches 1 at step W - 1;
+    from_zero gives the reference's step / W (verl/utils/torch_functional.py:
+    get_cosine_schedule_with_warmup), 0 at the first step and 1 at step W."""
     if step < warmup:
-        return (step + 1) / warmup
+        return (step if from_zero else step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -265,6 +290,8 @@ def main(cfg: Config):
         if cfg.eval_prompts not in (0, Config.eval_prompts):
             raise SystemExit("--eval_prompts is not used with --data other than toy "
                              "(the held-out check is the toy's)")
+    if cfg.loss_agg not in ("batch", "micro"):
+        raise SystemExit(f"--loss_agg must be batch or micro, not {cfg.loss_agg!r}")
     d, device = dist.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
     tokenizer = models.load_tokenizer(cfg.model, cfg.chat_template)
     examples = load_sft_examples(cfg, tokenizer)
@@ -279,7 +306,8 @@ def main(cfg: Config):
                              params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay))
     model, optimizer = run.model, run.optimizer
     warmup = int(cfg.warmup_frac * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr(s, total_steps, warmup, cfg.warmup_from_zero))
     if run.state is not None:
         scheduler.load_state_dict(run.state["scheduler"])
 
@@ -300,8 +328,7 @@ def main(cfg: Config):
                 input_ids, attention_mask, label_mask = collate(part, tokenizer.pad_token_id, device)
                 # [b, T-1], bf16 autocast on GPU
                 logprobs = rollout.token_logprobs(model, input_ids, attention_mask)
-                # this part's share of the whole batch's token mean
-                loss = -(logprobs * label_mask).sum() / batch_tokens
+                loss = micro_batch_loss(logprobs, label_mask, cfg.loss_agg, batch_tokens, n_micro * d.world)
                 # FSDP averages gradients over ranks: x world makes the average a sum
                 (loss * d.world).backward()
                 loss_sum += loss.item()

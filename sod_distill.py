@@ -46,7 +46,7 @@ their SOD script runs).
     python sod_distill.py --student runs/sft-0.6b/final --teacher youngzhong/SOD-GRPO_teacher-4B \\
         --data Open-AgentRL-30K.parquet --backend vllm --steps 470 --prompts_per_step 64 --n_samples 16 \\
         --lr 1e-6 --max_prompt_tokens 2560 --max_response_tokens 20480 --overlong_buffer 1024 \\
-        --micro_batch_size 4 --teacher_offload
+        --micro_batch_size 4 --teacher_offload --tool_junction reference   # the released teacher's junction
 """
 import copy
 import json
@@ -62,7 +62,7 @@ import grpo
 import rollout
 from common import dist, models
 from common.cli import arg, not_a_flag, run_script
-from common.data import write_jsonl
+from common.data import as_messages, with_user_text, write_jsonl
 
 log = logging.getLogger("sod")
 MODES = ("sod", "opd", "gated", "opsd_gt", "opsd_hint")
@@ -146,13 +146,16 @@ def distill_advantages(mode: str, grpo_adv, student_logprobs, teacher_logprobs, 
 # -----------------------------------------------------------------------------
 # The teacher's view: the same response ids, behind the student's prompt or a privileged one
 
-def privileged_prompt(prompt: dict, mode: str) -> str:
-    """opsd_* teachers see extra text in the user turn (inferred definition, see the docstring)."""
+def privileged_prompt(prompt: dict, mode: str) -> list[dict]:
+    """The prompt's messages, with extra text at the end of its user message for the opsd_* teachers (an
+    inferred definition, see the docstring)."""
     if mode == "opsd_gt":
-        return prompt["prompt"] + f"\n(The correct final answer is {prompt['ground_truth']}.)"
-    if not prompt.get("hint"):
+        extra = f"\n(The correct final answer is {prompt['ground_truth']}.)"
+    elif not prompt.get("hint"):
         raise SystemExit("--mode opsd_hint needs a `hint` column in the data rows (the toy rows carry one)")
-    return prompt["prompt"] + f"\n(Hint: {prompt['hint']}.)"
+    else:
+        extra = f"\n(Hint: {prompt['hint']}.)"
+    return with_user_text(as_messages(prompt["prompt"]), lambda text: text + extra)
 
 
 @torch.no_grad()

@@ -24,7 +24,8 @@ Where this departs from the authors' code (docs/deviations.md):
     "reference" heuristic turns `x = 5` into `print(x = 5)`;
   - a process killed by a signal gets "Process killed by signal SIGSEGV" appended (the reference shows "");
   - code_scoring="fixed" (default) reads the text after the LAST </think>, does not turn "\\n" escapes into
-    newlines, and grades a function problem whose tests come as an object; "reference" keeps their bugs;
+    newlines, grades a function problem whose tests come as an object, and calls its function where it stands
+    (not moved into class Solution); "reference" keeps their bugs;
   - tool_shaping="reference" reproduces what the reference computes (-1.1 for every wrong answer); "turns"
     is what it meant to compute;
   - a `timeout` argument of a tool call is honoured up to the configured timeout (the reference has no cap).
@@ -206,19 +207,20 @@ class Reply(NamedTuple):
     sandbox_failure: bool = False   # the sandbox failed, not the code (the toy's flaky sandbox, toy/flaky.py)
 
 
-def tool_runner(cfg, seed: int | None = None):
+def tool_runner(cfg, seed: int | None = None, dedupe: bool = False):
     """The tool as a rollout calls it, set up by a RolloutConfig: a turn's calls grouped per trajectory in,
-    one Reply per trajectory out, every call of the turn run in parallel. With cfg.dedupe_tool_calls, identical
-    calls of a turn (the n samples of a prompt often write the same code) run once and share the answer: exact
-    for deterministic code. The toy's --tool_failure_rate wraps it in a sandbox that fails now and then."""
+    one Reply per trajectory out, every call of the turn run in parallel. With `dedupe`, identical calls of a
+    turn (the n samples of a prompt often write the same code) run once and share the answer: exact only for
+    deterministic code (the authors run every call). The toy's --tool_failure_rate wraps it in a sandbox that
+    fails now and then."""
     def call(groups: list[list[dict]]) -> list[Reply]:
         flat = [c for calls in groups for c in calls]
         keys = [json.dumps(c, sort_keys=True) for c in flat]
-        unique = dict(zip(keys, flat)) if cfg.dedupe_tool_calls else dict(enumerate(flat))
+        unique = dict(zip(keys, flat)) if dedupe else dict(enumerate(flat))
         texts = dict(zip(unique, run_tool_calls(list(unique.values()), timeout=cfg.tool_timeout,
                                                 memory_mb=cfg.tool_memory_mb, autoprint=cfg.autoprint,
                                                 max_output_chars=cfg.max_tool_response_chars)))
-        answers = [texts[k] for k in (keys if cfg.dedupe_tool_calls else range(len(flat)))]
+        answers = [texts[k] for k in (keys if dedupe else range(len(flat)))]
         starts = [0, *itertools.accumulate(len(calls) for calls in groups)]
         return [Reply(answers[a:b]) for a, b in zip(starts, starts[1:])]
     if cfg.tool_failure_rate > 0:

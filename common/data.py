@@ -1,17 +1,19 @@
 """
 common/data.py: data files and the authors' prompt wrappers.
 
-`load_rows` reads a .jsonl / .json / .parquet file; `wrap_prompt` turns one row into the user prompt the
-authors' reward module builds for it (recipe/demystify/reward.py), byte for byte; `load_prompts` gives the
-RL and evaluation prompts of a file or of the toy task; `drop_long_prompts` is the authors'
-filter_overlong_prompts. The toy generator itself lives in toy/task.py.
+`load_rows` reads a .jsonl / .json / .parquet file; `wrap_prompt` turns one row into the chat messages the
+authors' dataset builds for it (recipe/demystify/reward.py: CustomRLHFDataset), byte for byte; `load_prompts`
+gives the RL and evaluation prompts of a file or of the toy task; `drop_long_prompts` is the authors'
+filter_overlong_prompts. A prompt is a list of chat messages (the row's own list, with the wrapper's text in
+its user message), rendered with the tool declared by rollout.render_prompt_ids. The toy generator itself
+lives in toy/task.py.
 """
 import json
 import logging
 from collections import Counter
 from pathlib import Path
 
-from common.code_tests import check_code_tests
+from common.code_tests import check_code_tests, read_code_tests
 
 log = logging.getLogger("data")
 
@@ -42,49 +44,90 @@ def _maybe_json(x):
     return json.loads(x) if isinstance(x, str) and x[:1] in "{[" else x
 
 
-def wrap_prompt(row: dict) -> tuple[str, str, object]:
-    """One data row -> (user prompt text, data_source, ground truth), wrapped as the reference does.
+def as_messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a plain string is one user message."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
-    The wrapper follows the row's data_source, as recipe/demystify/reward.py chooses it (per row here, not
-    from the file's first row: docs/deviations.md); the columns decide only where data_source is missing.
-    Layouts: the RL schema (prompt / data_source / reward_model), AIME (Problem/Answer or problem/answer),
-    GPQA (problem/solution/domain), LiveCodeBench (problem + reward_model as a JSON string).
-    """
+
+def with_user_text(messages: list[dict], edit) -> list[dict]:
+    """A copy of the messages whose first user message reads edit(its content): where the wrappers, and the
+    opsd teachers' privileged text, go."""
+    out = [dict(m) for m in messages]
+    for m in out:
+        if m.get("role") == "user":
+            m["content"] = edit(m["content"])
+            return out
+    raise ValueError("the prompt has no user message")
+
+
+def wrapper_for(row: dict) -> str:
+    """Which of the authors' map functions (recipe/demystify/reward.py) wraps a row, by its data_source (by its
+    columns only where it has none): toy (none), units (map_fn2), skywork (map_fn_skywork), aime (map_fn),
+    gpqa (map_fn_gpqa) or lcb (map_lcb)."""
     source = str(row.get("data_source") or "")
-    reward_model = _maybe_json(row.get("reward_model")) or {}
-    if "prompt" in row:  # RL schema: a chat list with one user message
-        prompt = _maybe_json(row["prompt"])
-        stored = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
-        truth = reward_model.get("ground_truth")
-        if source.startswith("toy"):
-            return stored, source, truth
-        if source in ("math_dapo", "mega-science"):
-            return stored + NOUNITS_A, source, truth
-        if "code" in source:
-            return stored + AGENT + CODE_SUFFIX, source, truth
-        return MATH1 + stored + MATH2 + AGENT + ANSFMT + NOUNITS_B, source, truth
     columns = set(row)
+    if "prompt" in row:  # the RL schema
+        if source.startswith("toy"):
+            return "toy"
+        return "units" if source in ("math_dapo", "mega-science") else "skywork"
     if source in ("AIME2024", "AIME2025") or (not source and ({"Problem", "Answer"} <= columns or
                                                                {"problem", "answer"} <= columns)):
-        problem, answer = ((row["Problem"], row["Answer"]) if "Problem" in row
-                           else (row["problem"], row["answer"]))
-        return MATH1 + problem + MATH2 + AGENT + ANSFMT, source or "AIME", str(answer)
+        return "aime"
     if source == "gpqa_diamond" or (not source and {"problem", "solution", "domain"} <= columns):
-        text = (f"Analyze and solve the following {row['domain']} problem step by step. \n\n" + row["problem"]
-                + MATH2 + AGENT + ANSFMT
-                + "\n Here you need to put the final uppercase letter option of this problem into \\boxed{}")
-        return text, source or "gpqa_diamond", str(row["solution"])
-    if source == "LiveCodeBench_v6" or (not source and "problem" in row and reward_model):
-        # the "examples" are the scoring tests, as in the authors' prompt (docs/deviations.md)
-        truth = _maybe_json(reward_model["ground_truth"])
-        examples = ("\nHere are some input and output examples of the expected code:\nInput:"
-                    + str(truth["inputs"]) + "\nOutput:\n" + str(truth["outputs"]))
-        return (LCB_START + row["problem"] + examples + AGENT + LCB_CODEP + CODE_SUFFIX,
-                source or "LiveCodeBench_v6", truth)
+        return "gpqa"
+    if source == "LiveCodeBench_v6" or (not source and "problem" in row and row.get("reward_model")):
+        return "lcb"
     raise ValueError(f"data_source {source!r} with columns {sorted(row)} matches no prompt wrapper; "
                      "expected one of: [prompt, data_source, reward_model] (RL), "
                      "AIME2024/AIME2025 [Problem, Answer] or [problem, answer], "
                      "gpqa_diamond [problem, solution, domain], LiveCodeBench_v6 [problem, reward_model]")
+
+
+def wrap_prompt(row: dict, wrapper: str | None = None) -> tuple[list[dict], str, object]:
+    """One data row -> (chat messages, data_source, ground truth), wrapped as the authors' dataset wraps it.
+
+    `wrapper` (a name of wrapper_for) defaults to the row's own; the authors take the one of a file's first
+    row for every row (docs/deviations.md row 8, --wrapper_choice file). A row in the RL schema keeps its whole
+    message list, the wrapper's text going into its user message; the evaluation layouts (AIME: Problem/Answer
+    or problem/answer; GPQA: problem/solution/domain; LiveCodeBench: problem + reward_model as a JSON string)
+    become one user message, as in the authors' map functions.
+    """
+    wrapper = wrapper or wrapper_for(row)
+    source = str(row.get("data_source") or "")
+    reward_model = _maybe_json(row.get("reward_model")) or {}
+    if wrapper in ("toy", "units", "skywork"):
+        if "prompt" not in row:
+            raise ValueError(f"the {wrapper} wrapper reads a `prompt` column, and this row has none")
+        messages = as_messages(_maybe_json(row["prompt"]))
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
+            raise ValueError("`prompt` must be a string or a list of chat messages")
+        truth = reward_model.get("ground_truth")
+        if wrapper == "toy":
+            return [dict(m) for m in messages], source, truth
+        if wrapper == "units":
+            return with_user_text(messages, lambda text: text + NOUNITS_A), source, truth
+        if "code" in source:
+            return with_user_text(messages, lambda text: text + AGENT + CODE_SUFFIX), source, truth
+        return (with_user_text(messages, lambda text: MATH1 + text + MATH2 + AGENT + ANSFMT + NOUNITS_B),
+                source, truth)
+    if wrapper == "aime":
+        problem, answer = ((row["Problem"], row["Answer"]) if "Problem" in row
+                           else (row["problem"], row["answer"]))
+        return as_messages(MATH1 + problem + MATH2 + AGENT + ANSFMT), source or "AIME", str(answer)
+    if wrapper == "gpqa":
+        text = (f"Analyze and solve the following {row['domain']} problem step by step. \n\n" + row["problem"]
+                + MATH2 + AGENT + ANSFMT
+                + "\n Here you need to put the final uppercase letter option of this problem into \\boxed{}")
+        return as_messages(text), source or "gpqa_diamond", str(row["solution"])
+    if wrapper == "lcb":
+        # the "examples" are the scoring tests, as in the authors' prompt (docs/deviations.md row 7); str() of
+        # tests stored as a string of a list shows that string, as theirs does
+        truth = read_code_tests(reward_model["ground_truth"])
+        examples = ("\nHere are some input and output examples of the expected code:\nInput:"
+                    + str(truth["inputs"]) + "\nOutput:\n" + str(truth["outputs"]))
+        return (as_messages(LCB_START + row["problem"] + examples + AGENT + LCB_CODEP + CODE_SUFFIX),
+                source or "LiveCodeBench_v6", truth)
+    raise ValueError(f"unknown prompt wrapper {wrapper!r}")
 
 
 def load_rows(path: str) -> list[dict]:
@@ -149,22 +192,34 @@ def toy_steps_range(text: str) -> tuple[int, int]:
     return low, high
 
 
-def load_prompts(path: str, n: int | None = None, seed: int = 0, toy_steps: str = "2-4") -> list[dict]:
-    """RL / eval prompts as {"prompt", "data_source", "ground_truth", "hint", "id"}; "toy[:split]" builds a
-    toy split (train, eval, valid) of problems needing `toy_steps` dependent calls. Malformed rows are skipped
-    and counted; rows of a data_source no grader knows are counted and graded as math."""
+def load_prompts(path: str, n: int | None = None, seed: int = 0, toy_steps: str = "2-4",
+                 wrapper_choice: str = "row") -> list[dict]:
+    """RL / eval prompts as {"prompt" (chat messages), "data_source", "ground_truth", "hint", "id"};
+    "toy[:split]" builds a toy split (train, eval, valid) of problems needing `toy_steps` dependent calls.
+    wrapper_choice "row" wraps each row by its own data_source, "file" every row by the first row's, as the
+    authors' loader does. Malformed rows are skipped and counted by reason (code problems whose tests the
+    authors' grader cannot read among them); rows of a data_source no grader knows are counted and graded as
+    math."""
     if path.startswith("toy"):
         from toy import task
         split = path.split(":")[1] if ":" in path else "train"
         rows = task.rl_rows(n or 256, split=split, seed=seed, steps=toy_steps_range(toy_steps))
     else:
         rows = load_rows(path)
+    if wrapper_choice not in ("row", "file"):
+        raise ValueError(f"unknown wrapper_choice {wrapper_choice!r}")
+    wrapper = None
+    if wrapper_choice == "file" and rows:
+        try:  # CustomRLHFDataset._read_files_and_tokenize: the map function of dataframe['data_source'][0]
+            wrapper = wrapper_for(rows[0]) if isinstance(rows[0], dict) else None
+        except ValueError as e:
+            raise SystemExit(f"{path}: --wrapper_choice file takes the first row's wrapper: {e}") from None
     out, bad, unknown = [], Counter(), Counter()
     for i, row in enumerate(rows):
         try:
             if not isinstance(row, dict):
                 raise ValueError(f"a row must be an object, not a {type(row).__name__}")
-            text, source, truth = wrap_prompt(row)
+            messages, source, truth = wrap_prompt(row, wrapper)
             if truth is None:
                 raise ValueError("no ground truth")
             if "code" in source.lower():
@@ -176,10 +231,11 @@ def load_prompts(path: str, n: int | None = None, seed: int = 0, toy_steps: str 
             continue
         if source not in KNOWN_SOURCES and "code" not in source.lower():
             unknown[source] += 1
-        out.append({"prompt": text, "data_source": source, "ground_truth": truth, "hint": row.get("hint"),
+        out.append({"prompt": messages, "data_source": source, "ground_truth": truth, "hint": row.get("hint"),
                     "id": row.get("id", i)})
     if bad:
-        log.warning("%s: skipped %d malformed rows (%s)", path, sum(bad.values()), dict(bad))
+        log.warning("%s: skipped %d malformed rows (%s)", path, sum(bad.values()),
+                    "; ".join(f"{count} x {why}" for why, count in bad.most_common()))
     if unknown:
         log.warning("%s: %d rows have a data_source without a grader of its own (%s): graded as math with "
                     "the strict box, as the authors' reward does for every source without 'code'",
@@ -191,10 +247,10 @@ def load_prompts(path: str, n: int | None = None, seed: int = 0, toy_steps: str 
 
 
 def drop_long_prompts(prompts: list[dict], tokenizer, max_tokens: int, name: str = "") -> list[dict]:
-    """The reference's filter_overlong_prompts: the user turn rendered by the chat template with the
+    """The reference's filter_overlong_prompts: the prompt's messages rendered by the chat template with the
     generation prompt, *without* the tools block, must fit in max_tokens."""
     def length(p):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
+        text = tokenizer.apply_chat_template(as_messages(p["prompt"]), tokenize=False,
                                              add_generation_prompt=True)
         return len(tokenizer.encode(text, add_special_tokens=False))
     kept = [p for p in prompts if length(p) <= max_tokens]

@@ -128,3 +128,26 @@ def test_no_full_vocabulary_float32_tensor_over_the_batch(monkeypatch):
         with torch.no_grad():
             rollout.token_logprobs(model, ids, att, max_chunk_tokens=512, with_entropy=True)
     assert max(biggest) <= 512 < B * (T - 1)
+
+
+def reference_filter_groups(rewards, uids):
+    """verl/trainer/ppo/ray_trainer.py: _apply_filter_groups with metric seq_reward, re-typed."""
+    values, indices = defaultdict(list), defaultdict(list)
+    for i, (uid, value) in enumerate(zip(uids, rewards)):
+        values[uid].append(value)
+        indices[uid].append(i)
+    keep = []
+    for uid, vals in values.items():
+        if len(vals) == 1 or torch.std(torch.tensor(vals), unbiased=False) > 0:
+            keep.extend(indices[uid])
+    return list(range(len(uids))) if len(keep) in (0, len(uids)) else sorted(keep)
+
+
+@pytest.mark.parametrize("rewards, groups", [
+    ([1.0, 1.0, 0.0, 1.0, 0.5], [0, 0, 1, 1, 2]),     # a group of one is kept
+    ([1.0, 1.0, 0.0, 0.0], [0, 0, 1, 1]),            # no group carries signal: the whole step is kept
+    ([0.2, 0.3, 0.2, 0.2, 0.9, 0.1], [3, 3, 1, 1, 2, 2]),
+])
+def test_dynamic_sampling_keeps_what_the_authors_filter_keeps(rewards, groups):
+    assert (grpo.dynamic_sampling_keep(torch.tensor(rewards), torch.tensor(groups))
+            == reference_filter_groups(rewards, groups))

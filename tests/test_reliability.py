@@ -2,10 +2,10 @@
 checkpoints.
 
 The kill harness SIGKILLs a stage inside every file operation of a checkpoint save (tests/stage_driver.py
-counts them) and at random instants, resumes it, and compares the result with an uninterrupted run: weights
-and every non-timing metric must be bit-identical. The CI version covers every file operation of one save of
-sft.py and a random kill of grpo.py (with the KL penalty) and sod_distill.py; SOD_LONG_KILL_HARNESS=1 runs
-every file operation of every stage and many random kills.
+counts them) and at random instants (seeded, the same in every run), resumes it, and compares the result with
+an uninterrupted run: weights and every non-timing metric must be bit-identical. The CI version covers every
+file operation of one save of sft.py and two random kills of grpo.py (with the KL penalty) and sod_distill.py;
+SOD_LONG_KILL_HARNESS=1 runs every file operation of every stage and more random kills.
 """
 import json
 import math
@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -98,35 +99,60 @@ def test_a_kill_inside_any_file_operation_of_a_save_loses_nothing_and_resumes_ex
         assert_same_outcome(tmp_path / "straight", out)
 
 
-def rl(name, start, *extra):
+def rl(name, start, *extra, steps=3):
     models = (["--model", start / "student" / "final"] if name == "grpo" else
               ["--student", start / "student" / "final", "--teacher", start / "teacher" / "final"])
-    return [name, *models, "--steps", 3, "--prompts_per_step", 2, "--n_samples", 4,
+    return [name, *models, "--steps", steps, "--prompts_per_step", 2, "--n_samples", 4,
             "--max_response_tokens", 48, "--overlong_buffer", 48, "--eval_every", 0, "--eval_prompts", 2,
             "--eval_n", 1, "--save_every", 1, *extra]
 
 
 RANDOM_KILLS = ([("grpo", ["--kl_coef", "0.1"]), ("sod", [])]
                 + ([("grpo", []), ("sod", ["--kl_coef", "0.1"])] if LONG else []))
+# a kill lands within the step after checkpoint k, for k up to steps - 2: at least a whole step before final/
+RANDOM_KILL_STEPS = 8 if LONG else 4
+
+
+def driver(args, out_dir: Path, *extra) -> subprocess.Popen:
+    """A stage started in the background, its output appended to out_dir.log."""
+    with open(f"{out_dir}.log", "a") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, DRIVER, *map(str, args), "--out_dir", str(out_dir), *extra],
+                                cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=log)
+
+
+def wait_for_checkpoint(proc, out_dir: Path, step: int) -> float:
+    """Seconds until checkpoint `step` (or a later one) of a running stage is complete."""
+    t0 = time.time()
+    while latest_step(out_dir) < step:
+        assert proc.poll() is None, (f"the run ended (exit {proc.returncode}) before checkpoint {step}:\n"
+                                     + Path(f"{out_dir}.log").read_text()[-3000:])
+        time.sleep(0.02)
+    return time.time() - t0
 
 
 @pytest.mark.parametrize("name, extra", RANDOM_KILLS)
 def test_random_kills_of_an_rl_run_resume_to_the_same_result(start, tmp_path, name, extra):
-    args = rl(name, start, *extra)
-    t0 = time.time()
-    stage(*args, "--out_dir", tmp_path / "straight")
-    duration = time.time() - t0
-    rng = random.Random(hash((name, tuple(extra))) % 1000)
-    out = tmp_path / "killed"
-    for attempt in range(20 if LONG else 2):
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.Popen([sys.executable, DRIVER, *map(str, args), "--out_dir", str(out), "--resume"],
-                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.0) * duration)
+    """The run is killed at random instants, each after its first checkpoint and before final/ (a kill before
+    the first save would compare two fresh runs), and resumed; the result equals an uninterrupted run's."""
+    steps = RANDOM_KILL_STEPS
+    args = rl(name, start, *extra, steps=steps)
+    straight = driver(args, tmp_path / "straight")
+    done = [wait_for_checkpoint(straight, tmp_path / "straight", k) for k in range(1, steps + 1)]
+    assert straight.wait() == 0
+    step_seconds = min(done[1:])  # the shortest step, from one checkpoint to the next
+    rng = random.Random(zlib.crc32(f"{name} {' '.join(extra)}".encode()))  # the same instants in every run
+    out, kills = tmp_path / "killed", 0
+    while (resumed_from := latest_step(out)) + 1 <= steps - 2 and kills < (steps - 2 if LONG else 2):
+        proc = driver(args, out, "--resume")
+        wait_for_checkpoint(proc, out, resumed_from + 1)
+        time.sleep(rng.uniform(0.0, 1.0) * step_seconds)  # somewhere in the next step, its save included
+        assert proc.poll() is None, "the run ended before its kill"
         proc.kill()
         proc.wait()
-        if (out / "final" / "config.json").exists():
-            break
+        kills += 1
+        assert latest_step(out) >= 1 and not (out / "final").exists(), \
+            f"kill {kills} did not land between the first checkpoint and final/"
+    assert kills >= 1
     stage(*args, "--out_dir", out, "--resume")
     assert_same_outcome(tmp_path / "straight", out)
 

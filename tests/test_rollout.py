@@ -204,6 +204,19 @@ def test_malformed_and_unknown_tool_calls_follow_the_reference(tok):
     assert "Error when executing tool" in t.text and t.num_tool_errors == 1 and t.acc
 
 
+@pytest.mark.parametrize("source, dedupe, shared", [("toy_arith", "auto", True), ("math_dapo", "auto", False),
+                                                    ("math_dapo", "on", True), ("toy_arith", "off", False)])
+def test_identical_tool_calls_share_an_answer_only_where_the_code_is_deterministic(tok, source, dedupe,
+                                                                                   shared):
+    """auto: the toy's arithmetic runs once per distinct call of a turn; other data runs every call, as the
+    authors do (here: four samples sending the same unseeded random draw)."""
+    engine, _ = scripted(tok, [call_text("print(__import__('random').random())"), "\\boxed{1}<|im_end|>"])
+    prompts = [{"prompt": "q", "data_source": source, "ground_truth": "1"}]
+    trajs = rollout.rollout(engine, tok, prompts, 4, rollout.RolloutConfig(dedupe_tool_calls=dedupe))
+    outputs = {tok.decode([i for i, m in zip(t.response_ids, t.response_mask) if m == 0]) for t in trajs}
+    assert len(outputs) == (1 if shared else 4)
+
+
 def test_rollout_of_the_toy_student_with_hf_generate(tok, student):
     prompts = data.load_prompts("toy:eval", 4)
     trajs = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), seed=0)
@@ -246,7 +259,7 @@ def test_prompt_wrappers_are_chosen_per_row():
         {"Problem": "P", "Answer": 7, "data_source": "AIME2024"},
         {"problem": "P", "solution": "B", "domain": "Physics", "data_source": "gpqa_diamond"},
     ]
-    texts = [data.wrap_prompt(r)[0] for r in rows]
+    texts = [user_text(data.wrap_prompt(r)[0]) for r in rows]
     assert texts[0] == "P" + data.NOUNITS_A
     assert texts[1] == "P" + data.AGENT + data.CODE_SUFFIX
     assert texts[2] == (data.MATH1 + "P" + data.MATH2 + data.AGENT + data.ANSFMT
@@ -267,6 +280,63 @@ def test_broken_rows_are_skipped_and_counted(tmp_path, caplog):
     bad.write_text("{not json\n")
     with pytest.raises(SystemExit, match="bad.jsonl:1"):
         data.load_prompts(str(bad))
+
+
+def user_text(messages):
+    """The content of a prompt's user message."""
+    (text,) = [m["content"] for m in messages if m["role"] == "user"]
+    return text
+
+
+SYSTEM = {"role": "system", "content": "You are a careful solver."}
+
+
+def test_prompts_keep_their_messages_and_the_wrapper_edits_the_user_message(tok):
+    row = {"prompt": [SYSTEM, {"role": "user", "content": "What is 1+1?"}], "data_source": "math_dapo",
+           "reward_model": {"ground_truth": "2"}}
+    messages, _, _ = data.wrap_prompt(row)
+    assert messages == [SYSTEM, {"role": "user", "content": "What is 1+1?" + data.NOUNITS_A}]
+    assert row["prompt"][1]["content"] == "What is 1+1?"  # the row itself is left as it was
+    text = tok.decode(rollout.render_prompt_ids(tok, messages))
+    assert "You are a careful solver." in text and json.dumps(tools.TOOL_SCHEMA, ensure_ascii=False) in text
+    assert text.endswith("<|im_start|>user\nWhat is 1+1?" + data.NOUNITS_A + "<|im_end|>\n<|im_start|>assistant\n")
+    # the length filter measures the whole list, as the authors' filter_overlong_prompts does
+    alone = {"prompt": messages[1:]}
+    length = len(tok.encode(tok.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True)))
+    assert data.drop_long_prompts([alone, {"prompt": messages}], tok, length) == [alone]
+
+
+def test_wrapper_choice_file_wraps_every_row_as_the_first(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "M"}], "data_source": "math_dapo",
+             "reward_model": {"ground_truth": "1"}},
+            {"prompt": [{"role": "user", "content": "C"}], "data_source": "skywork_code",
+             "reward_model": {"ground_truth": {"inputs": ["1"], "outputs": ["1"]}}},
+            {"prompt": [{"role": "user", "content": "O"}], "data_source": "other",
+             "reward_model": {"ground_truth": "2"}}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(map(json.dumps, rows)))
+    by_row = [user_text(p["prompt"]) for p in data.load_prompts(str(path))]
+    assert by_row == ["M" + data.NOUNITS_A, "C" + data.AGENT + data.CODE_SUFFIX,
+                      data.MATH1 + "O" + data.MATH2 + data.AGENT + data.ANSFMT + data.NOUNITS_B]
+    by_file = data.load_prompts(str(path), wrapper_choice="file")
+    assert [user_text(p["prompt"]) for p in by_file] == ["M" + data.NOUNITS_A, "C" + data.NOUNITS_A,
+                                                          "O" + data.NOUNITS_A]
+    assert [p["data_source"] for p in by_file] == ["math_dapo", "skywork_code", "other"]  # graders per row
+    path.write_text("\n".join(map(json.dumps, rows[::-1])))  # the first row now selects map_fn_skywork
+    assert ([user_text(p["prompt"]) for p in data.load_prompts(str(path), wrapper_choice="file")]
+            == by_row[::-1][:2] + [data.MATH1 + "M" + data.MATH2 + data.AGENT + data.ANSFMT + data.NOUNITS_B])
+
+
+def test_toy_prompt_ids_are_those_of_its_one_user_message(tok):
+    """A toy row has a single user message: its prompt ids are the ones a prompt of that text alone gets."""
+    rows = task.rl_rows(16, "eval")
+    prompts = data.load_prompts("toy:eval", 16)
+    for row, p in zip(rows, prompts):
+        (message,) = row["prompt"]
+        text = tok.apply_chat_template([{"role": "user", "content": message["content"]}],
+                                       tools=[tools.TOOL_SCHEMA], tokenize=False, add_generation_prompt=True)
+        assert rollout.render_prompt_ids(tok, p["prompt"]) == tok.encode(text, add_special_tokens=False)
+        assert rollout.render_prompt_ids(tok, p["prompt"]) == rollout.render_prompt_ids(tok, message["content"])
 
 
 def test_toy_splits_are_disjoint_and_seeded():
@@ -318,7 +388,8 @@ def test_parquet_files_in_the_real_schemas_load(tmp_path):
                    "reward_model": {"ground_truth": "2"}, "extra_info": {"index": 0},
                    "ability": "math"}]).to_parquet(rl)
     (p,) = data.load_prompts(str(rl))
-    assert p["prompt"] == "What is 1+1?" + data.NOUNITS_A and p["ground_truth"] == "2"
+    assert p["prompt"] == [{"role": "user", "content": "What is 1+1?" + data.NOUNITS_A}]
+    assert p["ground_truth"] == "2"
     aime = tmp_path / "aime.parquet"
     pd.DataFrame([{"Problem": "Find x.", "Answer": 204, "data_source": "AIME2024"}]).to_parquet(aime)
     (p,) = data.load_prompts(str(aime))
@@ -361,12 +432,13 @@ def test_a_gpqa_row_with_an_answer_column_gets_the_gpqa_wrapper():
     # is still a GPQA problem (the AIME layout must not capture it)
     row = {"problem": "P", "answer": "B", "solution": "B", "domain": "Chemistry",
            "data_source": "gpqa_diamond"}
-    text, source, truth = data.wrap_prompt(row)
+    messages, source, truth = data.wrap_prompt(row)
+    text = user_text(messages)
     assert source == "gpqa_diamond" and truth == "B"
     assert text.startswith("Analyze and solve the following Chemistry problem step by step.")
     assert text.endswith("into \\boxed{}")
     aime = {"problem": "P", "answer": 3, "solution": "x", "domain": "Math", "data_source": "AIME2025"}
-    assert data.wrap_prompt(aime)[0] == data.MATH1 + "P" + data.MATH2 + data.AGENT + data.ANSFMT
+    assert user_text(data.wrap_prompt(aime)[0]) == data.MATH1 + "P" + data.MATH2 + data.AGENT + data.ANSFMT
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""sft.py: the assistant-only mask, train-as-you-roll-out ids, bad data, exact resume."""
+"""sft.py: the assistant-only mask, train-as-you-roll-out ids, schedule and loss, bad data, exact resume."""
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -81,6 +82,50 @@ def test_loss_uses_the_label_mask_not_the_previous_token():
     _, _, label_mask = sft.collate([(ids, mask)], 0, "cpu")
     # position t predicts token t+1: the first assistant token (index 2) is trained, the one after (4) is not
     assert label_mask.tolist() == [[0, 1, 1, 0]]
+
+
+def reference_cosine(step, total, warmup, min_lr_ratio=0.0, num_cycles=0.5):
+    """verl/utils/torch_functional.py: get_cosine_schedule_with_warmup's multiplier, re-typed."""
+    if step < warmup:
+        return min_lr_ratio + (1.0 - min_lr_ratio) * (float(step) / float(max(1, warmup)))
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    x = math.cos(math.pi * float(num_cycles) * 2.0 * progress)
+    return max(min_lr_ratio, x * (1 - min_lr_ratio) * 0.5 + (1 + min_lr_ratio) * 0.5)
+
+
+def test_warmup_from_zero_is_the_reference_schedule_and_the_default_starts_one_step_ahead():
+    assert [sft.cosine_lr(s, 100, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [sft.cosine_lr(s, 100, 4, from_zero=True) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for total, warmup in ((100, 10), (23, 2), (7, 0)):
+        ours = [sft.cosine_lr(s, total, warmup, from_zero=True) for s in range(total)]
+        assert ours == pytest.approx([reference_cosine(s, total, warmup) for s in range(total)], abs=1e-12)
+        assert ([sft.cosine_lr(s, total, warmup) for s in range(warmup, total)]
+                == pytest.approx(ours[warmup:], abs=1e-12))  # the same decay after the warmup
+
+
+def test_loss_agg_micro_is_the_mean_of_micro_batch_token_means():
+    g = torch.Generator().manual_seed(0)
+    logprobs = -torch.rand(4, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]],
+                        dtype=torch.float64)
+    parts = [[0], [1, 2, 3]]                # two micro-batches of unequal sizes
+    def total(agg):
+        return sum(sft.micro_batch_loss(logprobs[p], mask[p], agg, int(mask.sum()), len(parts)) for p in parts)
+    token_mean = -(logprobs * mask).sum() / mask.sum()
+    means = [-(logprobs[p] * mask[p]).sum() / mask[p].sum() for p in parts]
+    assert torch.isclose(total("batch"), token_mean) and torch.isclose(total("micro"), sum(means) / 2)
+    assert not torch.isclose(total("micro"), token_mean)
+
+
+def test_the_reference_schedule_and_loss_run_end_to_end(tmp_path):
+    cfg = sft.Config(max_steps=4, warmup_frac=0.5, toy_examples=48, batch_size=16, micro_batch_size=8,
+                     eval_prompts=0, warmup_from_zero=True, loss_agg="micro", out_dir=str(tmp_path / "run"))
+    sft.main(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the lr logged after step k is the next step's: step / W from the first step (lr 0), W = 2
+    assert [r["lr"] for r in rows[:2]] == pytest.approx([0.5 * cfg.lr, cfg.lr])
+    with pytest.raises(SystemExit, match="--loss_agg must be batch or micro"):
+        sft.main(replace(cfg, loss_agg="sum"))
 
 
 @pytest.mark.parametrize("row, problem", [

@@ -98,3 +98,10 @@ def test_pipeline_quick(tmp_path):
     for row in ("teacher SFT", "teacher GRPO", "student SFT", "student GRPO", "student OPD", "student SOD"):
         assert f"| {row} |" in stdout
     assert "| samples that met a failed call (%) |" in stdout and "| the first turn |" in stdout
+
+
+def test_speed_script_runs_at_tiny_sizes():
+    """scripts/speed.py --quick: every measurement of docs/speed.md runs and its two sides agree (its numbers
+    at these sizes mean nothing, and no test asserts a speed)."""
+    stdout = run("scripts/speed.py", "--quick")
+    assert "step weights 4 x 256" in stdout and "tool calls of a turn" in stdout

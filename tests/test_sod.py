@@ -1,7 +1,5 @@
 """The step weights and the SOD advantage, against the authors' loop written out from their code."""
 import json
-import os
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,30 +114,12 @@ def test_step_index_numbers_runs_of_mask_one():
     assert step_index(mask).tolist() == [[0, 1, 1, 0, 2, 0, 0, 3]]
 
 
-def test_step_weights_at_least_100x_faster_than_the_authors_loop_at_64x8192():
-    """The whole chain (step_divergence + step_weights) against the authors' function on all 64 rows, one
-    thread. Prints both timings; the 100x claim is asserted only with SOD_STRICT_TIMING=1 (a busy machine
-    slows either)."""
-    s, t, m = random_case(64, 8192, p_switch=0.01, seed=3)
-    s, t = s.float(), t.float()   # float32 log-probs, as the trainer produces them
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ours_s = float("inf")
-        for _ in range(5):  # best of five
-            t0 = time.perf_counter()
-            ours = weights(s, t, m)
-            ours_s = min(ours_s, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ref = reference_step_weights(s, t, m)
-        ref_s = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.allclose(ours.float(), ref, rtol=1e-5, atol=1e-6)
-    print(f"step weights 64x8192, one thread: ours {ours_s * 1e3:.1f} ms, the authors' loop {ref_s:.2f} s, "
-          f"speed-up {ref_s / ours_s:.0f}x")
-    if os.environ.get("SOD_STRICT_TIMING") == "1":
-        assert ref_s / ours_s >= 100
+def test_step_weights_equal_the_authors_loop_on_float32_log_probs_of_long_rows():
+    """The whole chain (step_divergence + step_weights) on float32 log-probs, as the trainer produces them, at
+    8192 tokens a row. How much faster it is than the authors' loop: python scripts/speed.py."""
+    s, t, m = random_case(8, 8192, p_switch=0.01, seed=3)
+    s, t = s.float(), t.float()
+    assert torch.allclose(weights(s, t, m).float(), reference_step_weights(s, t, m), rtol=1e-5, atol=1e-6)
 
 
 def cfg(**kw):
@@ -263,3 +243,13 @@ def test_a_distillation_step_without_teacher_signal_is_a_grpo_step(start_checkpo
 def test_flags_a_mode_would_ignore_are_rejected(flags, message):
     with pytest.raises(SystemExit, match=message):
         sod_distill.main(sod_distill.Config(**flags))
+
+
+def test_opsd_teachers_read_the_privileged_text_at_the_end_of_the_user_message():
+    system = {"role": "system", "content": "S"}
+    prompt = {"prompt": [system, {"role": "user", "content": "Q"}], "ground_truth": "7", "hint": "add first"}
+    assert sod_distill.privileged_prompt(prompt, "opsd_gt") == [
+        system, {"role": "user", "content": "Q\n(The correct final answer is 7.)"}]
+    hinted = sod_distill.privileged_prompt(prompt, "opsd_hint")
+    assert hinted[1] == {"role": "user", "content": "Q\n(Hint: add first.)"}
+    assert prompt["prompt"][1]["content"] == "Q"

@@ -102,3 +102,30 @@ def test_grpo_step_on_the_vllm_backend(engine_and_model, tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and "eval/toy/avg@1" in rows[0] and "eval/toy/avg@1" in rows[1]
     assert calls and all(e is llm for e in calls) and pushed == [1]
+
+
+class EngineMade(Exception):
+    """Raised by the stubbed engine factory once it has been called: the stage goes no further."""
+
+
+@pytest.mark.parametrize("stage", ["grpo", "sod"])
+def test_the_rl_stages_give_vllm_its_kv_cache_budget(stage, tmp_path, monkeypatch):
+    """--vllm_kv_cache_gb reaches the engine that grpo.py and sod_distill.py build (rollout.make_vllm_engine,
+    stubbed: it records its arguments and stops the run)."""
+    import grpo
+    import sod_distill
+    seen = {}
+
+    def factory(model_path, **kwargs):
+        seen.update(kwargs, model_path=model_path)
+        raise EngineMade
+    monkeypatch.setattr(rollout, "make_vllm_engine", factory)
+    common = dict(backend="vllm", vllm_kv_cache_gb=2.5, out_dir=str(tmp_path / stage), steps=1,
+                  prompts_per_step=2, n_samples=2, toy_prompts=16, seed=3)
+    if stage == "grpo":
+        run, cfg = grpo.main, grpo.Config(model="toy-student", **common)
+    else:
+        run, cfg = sod_distill.main, sod_distill.Config(student="toy-student", teacher="toy-teacher", **common)
+    with pytest.raises(EngineMade):
+        run(cfg)
+    assert seen["model_path"] == "toy-student" and seen["kv_cache_gb"] == 2.5 and seen["seed"] == 3

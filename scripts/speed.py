@@ -1,0 +1,199 @@
+"""
+scripts/speed.py: the speed claims of docs/speed.md, each measured side by side in one run.
+
+  1. Step weights: sod_distill.step_divergence + step_weights against the authors' per-token loop
+     (verl/trainer/ppo/ray_trainer.py: _extract_step_boundaries and compute_stepwise_opd_weights) on the same
+     float32 log-probs, one thread. The loop below is re-typed from their code, statement for statement, its
+     per-sample log included (their code is not copied into this repository). With --authors_repo, their own
+     two functions are read from a checkout of github.com/YoungZ365/SOD and timed as well, so the ratio against
+     their function is printed next to the ratio against the re-typing.
+  2. The sandbox: a tool call alone and 64 at once, on the warm path and on the cold path.
+  3. The tool calls of a turn: 64 at once against one after another.
+Each timing is the best of a few repeats (the authors' loop, slow, runs once at full size). Another job on the
+machine slows every number; the ratios of one run are the figures to read.
+
+    python scripts/speed.py                          # the sizes of docs/speed.md
+    python scripts/speed.py --authors_repo ../SOD    # also their own step-weight function
+    python scripts/speed.py --quick                  # tiny sizes: it runs; the numbers mean nothing
+"""
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import sod_distill  # noqa: E402
+import tools  # noqa: E402
+from common import sandbox  # noqa: E402
+
+
+def best_of(repeats: int, fn) -> tuple[float, object]:
+    """(the shortest wall time of `repeats` calls, the last result)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+# -----------------------------------------------------------------------------
+# 1. step weights
+
+def retyped_step_boundaries(response_mask):
+    """_extract_step_boundaries, re-typed: each row scanned token by token with .item()."""
+    batch_boundaries = []
+    bsz, seq_len = response_mask.shape
+    for i in range(bsz):
+        mask_i = response_mask[i]
+        boundaries, in_segment, seg_start = [], False, 0
+        for t in range(seq_len):
+            if mask_i[t].item() == 1 and not in_segment:
+                seg_start, in_segment = t, True
+            elif mask_i[t].item() == 0 and in_segment:
+                boundaries.append((seg_start, t))
+                in_segment = False
+        if in_segment:
+            boundaries.append((seg_start, seq_len))
+        batch_boundaries.append(boundaries)
+    return batch_boundaries
+
+
+def retyped_step_weights(old_log_probs, ref_log_prob, response_mask, epsilon=1e-6, delta=0.5):
+    """compute_stepwise_opd_weights, re-typed: d_k per step from .item() sums, a running product of ratios
+    clipped when each step's weight is written, the per-sample log built as theirs is."""
+    bsz, seq_len = response_mask.shape
+    abs_logprob_diff = (old_log_probs - ref_log_prob).abs()
+    batch_boundaries = retyped_step_boundaries(response_mask)
+    weight_mask = torch.zeros_like(response_mask, dtype=torch.float32)
+    log_info = []
+    for i in range(bsz):
+        boundaries = batch_boundaries[i]
+        if len(boundaries) == 0:
+            log_info.append({"n_steps": 0, "d_values": [], "w_values": [], "n_tokens_per_step": [],
+                             "boundaries": []})
+            continue
+        d_values, n_tokens_per_step = [], []
+        for start, end in boundaries:
+            step_diff = abs_logprob_diff[i, start:end]
+            step_mask = response_mask[i, start:end]
+            n_tokens = step_mask.sum().item()
+            d_values.append((step_diff * step_mask).sum().item() / n_tokens if n_tokens > 0 else 0.0)
+            n_tokens_per_step.append(int(n_tokens))
+        K = len(d_values)
+        w_values = [1.0]
+        if K > 1:
+            cum_prod = 1.0
+            for u in range(K - 1):
+                cum_prod *= (d_values[u] + epsilon) / (d_values[u + 1] + epsilon)
+                w_values.append(min(cum_prod, 1.0 + delta))
+        for k, (start, end) in enumerate(boundaries):
+            weight_mask[i, start:end] = w_values[k]
+        log_info.append({"n_steps": K, "d_values": d_values, "w_values": w_values,
+                         "n_tokens_per_step": n_tokens_per_step, "boundaries": list(boundaries)})
+    return weight_mask, log_info
+
+
+def authors_step_weights(repo: str):
+    """Their compute_stepwise_opd_weights, read from their file (the two functions only: the module itself
+    imports Ray and the rest of verl)."""
+    path = Path(repo) / "verl" / "trainer" / "ppo" / "ray_trainer.py"
+    if not path.is_file():
+        raise SystemExit(f"--authors_repo: no {path} (a checkout of github.com/YoungZ365/SOD is expected)")
+    wanted = ("_extract_step_boundaries", "compute_stepwise_opd_weights")
+    tree = ast.parse(path.read_text())
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in wanted]
+    namespace = {"torch": torch}
+    exec(compile(ast.Module(body=functions, type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["compute_stepwise_opd_weights"]
+
+
+def random_batch(B: int, T: int, p_switch: float, seed: int = 3):
+    """float32 log-probs of a student and a teacher, and a response mask of runs of 1s and 0s."""
+    g = torch.Generator().manual_seed(seed)
+    flips = torch.rand(B, T, generator=g) < p_switch
+    mask = ((torch.cumsum(flips.long(), dim=1) + torch.randint(0, 2, (B, 1), generator=g)) % 2).float()
+    return -torch.rand(B, T, generator=g) * 3, -torch.rand(B, T, generator=g) * 3, mask
+
+
+def bench_step_weights(B: int, T: int, repeats: int, authors_repo: str):
+    student, teacher, mask = random_batch(B, T, p_switch=0.01)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def ours():
+            step_id, d = sod_distill.step_divergence(student, teacher, mask)
+            return sod_distill.step_weights(d, step_id, 1e-6, 0.2)
+        ours_s, w = best_of(repeats, ours)
+        retyped_s, (w_retyped, _) = best_of(1, lambda: retyped_step_weights(student, teacher, mask, 1e-6, 0.2))
+        theirs = authors_step_weights(authors_repo) if authors_repo else None
+        if theirs is not None:
+            theirs_s, (w_theirs, _) = best_of(1, lambda: theirs(student, teacher, mask, 1e-6, 0.2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(w.float(), w_retyped, rtol=1e-5, atol=1e-6), "the re-typed loop disagrees"
+    line = (f"step weights {B} x {T}, one thread: step_divergence + step_weights {ours_s * 1e3:.1f} ms; "
+            f"the re-typed loop {retyped_s:.2f} s ({retyped_s / ours_s:.0f}x)")
+    if theirs is not None:
+        assert torch.allclose(w.float(), w_theirs, rtol=1e-5, atol=1e-6), "their function disagrees"
+        line += f"; the authors' own function {theirs_s:.2f} s ({theirs_s / ours_s:.0f}x)"
+    print(line)
+
+
+# -----------------------------------------------------------------------------
+# 2-3. the sandbox and the tool calls of a turn
+
+def calls(codes):
+    return [{"name": tools.TOOL_NAME, "arguments": {"code": c}} for c in codes]
+
+
+def bench_sandbox(alone: int, burst: int, repeats: int):
+    if sandbox.sandbox_isolation()[0] != "full":
+        print("sandbox: the warm path needs full isolation (root and unshare); skipped")
+        return
+    figures = {}
+    for kind in ("warm", "cold"):
+        sandbox.configure(kind=kind)
+        tools.execute_code("print(57 * 26)")  # the warm pool starts its first worker
+        one, _ = best_of(1, lambda: [tools.execute_code("print(57 * 26)") for _ in range(alone)])
+        batch = calls([f"print(57 * {i})" for i in range(burst)])
+        tools.run_tool_calls(batch)  # ... and the rest of its workers on the first burst
+        at_once, answers = best_of(repeats, lambda: tools.run_tool_calls(batch))
+        assert answers == [f"{57 * i}\n" for i in range(burst)]
+        figures[kind] = (one / alone, at_once)
+    (warm_one, warm_burst), (cold_one, cold_burst) = figures["warm"], figures["cold"]
+    print(f"sandbox, a call alone: warm {warm_one * 1e3:.1f} ms, cold {cold_one * 1e3:.1f} ms "
+          f"({cold_one / warm_one:.1f}x); {burst} at once: warm {warm_burst:.2f} s, cold {cold_burst:.2f} s "
+          f"({cold_burst / warm_burst:.1f}x)")
+
+
+def bench_parallel_calls(n: int, work: int, repeats: int):
+    sandbox.configure(kind="warm")
+    codes = [f"print(sum(range({work})) + {i})" for i in range(n)]
+    tools.run_tool_calls(calls(codes))  # workers started before either timing
+    one_by_one, sequential = best_of(repeats, lambda: [tools.execute_code(c) for c in codes])
+    together, parallel = best_of(repeats, lambda: tools.run_tool_calls(calls(codes)))
+    assert parallel == sequential
+    print(f"{n} tool calls of a turn: one after another {one_by_one:.2f} s, at once {together:.2f} s "
+          f"({one_by_one / together:.1f}x)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every part runs")
+    parser.add_argument("--authors_repo", default="", help="a checkout of github.com/YoungZ365/SOD, to time "
+                                                           "their own compute_stepwise_opd_weights too")
+    args = parser.parse_args()
+    if args.quick:
+        bench_step_weights(4, 256, 2, args.authors_repo)
+        bench_sandbox(alone=2, burst=4, repeats=1)
+        bench_parallel_calls(4, 10**3, 1)
+    else:
+        bench_step_weights(64, 8192, 5, args.authors_repo)
+        bench_sandbox(alone=20, burst=64, repeats=3)
+        bench_parallel_calls(64, 10**6, 1)

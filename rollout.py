@@ -87,18 +87,16 @@ class RolloutConfig:
                                             "(reference 256)")
     autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression "
                                       "(bare expressions only)")
-    dedupe_tool_calls: str = arg("auto", "identical tool calls of one turn batch run once and share the answer: "
-                                         "auto (on for the toy, whose code is deterministic arithmetic; off for "
-                                         "other data, whose code may draw unseeded random numbers or read the "
-                                         "clock, as the authors run every call) | on | off")
+    dedupe_tool_calls: str = arg("auto", "identical calls of a turn run once: auto (on for the toy's arithmetic, "
+                                         "off for other data, whose code may be random: the authors run each "
+                                         "call) | on | off")
     tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently ('no stdout here'), "
                                         "a toy option")
     # the reward
     math_scoring: str = arg("strict", "math and GPQA answers: strict (the reference's exact last box) "
                                       "| lenient (math-verify's symbolic equivalence)")
-    code_scoring: str = arg("fixed", "code problems: fixed | reference (the authors' </think> split, newline "
-                                     "unescaping, reading of the tests and class Solution wrapping; "
-                                     "docs/deviations.md)")
+    code_scoring: str = arg("fixed", "code problems: fixed | reference (their </think> split, newline unescaping, "
+                                     "test reading and class Solution wrapping; docs/deviations.md)")
     tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) "
                                          "| turns (+0.1 per tool round) | none")
     overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")

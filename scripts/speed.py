@@ -3,10 +3,10 @@ scripts/speed.py: the speed claims of docs/speed.md, each measured side by side 
 
   1. Step weights: sod_distill.step_divergence + step_weights against the authors' per-token loop
      (verl/trainer/ppo/ray_trainer.py: _extract_step_boundaries and compute_stepwise_opd_weights) on the same
-     float32 log-probs, one thread. The loop below is re-typed from their code, statement for statement, its
-     per-sample log included (their code is not copied into this repository). With --authors_repo, their own
-     two functions are read from a checkout of github.com/YoungZ365/SOD and timed as well, so the ratio against
-     their function is printed next to the ratio against the re-typing.
+     float32 log-probs, one thread. Their loop is re-typed from their code, statement for statement, its
+     per-sample log included (tests/authors_code.py; their code is not copied into this repository). With
+     --authors_repo, their own two functions are read from a checkout of github.com/YoungZ365/SOD and timed as
+     well, so the ratio against their function is printed next to the ratio against the re-typing.
   2. The sandbox: a tool call alone and 64 at once, on the warm path and on the cold path.
   3. The tool calls of a turn: 64 at once against one after another.
 Each timing is the best of a few repeats (the authors' loop, slow, runs once at full size). Another job on the
@@ -26,8 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
 import sod_distill  # noqa: E402
 import tools  # noqa: E402
+from authors_code import retyped_step_weights  # noqa: E402
 from common import sandbox  # noqa: E402
 
 
@@ -43,60 +46,6 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
 
 # -----------------------------------------------------------------------------
 # 1. step weights
-
-def retyped_step_boundaries(response_mask):
-    """_extract_step_boundaries, re-typed: each row scanned token by token with .item()."""
-    batch_boundaries = []
-    bsz, seq_len = response_mask.shape
-    for i in range(bsz):
-        mask_i = response_mask[i]
-        boundaries, in_segment, seg_start = [], False, 0
-        for t in range(seq_len):
-            if mask_i[t].item() == 1 and not in_segment:
-                seg_start, in_segment = t, True
-            elif mask_i[t].item() == 0 and in_segment:
-                boundaries.append((seg_start, t))
-                in_segment = False
-        if in_segment:
-            boundaries.append((seg_start, seq_len))
-        batch_boundaries.append(boundaries)
-    return batch_boundaries
-
-
-def retyped_step_weights(old_log_probs, ref_log_prob, response_mask, epsilon=1e-6, delta=0.5):
-    """compute_stepwise_opd_weights, re-typed: d_k per step from .item() sums, a running product of ratios
-    clipped when each step's weight is written, the per-sample log built as theirs is."""
-    bsz, seq_len = response_mask.shape
-    abs_logprob_diff = (old_log_probs - ref_log_prob).abs()
-    batch_boundaries = retyped_step_boundaries(response_mask)
-    weight_mask = torch.zeros_like(response_mask, dtype=torch.float32)
-    log_info = []
-    for i in range(bsz):
-        boundaries = batch_boundaries[i]
-        if len(boundaries) == 0:
-            log_info.append({"n_steps": 0, "d_values": [], "w_values": [], "n_tokens_per_step": [],
-                             "boundaries": []})
-            continue
-        d_values, n_tokens_per_step = [], []
-        for start, end in boundaries:
-            step_diff = abs_logprob_diff[i, start:end]
-            step_mask = response_mask[i, start:end]
-            n_tokens = step_mask.sum().item()
-            d_values.append((step_diff * step_mask).sum().item() / n_tokens if n_tokens > 0 else 0.0)
-            n_tokens_per_step.append(int(n_tokens))
-        K = len(d_values)
-        w_values = [1.0]
-        if K > 1:
-            cum_prod = 1.0
-            for u in range(K - 1):
-                cum_prod *= (d_values[u] + epsilon) / (d_values[u + 1] + epsilon)
-                w_values.append(min(cum_prod, 1.0 + delta))
-        for k, (start, end) in enumerate(boundaries):
-            weight_mask[i, start:end] = w_values[k]
-        log_info.append({"n_steps": K, "d_values": d_values, "w_values": w_values,
-                         "n_tokens_per_step": n_tokens_per_step, "boundaries": list(boundaries)})
-    return weight_mask, log_info
-
 
 def authors_step_weights(repo: str):
     """Their compute_stepwise_opd_weights, read from their file (the two functions only: the module itself

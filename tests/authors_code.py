@@ -1,5 +1,6 @@
 """
-tests/authors_code.py: the authors' code grader, re-typed for the tests to compare ours against.
+tests/authors_code.py: the authors' code grader and step weights, re-typed for the tests (and scripts/speed.py)
+to compare ours against.
 
 Written out by hand, branch for branch, from github.com/YoungZ365/SOD (not copied):
 verl/utils/reward_score/livecodebench/code_math.py (compute_score, convert_function_to_class_method) and
@@ -11,7 +12,12 @@ import ast
 import json
 import re
 
+import torch
+
 from common import sandbox
+
+# convert_function_to_class_method: the project's reference mode runs the same re-typing
+from common.code_tests import as_class_method
 
 FAIL = {"score": -1.0, "acc": False, "pred": None}
 
@@ -68,24 +74,6 @@ def authors_verdicts(generation: str, tests: dict) -> list[bool]:
         verdicts.append(r["status"] == "finished" and r["returncode"] == 0
                         and r["stdout"].rstrip("\n") == str(expected).rstrip("\n"))
     return verdicts
-
-
-def authors_class_method(raw_code: str, function_name: str):
-    """convert_function_to_class_method."""
-    tree = ast.parse(raw_code)
-    target_func, new_body = None, []
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == function_name:
-            target_func = node
-        else:
-            new_body.append(node)
-    if target_func is None:
-        return None
-    if not (target_func.args.args and target_func.args.args[0].arg == "self"):
-        target_func.args.args.insert(0, ast.arg(arg="self", annotation=None))
-    new_body.append(ast.ClassDef(name="Solution", bases=[], keywords=[], body=[target_func], decorator_list=[]))
-    tree.body = new_body
-    return ast.unparse(tree)
 
 
 def authors_check_correctness(in_outs, generation: str, timeout: float = 10) -> list:
@@ -158,7 +146,7 @@ def authors_compute_score(completion: str, test_cases, timeout: float = 10) -> d
             except Exception:
                 input_output = json.loads(json.dumps(test_cases))
             if "fn_name" in input_output and "class Solution" not in solution:
-                solution = authors_class_method(solution, input_output["fn_name"])
+                solution = as_class_method(solution, input_output["fn_name"])
                 if not isinstance(solution, str):
                     return dict(FAIL)
             verdicts = authors_check_correctness(json.loads(json.dumps(test_cases)), solution, timeout)
@@ -167,3 +155,60 @@ def authors_compute_score(completion: str, test_cases, timeout: float = 10) -> d
         except Exception:
             return {"score": -1.0, "acc": False, "pred": solution}
     raise NotImplementedError("their math branch is not re-typed here")
+
+
+# -----------------------------------------------------------------------------
+# The step weights (verl/trainer/ppo/ray_trainer.py: _extract_step_boundaries, compute_stepwise_opd_weights)
+
+def retyped_step_boundaries(response_mask):
+    """_extract_step_boundaries, re-typed: each row scanned token by token with .item()."""
+    batch_boundaries = []
+    bsz, seq_len = response_mask.shape
+    for i in range(bsz):
+        mask_i = response_mask[i]
+        boundaries, in_segment, seg_start = [], False, 0
+        for t in range(seq_len):
+            if mask_i[t].item() == 1 and not in_segment:
+                seg_start, in_segment = t, True
+            elif mask_i[t].item() == 0 and in_segment:
+                boundaries.append((seg_start, t))
+                in_segment = False
+        if in_segment:
+            boundaries.append((seg_start, seq_len))
+        batch_boundaries.append(boundaries)
+    return batch_boundaries
+
+
+def retyped_step_weights(old_log_probs, ref_log_prob, response_mask, epsilon=1e-6, delta=0.5):
+    """compute_stepwise_opd_weights, re-typed: d_k per step from .item() sums, a running product of ratios
+    clipped when each step's weight is written, the per-sample log built as theirs is."""
+    bsz, seq_len = response_mask.shape
+    abs_logprob_diff = (old_log_probs - ref_log_prob).abs()
+    batch_boundaries = retyped_step_boundaries(response_mask)
+    weight_mask = torch.zeros_like(response_mask, dtype=torch.float32)
+    log_info = []
+    for i in range(bsz):
+        boundaries = batch_boundaries[i]
+        if len(boundaries) == 0:
+            log_info.append({"n_steps": 0, "d_values": [], "w_values": [], "n_tokens_per_step": [],
+                             "boundaries": []})
+            continue
+        d_values, n_tokens_per_step = [], []
+        for start, end in boundaries:
+            step_diff = abs_logprob_diff[i, start:end]
+            step_mask = response_mask[i, start:end]
+            n_tokens = step_mask.sum().item()
+            d_values.append((step_diff * step_mask).sum().item() / n_tokens if n_tokens > 0 else 0.0)
+            n_tokens_per_step.append(int(n_tokens))
+        K = len(d_values)
+        w_values = [1.0]
+        if K > 1:
+            cum_prod = 1.0
+            for u in range(K - 1):
+                cum_prod *= (d_values[u] + epsilon) / (d_values[u + 1] + epsilon)
+                w_values.append(min(cum_prod, 1.0 + delta))
+        for k, (start, end) in enumerate(boundaries):
+            weight_mask[i, start:end] = w_values[k]
+        log_info.append({"n_steps": K, "d_values": d_values, "w_values": w_values,
+                         "n_tokens_per_step": n_tokens_per_step, "boundaries": list(boundaries)})
+    return weight_mask, log_info

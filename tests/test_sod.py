@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import authors_code
 import grpo
 import sft
 import sod_distill
@@ -14,40 +15,11 @@ from sod_distill import distill_advantages, step_divergence, step_index, step_we
 
 
 def reference_step_weights(student_lp, teacher_lp, mask, eps=1e-6, delta=0.2):
-    """The authors' compute_stepwise_opd_weights (verl/trainer/ppo/ray_trainer.py), operation for operation:
-    steps found token by token with .item() (_extract_step_boundaries), d_k from each step's slice, a running
-    product of ratios with the clip applied when writing each step's weight into a float32 [B, T] tensor."""
-    bsz, seq_len = mask.shape
-    abs_diff = (student_lp - teacher_lp).abs()
-    boundaries_per_row = []
-    for i in range(bsz):
-        row, bounds, inside, begin = mask[i], [], False, 0
-        for t in range(seq_len):
-            if row[t].item() == 1 and not inside:
-                begin, inside = t, True
-            elif row[t].item() == 0 and inside:
-                bounds.append((begin, t))
-                inside = False
-        if inside:
-            bounds.append((begin, seq_len))
-        boundaries_per_row.append(bounds)
-    weights = torch.zeros_like(mask, dtype=torch.float32)
-    for i in range(bsz):
-        bounds = boundaries_per_row[i]
-        if not bounds:
-            continue
-        d = []
-        for s, e in bounds:
-            n = mask[i, s:e].sum().item()
-            d.append((abs_diff[i, s:e] * mask[i, s:e]).sum().item() / n if n > 0 else 0.0)
-        w = [1.0]
-        product = 1.0
-        for u in range(len(d) - 1):
-            product *= (d[u] + eps) / (d[u + 1] + eps)
-            w.append(min(product, 1.0 + delta))
-        for k, (s, e) in enumerate(bounds):
-            weights[i, s:e] = w[k]
-    return weights
+    """The authors' compute_stepwise_opd_weights (verl/trainer/ppo/ray_trainer.py), operation for operation
+    (tests/authors_code.py): steps found token by token with .item() (_extract_step_boundaries), d_k from each
+    step's slice, a running product of ratios with the clip applied when writing each step's weight into a
+    float32 [B, T] tensor."""
+    return authors_code.retyped_step_weights(student_lp, teacher_lp, mask, eps, delta)[0]
 
 
 def weights(s, t, m, eps=1e-6, delta=0.2):

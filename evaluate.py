@@ -42,7 +42,7 @@ import numpy as np
 
 import rollout
 import tools
-from common import chat_template, dist, models, runs, sandbox
+from common import chat_template, dist, models, runs
 from common.cli import arg, not_a_flag, run_script
 from common.data import drop_long_prompts, load_prompts
 
@@ -274,7 +274,7 @@ def main(cfg: Config) -> dict:
         models.check_model_path(m)
         chat_template.check_declares_tool(models.load_tokenizer(m, cfg.chat_template), tools.TOOL_SCHEMA, m)
     rollout.check_rollout_settings(cfg)
-    sandbox.configure(cfg.sandbox, cfg.sandbox_url)
+    rollout.setup_sandbox(cfg, cfg.data)
     backend = rollout.resolve_backend(cfg.backend)
     benchmarks = load_benchmarks(cfg)
     first_tokenizer = models.load_tokenizer(model_paths[0], cfg.chat_template)

@@ -56,7 +56,7 @@ import torch
 import evaluate
 import rollout
 import tools
-from common import chat_template, dist, models, runs, sandbox
+from common import chat_template, dist, models, runs
 from common.cli import arg, reject_unused, run_script
 from common.data import drop_long_prompts, load_prompts, load_rows, write_jsonl
 
@@ -334,7 +334,7 @@ def train(cfg, start: str, advantages_fn=None, name: str = "grpo"):
     trajs, batch, old_logprobs, grpo_adv, step) returns the per-token advantages [B, T-1] that PPO optimises
     and a dict of metrics for the step's row. Without it this is GRPO: A_{i,t} = A_i m_t."""
     check_inputs(cfg, start)
-    sandbox.configure(cfg.sandbox, cfg.sandbox_url)
+    rollout.setup_sandbox(cfg, cfg.data, cfg.eval_data)
     d, device = dist.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
     tokenizer = models.load_tokenizer(start, cfg.chat_template)
     chat_template.check_declares_tool(tokenizer, tools.TOOL_SCHEMA, start)  # before anything is written

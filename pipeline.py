@@ -87,8 +87,9 @@ class Config:
     rl_eval_n: int = arg(UNSET, "samples per validation problem during RL (-1: the preset's)")
     eval_n: int = arg(UNSET, "samples per test problem in the final table (-1: the preset's)")
     eval_prompts: int = arg(UNSET, "test problems in the final table (-1: the preset's)")
-    sandbox: str = arg("warm", "sandbox of every stage's tool calls: warm or cold (the same isolation, a new "
-                               "interpreter per call)")
+    sandbox: str = arg("warm", "sandbox of every stage's tool calls: warm or cold (a new interpreter per call)")
+    sandbox_python: str = arg("", "interpreter of the sandbox (empty: $SOD_SANDBOX_PYTHON, else the trainer's "
+                                  "own); the toy's tool code needs the standard library alone")
     eval_split: str = arg("test", "split of the final table: test, or valid while choosing settings "
                                   "(the test split is only for final numbers)")
 
@@ -186,14 +187,16 @@ def evaluate_model(name: str, path: str, eval_cfg, benchmarks: dict, cache_dir: 
 
 def main(cfg: Config):
     cfg = resolve(cfg)
-    sandbox.configure(cfg.sandbox)  # every stage's tool calls, SFT's final greedy check included
+    # every stage's tool calls, SFT's final greedy check included
+    sandbox.configure(cfg.sandbox, python=cfg.sandbox_python)
     root = Path(cfg.out_root)
     seeds = [int(s) for s in cfg.seeds.split(",")]
     timings = {}
     sft_sizes = dict(max_steps=3, toy_examples=64, eval_prompts=0) if cfg.quick else {}
     rl_sizes = dict(steps=cfg.rl_steps, eval_every=cfg.rl_eval_every, eval_prompts=cfg.rl_eval_prompts,
                     eval_n=cfg.rl_eval_n, tool_failure_rate=cfg.tool_failure_rate, toy_steps=cfg.toy_steps,
-                    max_response_tokens=cfg.max_response_tokens, sandbox=cfg.sandbox)
+                    max_response_tokens=cfg.max_response_tokens, sandbox=cfg.sandbox,
+                    sandbox_python=cfg.sandbox_python)
     if cfg.quick:
         rl_sizes.update(prompts_per_step=2, n_samples=4, eval_prompts=4, eval_n=2)
 
@@ -245,6 +248,7 @@ def main(cfg: Config):
                                num_prompts=cfg.eval_prompts, n_samples=cfg.eval_n, toy_steps=cfg.toy_steps,
                                max_response_tokens=cfg.max_response_tokens,
                                tool_failure_rate=cfg.tool_failure_rate, sandbox=cfg.sandbox,
+                               sandbox_python=cfg.sandbox_python,
                                out_dir=str(root / "eval"), seed=1234)
     (root / "eval").mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -32,6 +32,7 @@ The toy default runs on a CPU with nothing downloaded:
 """
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -40,7 +41,7 @@ import torch
 
 import tools
 from common import chat_template, sandbox
-from common.cli import arg, parse_args
+from common.cli import arg, parse_args, reject_unused
 from common.data import as_messages, load_prompts, write_jsonl
 from common.dist import Dist, full_state_dict
 from common.models import TOY_MODELS, check_model_path, load_model, load_tokenizer, stop_token_ids
@@ -76,10 +77,12 @@ class RolloutConfig:
                                          "| reference (none, as the authors' rollouts: use it with their "
                                          "released teacher, docs/deviations.md row 16)")
     # the tool
-    sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) "
-                               "| cold (a new one per call)")
-    sandbox_url: str = arg("", "a SandboxFusion server for tool calls and code tests, instead of the local "
-                               "sandbox")
+    sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) | cold (one per call)")
+    sandbox_url: str = arg("", "a SandboxFusion server for tool calls and code tests, not the local sandbox")
+    sandbox_python: str = arg("", "interpreter of the local sandbox, its environment mounted read-only inside "
+                                  "(empty: $SOD_SANDBOX_PYTHON, else the trainer's own)")
+    sandbox_stdlib_ok: bool = arg(False, "run on real data even if the sandbox's Python cannot import numpy or "
+                                         "sympy, which SandboxFusion's image has")
     tool_timeout: float = arg(60.0, "seconds per tool call, also the cap on a call's own `timeout` "
                                     "(reference 60)")
     tool_memory_mb: int = arg(2048, "memory per tool call in MB (reference 2048)")
@@ -115,6 +118,28 @@ def check_rollout_settings(cfg):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {' | '.join(allowed)}, not {getattr(cfg, name)!r}")
+    if cfg.sandbox_python and not shutil.which(cfg.sandbox_python):
+        raise SystemExit(f"--sandbox_python {cfg.sandbox_python!r} is not an executable")
+
+
+def setup_sandbox(cfg, *data: str):
+    """The sandbox of this process's tool calls and code tests, set up once at a stage's start. On real data
+    (anything but the toy, which needs the standard library alone) the model's code expects the packages of
+    SandboxFusion's image: a local sandbox whose Python cannot import numpy or sympy stops the run here."""
+    if cfg.sandbox_url:
+        reject_unused(cfg, ["sandbox_python", "sandbox_stdlib_ok"], "with --sandbox_url (its image decides)")
+    sandbox.configure(cfg.sandbox, cfg.sandbox_url, python=cfg.sandbox_python)
+    if cfg.sandbox_stdlib_ok or all(d.startswith("toy") for d in data):
+        return
+    missing = sandbox.missing_packages(("numpy", "sympy"))
+    if missing:
+        isolation = sandbox.sandbox_isolation()
+        raise SystemExit(
+            f"the sandbox runs {isolation.python} (isolation {isolation.level}), which cannot import "
+            f"{' and '.join(missing)}; tool calls on real data expect them (SandboxFusion's image has them). "
+            f"Install them into that environment ({isolation.python} -m pip install numpy sympy), point "
+            "--sandbox_python at an environment that has them, or use a SandboxFusion server (--sandbox_url); "
+            "--sandbox_stdlib_ok runs without them.")
 
 
 def rollout_settings(cfg, **changes) -> RolloutConfig:
@@ -519,7 +544,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(Args)
     check_rollout_settings(args)
-    sandbox.configure(args.sandbox, args.sandbox_url)
+    setup_sandbox(args, args.data)
     tokenizer = load_tokenizer(args.model, args.chat_template)
     chat_template.check_declares_tool(tokenizer, tools.TOOL_SCHEMA, args.model)
     backend = resolve_backend(args.backend)

@@ -1,34 +1,43 @@
 """
 common/sandbox.py: the local sandbox that runs model-written Python, where the reference uses SandboxFusion,
 and the switch to a SandboxFusion server (common/sandbox_fusion.py). One entry point, run_python; the kind of
-sandbox is set once per process with configure(kind, url), warm by default.
+sandbox is set once per process with configure(kind, url, python), warm by default.
 
 Its isolation level is probed once, on first use, and logged in one line:
   - full: new pid, network, mount and IPC namespaces, a read-only root filesystem, private tmpfs /tmp (the
-    working directory) and /dev/shm, and an unprivileged uid leased from a pool, so that RLIMIT_NPROC bounds
-    a fork bomb per sandbox. Two ways to get there:
+    working directory) and /dev/shm, the interpreter's environment shown read-only at its own paths (see
+    below), and an unprivileged uid leased from a pool, so that RLIMIT_NPROC bounds a fork bomb per sandbox.
+    Two ways to get there:
       warm (default): a pool of workers already inside the namespaces, each a Python interpreter that
         forks a fresh child per call (a zygote, as Chrome starts its renderers: common/sandbox_worker.py); the
         child enters a mount and IPC namespace of its own with fresh /tmp and /dev/shm, drops to the worker's
         uid, takes its own rlimits and timeout, and runs the code; afterwards everything in the worker's
         namespace is killed;
-      cold: a new `unshare` and a new interpreter for every call (the fallback, and --sandbox cold).
+      cold: new namespaces and a new interpreter for every call (the fallback, and --sandbox cold).
   - uid: no namespaces, but the unprivileged uid (needs root); every process of that uid is killed after.
   - basic: a plain child process.
 At every level: its own session and process group, an environment holding only PATH, HOME, LANG and
 PYTHONIOENCODING, rlimits on address space, CPU time, processes, file size and core dumps, a parent-death
 signal (no sandbox outlives the trainer), output written to files capped by RLIMIT_FSIZE and read back
 only up to max_output_bytes. A call returns within about timeout + 2 s whatever the code does.
-The interpreter is $SOD_SANDBOX_PYTHON if set, else this one if the unprivileged uid can run it, else
-/usr/bin/python3 (standard library only): point SOD_SANDBOX_PYTHON at a world-readable venv to give the
-model numpy or sympy.
+The interpreter is configure()'s `python` (--sandbox_python), else $SOD_SANDBOX_PYTHON, else this one, the
+trainer's: the model's code gets the packages of that environment, as the authors' tool gets those of
+SandboxFusion's image (numpy, sympy, ...). At the full level the mount namespace shows that environment (its
+prefixes and sys.path folders) read-only at the same paths, wherever it lives: a folder the unprivileged uid
+could not reach (inside a home of mode 700, or under the host's /tmp) is bind-mounted inside a tmpfs that
+covers the topmost folder the uid cannot traverse, so nothing else of that folder becomes visible
+(common/sandbox_worker.py). The other levels cannot mount: the uid level runs the trainer's interpreter only
+if the uid can read it, else /usr/bin/python3 (standard library only); the basic level runs it as the
+trainer's own user. The isolation line names the interpreter and which of numpy, sympy, scipy, pandas and
+networkx it can import; a stage on real data stops when numpy or sympy is missing (rollout.setup_sandbox).
 
 What it does NOT protect against: kernel exploits and container escapes, CPU and cache side channels,
-reading world-readable host files (the repository, /etc), using up the host's CPU for the duration of the
-timeout, and, in the uid and basic levels, network access and writes to world-writable host directories;
-in the basic level also processes that setsid() away and survive, and reading other processes'
-environments. The warm path's children share the worker's hash seed and pid namespace (pids grow from
-call to call). For untrusted code at scale run a real SandboxFusion service (--sandbox_url).
+reading world-readable host files (the repository, /etc, the interpreter's environment), using up the host's
+CPU for the duration of the timeout, and, in the uid and basic levels, network access and writes to
+world-writable host directories; in the basic level also processes that setsid() away and survive, and
+reading other processes' environments. The warm path's children share the worker's hash seed and pid
+namespace (pids grow from call to call). For untrusted code at scale run a real SandboxFusion service
+(--sandbox_url).
 """
 import contextlib
 import fcntl
@@ -40,11 +49,13 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import sandbox_fusion
@@ -56,18 +67,30 @@ MAX_PROCESSES = 64  # RLIMIT_NPROC, only enforced once the uid is unprivileged (
 MAX_FILE_BYTES = 16 * 2**20  # RLIMIT_FSIZE: bounds stdout/stderr files and anything written
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 SANDBOX_ENV = {"PATH": SAFE_PATH, "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+PACKAGES = ("numpy", "sympy", "scipy", "pandas", "networkx")  # of SandboxFusion's image: the isolation line
+# says which the sandbox's interpreter can import
+PRIVATE_DIRS = ("/tmp", "/dev/shm")  # a fresh tmpfs in every full sandbox: the host's files there are hidden
 
-_kind = "warm"  # set by configure
-_url = ""
+_kind, _url, _python = "warm", "", ""  # set by configure
 
 
-def configure(kind: str = "warm", url: str = "") -> None:
-    """Where run_python runs code from now on, for the whole process: the local sandbox's warm or cold path,
-    or, when url names a SandboxFusion server, that server (kind is then unused)."""
-    global _kind, _url
+def configure(kind: str = "warm", url: str = "", python: str = "") -> None:
+    """Where run_python runs code from now on, for the whole process: the local sandbox's warm or cold path
+    with `python` as its interpreter (empty: $SOD_SANDBOX_PYTHON, else this one), or, when url names a
+    SandboxFusion server, that server (kind and python are then unused). A new interpreter is probed on first
+    use; call this before any tool call runs."""
+    global _kind, _url, _python, _isolation, _warm_pool
     if kind not in ("warm", "cold"):
         raise ValueError(f"sandbox must be warm or cold, not {kind!r}")
-    _kind, _url = kind, url
+    if python and not shutil.which(python):
+        raise ValueError(f"the sandbox's python {python!r} is not an executable")
+    pool = None
+    with _sandbox_lock:
+        _kind, _url = kind, url
+        if python != _python:
+            _python, _isolation, pool, _warm_pool = python, None, _warm_pool, None
+    if pool is not None:
+        pool.close()
 
 
 # -----------------------------------------------------------------------------
@@ -192,42 +215,91 @@ def _read_capped(f, max_bytes):
 
 
 # -----------------------------------------------------------------------------
+# The interpreter's environment, shown inside the full sandbox
+
+@dataclass(frozen=True)
+class EnvironmentMounts:
+    """What a full sandbox mounts to show its interpreter's environment (common/sandbox_worker.py mounts it)."""
+    dirs: tuple = ()   # folders bind-mounted read-only at their own paths
+    masks: tuple = ()  # a tmpfs over each topmost folder above them that the unprivileged uid cannot traverse
+
+    def as_json(self) -> str:
+        return json.dumps({"dirs": list(self.dirs), "masks": list(self.masks)})
+
+
+def _inside(path, folder):
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _environment_mounts(folders) -> EnvironmentMounts:
+    """The mounts that show `folders` to the unprivileged uid, read-only at their own paths, and nothing else of
+    the folders around them. A folder the uid reaches on its own needs none. One below a folder the uid cannot
+    traverse (no execute bit for others: a home of mode 700) is bound inside a tmpfs that covers the topmost
+    such folder, its mask; one under /tmp or /dev/shm, which the sandbox's fresh tmpfs hides, is bound inside
+    that tmpfs. Either way the path to it holds nothing but the folders on the way."""
+    folders = sorted({os.path.normpath(f) for f in folders if os.path.isabs(f) and os.path.isdir(f)})
+    tops = []
+    for folder in folders:  # sorted: a folder comes before what it holds
+        if not any(_inside(folder, top) for top in tops):
+            tops.append(folder)
+    dirs, masks = [], []
+    for folder in tops:
+        parts = folder.split("/")[1:-1]
+        parents = ["/" + "/".join(parts[:k]) for k in range(1, len(parts) + 1)]
+        blocked = [p for p in parents if not any(_inside(p, d) for d in PRIVATE_DIRS)
+                   and not os.stat(p).st_mode & stat.S_IXOTH]
+        if blocked or any(_inside(folder, d) for d in PRIVATE_DIRS):
+            dirs.append(folder)
+        if blocked and blocked[0] not in masks:
+            masks.append(blocked[0])
+    return EnvironmentMounts(tuple(dirs), tuple(masks))
+
+
+# What an interpreter says of itself, run on the host as the trainer's user: its version and prefix (the
+# sandbox's run of it must say the same) and the folders it loads from: its prefixes, its sys.path, and the
+# folder of its binary (a venv's python is a link to its base's).
+_SELF_DESCRIPTION = """import json, os, sys
+folders = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+           os.path.dirname(os.path.realpath(sys.executable)), *sys.path]
+print(json.dumps([sys.version, sys.prefix, folders]))"""
+
+
+def _describe(python):
+    """[version, prefix, folders] of `python`, run on the host; None if it does not run."""
+    try:
+        out = subprocess.run([python, "-I", "-c", _SELF_DESCRIPTION], env=SANDBOX_ENV, cwd="/",
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+# -----------------------------------------------------------------------------
 # The cold path: a new interpreter in new namespaces per call
-
-# Runs as root inside the new namespaces. The code file is opened as fd 3 BEFORE the private tmpfs covers /tmp
-# (the host copy may live under /tmp), and the code reaches python as a file, never through the shell's
-# parser. The mounts are private to the namespace (unshare's default propagation), so the host never sees
-# them. After exec, python is the namespace's pid 1: when it exits, or is killed, the kernel kills every
-# process left inside. (Being pid 1, it ignores signals it sends itself without a handler, and SIGXFSZ:
-# writing past RLIMIT_FSIZE raises "OSError: File too large" instead of killing it.) setpriv's parent-death
-# signal kills it when unshare dies, and unshare has its own from the host thread that started it.
-_FULL_SANDBOX_SCRIPT = """
-set -e
-exec 3< "$1"
-mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp
-if [ -d /dev/shm ]; then mount -t tmpfs -o size=16m,mode=1777 tmpfs /dev/shm; fi
-mount -o remount,bind,ro /
-cd /tmp && unset OLDPWD
-cat <&3 > main.py
-exec 3<&-
-exec setpriv --reuid="$2" --regid="$2" --clear-groups --no-new-privs --pdeathsig KILL -- "$3" main.py
-"""
+#
+# What runs inside the namespaces as root, on both paths, is common/sandbox_worker.py: here it mounts the call's
+# view (fresh /tmp and /dev/shm, the interpreter's environment, a read-only root), drops to the uid and execs
+# the interpreter on the code. It is passed to `python -c` as text: the unprivileged uid may be unable to read
+# the repository (it may live under /root, mode 700).
+_IN_SANDBOX = Path(__file__).with_name("sandbox_worker.py").read_text(encoding="utf-8")
 
 
-def _sandbox_command(level, python, uid, code_path):
-    # No -I: the environment is already scrubbed, -I would make python ignore
-    # PYTHONIOENCODING, and it would drop the script's directory from sys.path,
-    # which code that writes a helper module and imports it relies on.
+def _sandbox_command(level, python, uid, code_path, mounts):
+    # No -I for the code: the environment is already scrubbed, -I would make python
+    # ignore PYTHONIOENCODING, and it would drop the script's directory from sys.path,
+    # which code that writes a helper module and imports it relies on. (The root
+    # process before it, which execs it, is started with -I -S -B: it needs no site.)
     if level == "full":
         return ["unshare", "--pid", "--fork", "--kill-child", "--net", "--mount", "--ipc", "--mount-proc",
-                "sh", "-c", _FULL_SANDBOX_SCRIPT, "sandbox", code_path, str(uid), python]
+                python, "-I", "-S", "-B", "-c", _IN_SANDBOX, "cold", code_path, str(uid), mounts.as_json()]
     if level == "uid":
         return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
                 "--pdeathsig", "KILL", "--", python, "main.py"]
     return [python, "main.py"]
 
 
-def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python) -> dict:
+def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python,
+              mounts=EnvironmentMounts()) -> dict:
     # mode 700: root (and, at level uid, the uid)
     host_dir = tempfile.mkdtemp(prefix=f"sod_sandbox_{os.getpid()}_")
     try:
@@ -247,8 +319,8 @@ def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python) -> 
                     resource.setrlimit(res, values)
 
             try:
-                proc = subprocess.Popen(_sandbox_command(level, python, uid, code_path), stdin=stdin_file,
-                                        stdout=out, stderr=err, cwd=host_dir, env=env,
+                proc = subprocess.Popen(_sandbox_command(level, python, uid, code_path, mounts),
+                                        stdin=stdin_file, stdout=out, stderr=err, cwd=host_dir, env=env,
                                         start_new_session=True, preexec_fn=in_child)
             except (OSError, subprocess.SubprocessError) as e:
                 err.write(str(e).encode())
@@ -287,15 +359,14 @@ def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python) -> 
 # inside them a Python "zygote" (root in the namespace, its pid 1) waits for requests on a socket. Each call
 # then gets a child forked from the zygote, so from an interpreter that has already started. Before it runs
 # the model's code the child enters a mount namespace of its own with fresh tmpfs /tmp and /dev/shm (its
-# private scratch space, gone with it), drops to the worker's unprivileged uid, takes its own rlimits and a
-# parent-death signal, closes every inherited descriptor and receives a scrubbed environment. Nothing of one
-# call is left for the next: the zygote never runs model code, kills everything in the namespace after each
-# call (kill(-1) from pid 1) and forks the next child from the same clean state. A worker dies with its host:
-# the zygote exits when the host's end of the socket closes, which the kernel does when the host dies.
+# private scratch space, gone with it) and the interpreter's environment mounted as on the cold path, drops to
+# the worker's unprivileged uid, takes its own rlimits and a parent-death signal, closes every inherited
+# descriptor and receives a scrubbed environment. Nothing of one call is left for the next: the zygote never
+# runs model code, kills everything in the namespace after each call (kill(-1) from pid 1) and forks the next
+# child from the same clean state. A worker dies with its host: the zygote exits when the host's end of the
+# socket closes, which the kernel does when the host dies.
 #
-# The zygote is common/sandbox_worker.py, passed to `python -c` as text: the unprivileged uid may be unable to
-# read the repository (it may live under /root, mode 700).
-_ZYGOTE = Path(__file__).with_name("sandbox_worker.py").read_text(encoding="utf-8")
+# The zygote is common/sandbox_worker.py (_IN_SANDBOX, as on the cold path).
 
 # Runs as root inside the new namespaces: the root filesystem read-only, then the zygote
 # (pid 1 of the namespace).
@@ -303,7 +374,7 @@ _WORKER_SCRIPT = """
 set -e
 mount -o remount,bind,ro /
 cd /
-exec "$1" -c "$2" "$3" "$4"
+exec "$@"
 """
 
 
@@ -311,12 +382,13 @@ class _Worker:
     """One warm sandbox: the unshare process, the zygote at the other end of `sock`, and the uid it runs code
     as."""
 
-    def __init__(self, python: str, uid: int, lease):
+    def __init__(self, python: str, mounts: EnvironmentMounts, uid: int, lease):
         host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.uid, self.lease, self.sock = uid, lease, host_end
         self.proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--kill-child", "--net", "--mount", "--mount-proc", "sh", "-c",
-             _WORKER_SCRIPT, "worker", python, _ZYGOTE, str(worker_end.fileno()), str(uid)],
+             _WORKER_SCRIPT, "worker", python, "-c", _IN_SANDBOX, "warm", str(worker_end.fileno()), str(uid),
+             mounts.as_json()],
             pass_fds=[worker_end.fileno()], env=SANDBOX_ENV, cwd="/", start_new_session=True,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         worker_end.close()
@@ -354,8 +426,8 @@ class _Worker:
 class _WarmPool:
     """Warm workers, started when needed, at most `size`; a dead or stuck worker is replaced."""
 
-    def __init__(self, python: str, size: int):
-        self.python, self.size = python, size
+    def __init__(self, python: str, mounts: EnvironmentMounts, size: int):
+        self.python, self.mounts, self.size = python, mounts, size
         self.idle, self.count = [], 0
         self.lock = threading.Condition()
 
@@ -389,7 +461,7 @@ class _WarmPool:
         try:
             lease, uid = _lease_uid()
             try:
-                return _Worker(self.python, uid, lease)
+                return _Worker(self.python, self.mounts, uid, lease)
             except BaseException:
                 lease.close()
                 raise
@@ -415,13 +487,23 @@ class _WarmPool:
 # -----------------------------------------------------------------------------
 # The isolation probe, and the one entry point
 
+@dataclass(frozen=True)
+class Isolation:
+    """What the local sandbox is: probed once, logged in one line."""
+    level: str                 # full, uid or basic
+    python: str                # the interpreter of every call
+    mounts: EnvironmentMounts  # how the full level shows that interpreter's environment
+    packages: tuple            # those of PACKAGES that code in the sandbox can import
+
+
 _isolation = None
 _warm_pool = None
 _sandbox_lock = threading.Lock()
 
 
-def sandbox_isolation():
-    """(level, interpreter) of the local sandbox: probed on first use, cached, logged once."""
+def sandbox_isolation() -> Isolation:
+    """The local sandbox's isolation level, interpreter and packages: probed on first use, cached, logged
+    once."""
     global _isolation
     with _sandbox_lock:
         if _isolation is None:
@@ -430,11 +512,35 @@ def sandbox_isolation():
         return _isolation
 
 
-def _probe_isolation():
-    override = os.environ.get("SOD_SANDBOX_PYTHON")
-    # sys.executable often sits under /root (mode 700), where the unprivileged uid
-    # cannot run it; the system python (stdlib only) usually can.
-    pythons = ([override] if override
+def missing_packages(names=("numpy", "sympy")) -> list:
+    """Those of `names` (of PACKAGES) that code in the sandbox cannot import; none on a SandboxFusion server,
+    whose image has them."""
+    return [] if _url else [name for name in names if name not in sandbox_isolation().packages]
+
+
+# Run inside the sandbox: its answer must match what the host's run of the same interpreter says
+# (_SELF_DESCRIPTION), and it names the packages the code can import.
+_SANDBOX_PROBE = ("import importlib.util, json, sys\n"
+                  f"found = [name for name in {PACKAGES!r} if importlib.util.find_spec(name)]\n"
+                  "print(json.dumps([sys.version, sys.prefix, found]))")
+
+
+def _probe(level, python, mounts):
+    """[version, prefix, importable packages] as `python` says them inside the sandbox; None if it fails."""
+    with _scratch_file() as stdin_file, _scratch_file() as out, _scratch_file() as err:
+        result = _run_cold(_SANDBOX_PROBE, stdin_file, out, err, 10.0, 1024, level, python, mounts)
+        stdout = _read_capped(out, 8192)
+    if result["status"] != "finished" or result["returncode"] != 0:
+        return None
+    with contextlib.suppress(ValueError):
+        return json.loads(stdout)
+
+
+def _probe_isolation() -> Isolation:
+    chosen = _python or os.environ.get("SOD_SANDBOX_PYTHON", "")
+    # Without a choice, this interpreter; where the uid cannot read it and no namespace can mount it into
+    # view, the system python (standard library only).
+    pythons = ([shutil.which(chosen) or chosen] if chosen
                else [sys.executable] + ["/usr/bin/python3"] * os.path.exists("/usr/bin/python3"))
     levels, notes = [], []
     if os.geteuid() != 0 or not shutil.which("setpriv"):
@@ -443,40 +549,57 @@ def _probe_isolation():
         levels = ["full", "uid"] if shutil.which("unshare") else ["uid"]
         if not shutil.which("unshare"):
             notes.append("no namespaces (unshare is missing)")
-    # A uid that cannot read our interpreter's directory may still start it, only to
+    # A uid that cannot read an interpreter's directory may still start it, only to
     # load another python's libraries (seen here: pyenv's 3.11.7 running Debian's
-    # 3.11.2 stdlib), so the probe compares what it finds with what we are.
-    probe = "import sys; print(sys.version); print(sys.prefix)"
-    expected = {sys.executable: f"{sys.version}\n{sys.prefix}\n"}
+    # 3.11.2 stdlib), so the probe compares what it finds with the host's answer.
+    described = {}
     for level in levels:
         for python in pythons:
-            with _scratch_file() as stdin_file, _scratch_file() as out, _scratch_file() as err:
-                result = _run_cold(probe, stdin_file, out, err, 10.0, 1024, level, python)
-                stdout = _read_capped(out, 4096)
-            exited_cleanly = result["status"] == "finished" and result["returncode"] == 0
-            if exited_cleanly and stdout == expected.get(python, stdout):
-                what = {"full": "pid, network, mount and IPC namespaces, read-only root, private /tmp, "
-                                "unprivileged uid", "uid": "unprivileged uid only"}[level]
-                (logger.info if level == "full" else logger.warning)(
-                    "sandbox isolation: %s (%s), python %s%s", level, what, python,
-                    f" ({'; '.join(notes)})" if notes else "")
-                return level, python
+            if python not in described:
+                described[python] = _describe(python)
+            if described[python] is None:
+                if python not in [n.split(" ")[0] for n in notes]:
+                    notes.append(f"{python} does not run")
+                continue
+            version, prefix, folders = described[python]
+            mounts = _environment_mounts(folders) if level == "full" else EnvironmentMounts()
+            found = _probe(level, python, mounts)
+            if found is not None and found[:2] == [version, prefix]:
+                return _logged(Isolation(level, python, mounts, tuple(found[2])), notes)
             if python not in [n.split(" ")[0] for n in notes]:
-                notes.append(f"{python} is not usable by the sandbox's unprivileged uid, "
-                             "it lives where that uid cannot read")
-    logger.warning("sandbox isolation: basic (own process group, rlimits, scrubbed environment), "
-                   "python %s (%s)", pythons[0], "; ".join(notes))
-    return "basic", pythons[0]
+                notes.append(f"{python} is not usable by the sandbox's unprivileged uid, " + (
+                    "even with its environment mounted (are its files readable by others?)" if level == "full"
+                    else "it lives where that uid cannot read"))
+    found = _probe("basic", pythons[0], EnvironmentMounts())
+    return _logged(Isolation("basic", pythons[0], EnvironmentMounts(), tuple(found[2]) if found else ()),
+                   notes)
+
+
+def _logged(isolation: Isolation, notes: list) -> Isolation:
+    level, mounts = isolation.level, isolation.mounts
+    what = {"full": "pid, network, mount and IPC namespaces, read-only root, private /tmp, unprivileged uid",
+            "uid": "unprivileged uid only", "basic": "own process group, rlimits, scrubbed environment"}[level]
+    shown = ""
+    if mounts.dirs:
+        shown = f", its environment mounted read-only: {', '.join(mounts.dirs)}" + (
+            f" (inside a tmpfs over {', '.join(mounts.masks)})" if mounts.masks else "")
+    missing = [name for name in PACKAGES if name not in isolation.packages]
+    (logger.info if level == "full" else logger.warning)(
+        "sandbox isolation: %s (%s), python %s%s; importable: %s; missing: %s%s", level, what, isolation.python,
+        shown, ", ".join(isolation.packages) or "none", ", ".join(missing) or "none",
+        f" ({'; '.join(notes)})" if notes else "")
+    return isolation
 
 
 def _warm_workers():
     """The shared pool of warm sandboxes, started on first use; None where the warm path cannot run."""
     global _warm_pool
-    level, python = sandbox_isolation()
+    isolation = sandbox_isolation()
     with _sandbox_lock:
-        if _warm_pool is None and level == "full":
-            _warm_pool = _WarmPool(python, size=min(32, max(4, 2 * (os.cpu_count() or 1))))
-        return _warm_pool if level == "full" else None
+        if _warm_pool is None and isolation.level == "full":
+            _warm_pool = _WarmPool(isolation.python, isolation.mounts,
+                                   size=min(32, max(4, 2 * (os.cpu_count() or 1))))
+        return _warm_pool if isolation.level == "full" else None
 
 
 def run_python(code: str, stdin: str = "", timeout: float = 60.0, memory_mb: int = 2048,
@@ -489,14 +612,15 @@ def run_python(code: str, stdin: str = "", timeout: float = 60.0, memory_mb: int
     kind, url = _kind, _url
     if url:
         return sandbox_fusion.run_code(code, stdin, url, timeout, memory_mb)
-    level, python = sandbox_isolation()
+    isolation = sandbox_isolation()
     with _scratch_file() as stdin_file, _scratch_file() as out, _scratch_file() as err:
         stdin_file.write(stdin.encode("utf-8", errors="surrogatepass"))
         stdin_file.seek(0)
         pool = _warm_workers() if kind == "warm" and _warm_can_run(code) else None
         result = pool.run(code, stdin_file, out, err, timeout, memory_mb) if pool is not None else None
         if result is None:
-            result = _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python)
+            result = _run_cold(code, stdin_file, out, err, timeout, memory_mb, isolation.level,
+                               isolation.python, isolation.mounts)
         return dict(result, stdout=_read_capped(out, max_output_bytes),
                     stderr=_read_capped(err, max_output_bytes))
 

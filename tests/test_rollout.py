@@ -360,7 +360,7 @@ def test_toy_problems_need_dependent_tool_calls():
 
 
 def test_toy_tracebacks_are_what_the_sandbox_prints():
-    if sandbox.sandbox_isolation()[0] != "full":
+    if sandbox.sandbox_isolation().level != "full":
         pytest.skip("the traceback path /tmp/main.py is the full sandbox's")
     seen = set()
     for seed in range(12):

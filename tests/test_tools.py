@@ -1,8 +1,9 @@
 """
 Tests for tools.py and what it stands on (common/sandbox.py, common/sandbox_fusion.py,
-common/code_tests.py), one property each: the sandbox survives hostile code, the
-tool text follows the reference's conventions, the parser never raises, and the
-rewards match the reference's definitions.
+common/code_tests.py), one property each: the sandbox survives hostile code, runs
+the trainer's own Python environment and shows nothing around it, the tool text
+follows the reference's conventions, the parser never raises, and the rewards
+match the reference's definitions.
 
     python -m pytest tests/test_tools.py -q
 """
@@ -12,6 +13,8 @@ import json
 import os
 import resource
 import secrets
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,7 +32,7 @@ from common import code_tests, sandbox
 
 TIMEOUT = 2.0  # short, so the hostile battery stays quick
 GRACE = 2.0  # every call must return within TIMEOUT + GRACE
-LEVEL = sandbox.sandbox_isolation()[0]
+LEVEL = sandbox.sandbox_isolation().level
 needs_full_isolation = pytest.mark.skipif(LEVEL != "full", reason=f"isolation level is {LEVEL}, not full")
 needs_uid_drop = pytest.mark.skipif(LEVEL == "basic", reason="basic isolation cannot kill setsid() escapes")
 
@@ -45,7 +48,10 @@ def default_sandbox():
 @pytest.fixture(params=["warm", "cold"])
 def sandbox_kind(request):
     """Every hostile program runs on both paths to the full sandbox: warm (forked from a pooled interpreter)
-    and cold (a new interpreter in new namespaces per call)."""
+    and cold (a new interpreter in new namespaces per call). Without full isolation there is no warm path (a
+    warm call runs cold): its cases are skipped, not passed."""
+    if request.param == "warm" and LEVEL != "full":
+        pytest.skip(f"the warm path needs full isolation, the level here is {LEVEL}: the call would run cold")
     sandbox.configure(kind=request.param)
     return request.param
 
@@ -141,8 +147,13 @@ def test_a_program_that_leaves_its_process_group_is_killed_on_timeout(sandbox_ki
 def test_fallback_levels_run_code_and_kill_it_on_timeout(level, monkeypatch):
     if level == "uid" and LEVEL != "full" and LEVEL != "uid":
         pytest.skip("needs root and setpriv")
-    python = sandbox.sandbox_isolation()[1] if level == "uid" else sys.executable
-    monkeypatch.setattr(sandbox, "_isolation", (level, python))
+    python = sys.executable
+    if level == "uid":  # without mounts: an interpreter that the unprivileged uid can read where it lies
+        python = next((p for p in (sys.executable, "/usr/bin/python3")
+                       if sandbox._probe("uid", p, sandbox.EnvironmentMounts()) is not None), None)
+        if python is None:
+            pytest.skip("no interpreter here that the unprivileged uid can read")
+    monkeypatch.setattr(sandbox, "_isolation", sandbox.Isolation(level, python, sandbox.EnvironmentMounts(), ()))
     assert tools.execute_code("6 * 7") == "42\n"
     marker = unique_marker()
     assert run_hostile(name_self(marker) + "import os\nif os.fork() == 0:\n    os.setsid()\n"
@@ -212,6 +223,145 @@ def test_run_python_feeds_stdin_and_keeps_streams_apart(sandbox_kind):
     result = sandbox.run_python("import sys\nprint(input()[::-1])\nprint('oops', file=sys.stderr)",
                                 stdin="abc\n")
     assert result == {"status": "finished", "returncode": 0, "stdout": "cba\n", "stderr": "oops\n"}
+
+# -----------------------------------------------------------------------------
+# the sandbox's interpreter: the trainer's environment, and nothing around it
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def private_folder():
+    """A folder of mode 700, as a home folder is, with a world-readable file in it."""
+    folder = Path(tempfile.mkdtemp(prefix="sod_private_"))
+    beside = folder / "beside.txt"
+    beside.write_text("secret-" + secrets.token_hex(8))
+    beside.chmod(0o644)
+    assert folder.stat().st_mode & 0o777 == 0o700
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def make_venv(folder, *flags):
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", *flags, str(folder / "venv")], check=True,
+                   timeout=120)
+    return str(folder / "venv" / "bin" / "python")
+
+
+TRAINER_IN_A_VENV = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import tools
+from common import sandbox
+answers = {{}}
+for kind in ("warm", "cold"):
+    sandbox.configure(kind)
+    answers[kind] = [tools.execute_code(code, 20, autoprint="off", max_output_chars=0) for code in {codes!r}]
+isolation = sandbox.sandbox_isolation()
+print(json.dumps([isolation.level, isolation.python, answers]))
+"""
+
+
+def test_a_private_venv_runs_as_the_trainer_with_its_packages_and_nothing_beside_it(private_folder):
+    """The real case: a venv inside a folder of mode 700 (here under /tmp, which the sandbox's own /tmp hides),
+    whose numpy and sympy come from its base prefix (--system-site-packages: pyenv's, under /root here). Run as
+    the trainer, its tool calls import them on both paths; the file beside the venv, the host's files and the
+    network stay out of reach."""
+    if LEVEL != "full":
+        pytest.skip(f"mounting the environment needs full isolation, not {LEVEL}")
+    pytest.importorskip("numpy")
+    pytest.importorskip("sympy")
+    python = make_venv(private_folder, "--system-site-packages")
+    venv, beside = private_folder / "venv", private_folder / "beside.txt"
+    codes = ["import numpy, sympy\nprint(1)",
+             "import sys\nprint(sys.prefix)",
+             f"print(open({str(beside)!r}).read())",
+             f"import os\nprint(sorted(os.listdir({str(private_folder)!r})))",
+             f"open({str(venv / 'written')!r}, 'w')",
+             "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)"]
+    env = {k: v for k, v in os.environ.items() if k != "SOD_SANDBOX_PYTHON"}
+    out = subprocess.run([python, "-c", TRAINER_IN_A_VENV.format(repo=str(REPO), codes=codes)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    level, sandbox_python, answers = json.loads(out.stdout.splitlines()[-1])
+    assert (level, sandbox_python) == ("full", python)
+    for kind in ("warm", "cold"):
+        imports, prefix, read, listing, write, connect = answers[kind]
+        assert imports == "1\n" and prefix == f"{venv}\n"
+        assert "No such file or directory" in read and beside.read_text() not in read
+        assert listing == "['venv']\n"  # the path to the venv, nothing else of the private folder
+        assert "Read-only file system" in write or "Permission denied" in write
+        assert "Network is unreachable" in connect
+    assert not (venv / "written").exists()
+
+
+@needs_full_isolation
+def test_a_mask_shows_nothing_but_the_way_to_the_environment(sandbox_kind):
+    mounts = sandbox.sandbox_isolation().mounts
+    if not mounts.masks:
+        pytest.skip("the trainer's environment is reachable without a mask here")
+    expected = "".join(f"{sorted({d[len(m):].split('/')[1] for d in mounts.dirs if d.startswith(m + '/')})}\n"
+                       for m in mounts.masks)
+    code = "import os\n" + "".join(f"print(sorted(os.listdir({m!r})))\n" for m in mounts.masks)
+    assert run_hostile(code, max_output_chars=0) == expected
+    for folder in mounts.masks + mounts.dirs:
+        text = run_hostile(f"open({folder + '/sod_written'!r}, 'w')")
+        assert "Read-only file system" in text or "Permission denied" in text
+
+
+def test_environment_mounts_bind_only_what_the_uid_cannot_reach(monkeypatch):
+    monkeypatch.setattr(sandbox, "PRIVATE_DIRS", ("/dev/shm",))  # here /tmp is a host folder like any other
+    root = Path(tempfile.mkdtemp(prefix="sod_layout_"))
+    try:
+        root.chmod(0o755)
+        for folder in ["opt/env/lib", "home/alice/venv/lib/site-packages", "home/bob/.pyenv/versions/3.11/bin"]:
+            (root / folder).mkdir(parents=True)
+        (root / "home").chmod(0o700)
+        mounts = sandbox._environment_mounts(
+            [str(root / "opt/env"), str(root / "opt/env/lib"), str(root / "home/alice/venv"),
+             str(root / "home/alice/venv/lib/site-packages"), str(root / "home/bob/.pyenv/versions/3.11"),
+             str(root / "home/bob/.pyenv/versions/3.11/bin"), str(root / "missing"), ""])
+        assert mounts == sandbox.EnvironmentMounts(
+            dirs=(str(root / "home/alice/venv"), str(root / "home/bob/.pyenv/versions/3.11")),
+            masks=(str(root / "home"),))
+    finally:
+        (root / "home").chmod(0o755)
+        shutil.rmtree(root)
+    monkeypatch.undo()
+    # under /tmp or /dev/shm, hidden by the sandbox's fresh tmpfs: bound inside it, with no mask
+    assert (sandbox._environment_mounts(["/tmp", "/dev/shm"])
+            == sandbox.EnvironmentMounts(dirs=("/dev/shm", "/tmp"), masks=()))
+
+
+def test_sandbox_python_chooses_the_interpreter_and_real_data_needs_numpy_and_sympy(private_folder, monkeypatch):
+    """--sandbox_python (else $SOD_SANDBOX_PYTHON) is the sandbox's interpreter. A bare venv has the standard
+    library alone: enough for the toy, not for real data, where the stage stops with what to do unless
+    --sandbox_stdlib_ok."""
+    import rollout
+    python = make_venv(private_folder)
+    cfg = rollout.RolloutConfig(sandbox_python=python)
+    rollout.setup_sandbox(cfg, "toy", "toy:valid")
+    assert sandbox.sandbox_isolation().python == python
+    assert tools.execute_code("import sys\nprint(sys.prefix)") == f"{private_folder / 'venv'}\n"
+    assert "ModuleNotFoundError" in tools.execute_code("import numpy\nprint(1)")
+    with pytest.raises(SystemExit, match=r"cannot import numpy and sympy; .*pip install numpy sympy.*"
+                                         r"--sandbox_python.*--sandbox_url.*--sandbox_stdlib_ok"):
+        rollout.setup_sandbox(cfg, "toy", "aime_2024_problems.parquet")
+    rollout.setup_sandbox(rollout.RolloutConfig(sandbox_python=python, sandbox_stdlib_ok=True),
+                          "Open-AgentRL-30K.parquet")
+    with pytest.raises(SystemExit, match="--sandbox_python is not used with --sandbox_url"):
+        rollout.setup_sandbox(rollout.RolloutConfig(sandbox_python=python, sandbox_url="http://x"), "toy")
+    with pytest.raises(SystemExit, match="--sandbox_python .* is not an executable"):
+        rollout.check_rollout_settings(rollout.RolloutConfig(sandbox_python=str(private_folder / "nope")))
+    monkeypatch.setenv("SOD_SANDBOX_PYTHON", python)
+    sandbox.configure()  # back to the default interpreter: the environment variable's
+    assert sandbox.sandbox_isolation().python == python
+    monkeypatch.delenv("SOD_SANDBOX_PYTHON")
+    sandbox.configure(python=sys.executable)
+    if LEVEL == "full":  # the trainer's own environment, mounted: the sandbox imports what the trainer does
+        import importlib.util
+        assert sandbox.missing_packages() == [m for m in ("numpy", "sympy") if not importlib.util.find_spec(m)]
+
 
 # -----------------------------------------------------------------------------
 # the tool text
@@ -572,7 +722,8 @@ def one_worker(monkeypatch):
     """A warm pool of one worker, so that consecutive calls land on the same interpreter."""
     if LEVEL != "full":
         pytest.skip(f"the warm path needs full isolation, not {LEVEL}")
-    pool = sandbox._WarmPool(sandbox.sandbox_isolation()[1], size=1)
+    isolation = sandbox.sandbox_isolation()
+    pool = sandbox._WarmPool(isolation.python, isolation.mounts, size=1)
     monkeypatch.setattr(sandbox, "_warm_pool", pool)
     yield pool
     pool.close()
@@ -606,7 +757,9 @@ def test_no_state_reaches_the_next_call_on_the_same_worker(one_worker):
     first = sandbox.run_python(LEAVE_STATE.replace("{marker}", marker), timeout=5)
     assert first["stdout"].startswith("left"), first
     fresh = sandbox.run_python(LOOK_FOR_STATE, timeout=5)
-    assert fresh["stdout"] == ("False False /tmp None False False False ['/tmp/main.py'] "
+    # /tmp holds the code, and the way to the interpreter's environment if that lives under the host's /tmp
+    in_tmp = {"/tmp/" + d.split("/")[2] for d in sandbox.sandbox_isolation().mounts.dirs if d.startswith("/tmp/")}
+    assert fresh["stdout"] == (f"False False /tmp None False False False {sorted({'/tmp/main.py', *in_tmp})} "
                                "['0', '1', '2', '3']\n"), fresh
     assert live_processes_with(marker) == []
     assert one_worker.count == 1  # the same worker answered both calls
@@ -648,7 +801,6 @@ tools.execute_code(open('/proc/self/comm', 'w').write({marker!r}) and "import ti
 def test_no_sandbox_outlives_a_killed_trainer(path, tmp_path):
     if LEVEL != "full":
         pytest.skip("needs full isolation")
-    import subprocess
     marker = unique_marker()
     code = SIGKILL_DURING_A_CALL.format(repo=str(Path(__file__).resolve().parents[1]), marker=marker,
                                         kind=path)
@@ -656,10 +808,13 @@ def test_no_sandbox_outlives_a_killed_trainer(path, tmp_path):
                         f"\"open('/proc/self/comm', 'w').write({marker!r})\\n\" + ")
     trainer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert trainer.stdout.readline() == "calling\n"
+    # the trainer's own command line holds the marker too: wait for a process that the program named
+    running = []
     deadline = time.monotonic() + 20
-    while not live_processes_with(marker) and time.monotonic() < deadline:
+    while not running and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert live_processes_with(marker), "the sandboxed program never started"
+        running = [pid for pid in live_processes_with(marker) if pid != trainer.pid]
+    assert running, "the sandboxed program never started"
     trainer.kill()
     trainer.wait()
     time.sleep(2.0)
@@ -725,7 +880,7 @@ def test_code_tests_and_tool_calls_reach_sandbox_fusion_from_a_stage_config(sand
                                                              "stderr": "", "return_code": 0}}
     FakeSandboxFusion.replies = [(200, ok)] * 2
     cfg = rollout.RolloutConfig(sandbox_url=sandbox_fusion)
-    sandbox.configure(kind=cfg.sandbox, url=cfg.sandbox_url)  # as a stage does once, at its start
+    rollout.setup_sandbox(cfg, "Open-AgentRL-30K.parquet")  # as a stage does once, at its start
     assert (tools.tool_runner(cfg)([[{"name": tools.TOOL_NAME, "arguments": {"code": "print(2 + 2)"}}]])
             == [tools.Reply(["4\n"])])
     t = rollout.Trajectory(prompt_ids=[], data_source="livecodebench",

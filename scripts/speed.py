@@ -101,7 +101,7 @@ def calls(codes):
 
 
 def bench_sandbox(alone: int, burst: int, repeats: int):
-    if sandbox.sandbox_isolation()[0] != "full":
+    if sandbox.sandbox_isolation().level != "full":
         print("sandbox: the warm path needs full isolation (root and unshare); skipped")
         return
     figures = {}

@@ -40,6 +40,7 @@ namespace (pids grow from call to call). For untrusted code at scale run a real 
 (--sandbox_url).
 """
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -178,11 +179,16 @@ def _leased_uid():
         lock.close()  # releases the flock
 
 
-def _set_parent_death_signal():
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a forked child must not import or dlopen
+
+
+def _set_parent_death_signal(parent: int):
     """In a child between fork and exec: SIGKILL when the thread that started it dies (no orphaned
-    sandbox)."""
-    import ctypes
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    sandbox). A parent that died before the prctl sends nothing, so the child checks that its parent is
+    still `parent` afterwards and exits otherwise."""
+    _LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _sweep_stale_folders():
@@ -313,8 +319,10 @@ def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python,
             env = dict(SANDBOX_ENV, HOME="/tmp" if level == "full" else host_dir)
             limits = _rlimits(timeout, memory_mb)
 
+            host_pid = os.getpid()
+
             def in_child():  # runs between fork and exec: plain syscalls only, no locks
-                _set_parent_death_signal()
+                _set_parent_death_signal(host_pid)
                 for res, values in limits:
                     resource.setrlimit(res, values)
 

@@ -85,6 +85,13 @@ def name_self(marker):
     return f"open('/proc/self/comm', 'w').write({marker!r})\n"
 
 
+def process_name(pid):
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
 def unique_marker():
     return "sod" + secrets.token_hex(6)
 
@@ -808,16 +815,19 @@ def test_no_sandbox_outlives_a_killed_trainer(path, tmp_path):
                         f"\"open('/proc/self/comm', 'w').write({marker!r})\\n\" + ")
     trainer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert trainer.stdout.readline() == "calling\n"
-    # the trainer's own command line holds the marker too: wait for a process that the program named
+    # the trainer's own command line holds the marker too (and so does a child it forked, until that child
+    # execs): wait for a process that the sandboxed program named
     running = []
     deadline = time.monotonic() + 20
     while not running and time.monotonic() < deadline:
         time.sleep(0.05)
-        running = [pid for pid in live_processes_with(marker) if pid != trainer.pid]
+        running = [pid for pid in live_processes_with(marker) if process_name(pid) == marker]
     assert running, "the sandboxed program never started"
     trainer.kill()
     trainer.wait()
-    time.sleep(2.0)
+    deadline = time.monotonic() + 10  # SIGKILL travels two parent-death hops; a loaded machine may lag
+    while live_processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert live_processes_with(marker) == []
     if path == "cold":  # the scratch folder of the killed trainer is swept at the next start
         stale = [p for p in Path(tempfile.gettempdir()).glob(f"sod_sandbox_{trainer.pid}_*")]
@@ -825,6 +835,24 @@ def test_no_sandbox_outlives_a_killed_trainer(path, tmp_path):
                         f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
                         "from common import sandbox; sandbox.sandbox_isolation()"], check=True)
         assert stale and not any(p.exists() for p in stale)
+
+
+def test_a_sandbox_whose_host_died_before_it_could_ask_for_the_death_signal_never_starts():
+    # between fork and exec the child asks for SIGKILL on its parent's death; had the parent died already,
+    # the request is void and the child would run on as an orphan: it must exit instead
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        sandbox._set_parent_death_signal(parent + 1)  # a parent it does not have
+        os._exit(0)  # not reached
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 1
+    pid = os.fork()
+    if pid == 0:
+        sandbox._set_parent_death_signal(parent)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
 
 
 # -----------------------------------------------------------------------------

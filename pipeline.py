@@ -40,7 +40,7 @@ import evaluate
 import grpo
 import sft
 import sod_distill
-from common import models, runs, sandbox
+from common import cpu_kernels, models, runs, sandbox
 from common.cli import arg, run_script
 from common.study import failure_table, plot_study, results_table, same_budget, study_tables, turn_table
 
@@ -62,6 +62,9 @@ class Config:
     toy_steps: str = arg("", "dependent tool calls per toy problem, e.g. 2-4 (empty: the preset's)")
     tool_failure_rate: float = arg(UNSET_FRACTION, "fraction of tool calls that fail transiently, in every "
                                                    "rollout and evaluation (-1: the preset's)")
+    teacher_seed: int = arg(0, "seed of the teacher's SFT and GRPO (data order, initialisation, sampling)")
+    teacher_only: bool = arg(False, "run and evaluate the teacher's two stages only (checks of the teacher "
+                                    "recipe: docs/results.md)")
     teacher_model: str = arg("", "toy architecture of the teacher: toy-teacher or toy-teacher-large "
                                  "(empty: toy-teacher)")
     teacher_sft_epochs: int = arg(UNSET, "SFT epochs of the teacher (-1: the preset's)")
@@ -137,7 +140,8 @@ def fingerprint(stage_cfg, inputs: list[str]) -> dict:
     for path in inputs:
         f = Path(path) / "model.safetensors"
         weights[path] = hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else path
-    return {"settings": settings, "inputs": weights, "code_version": runs.code_version()}
+    return {"settings": settings, "inputs": weights, "code_version": runs.code_version(),
+            "cpu_kernels": cpu_kernels.describe()}
 
 
 def run_stage(name: str, out_dir: Path, fn, stage_cfg, inputs: list[str], timings: dict):
@@ -157,7 +161,8 @@ def run_stage(name: str, out_dir: Path, fn, stage_cfg, inputs: list[str], timing
         before, now = had["settings"], want["settings"]
         changed = ", ".join(f"{k}: {before.get(k)} -> {now[k]}" for k in now if before.get(k) != now[k])
         why = (f"settings changed ({changed})" if changed else
-               "its inputs changed" if had["inputs"] != want["inputs"] else "the code changed")
+               "its inputs changed" if had["inputs"] != want["inputs"] else
+               "the CPU kernels changed" if had.get("cpu_kernels") != want["cpu_kernels"] else "the code changed")
         print(f"=== {name}: running again, {why}")
     out_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(want, indent=1, default=str) + "\n")
@@ -208,10 +213,11 @@ def main(cfg: Config):
     run_stage("sft teacher", root / "sft-teacher", sft.main,
               sft.Config(model=cfg.teacher_model, toy_recovery_frac=0.0,
                          toy_direct_frac=cfg.teacher_direct_frac, toy_steps=cfg.toy_steps,
-                         epochs=cfg.teacher_sft_epochs, out_dir=str(root / "sft-teacher"),
+                         epochs=cfg.teacher_sft_epochs, seed=cfg.teacher_seed,
+                         out_dir=str(root / "sft-teacher"),
                          **sft_sizes), [], timings)
     student_sfts = {}
-    for seed in (seeds if cfg.seed_student_sft else [seeds[0]]):
+    for seed in ([] if cfg.teacher_only else seeds if cfg.seed_student_sft else [seeds[0]]):
         out = root / (f"sft-student-s{seed}" if cfg.seed_student_sft else "sft-student")
         run_stage(f"sft student (seed {seed})" if cfg.seed_student_sft else "sft student", out, sft.main,
                   sft.Config(model="toy-student", epochs=cfg.student_sft_epochs,
@@ -223,11 +229,11 @@ def main(cfg: Config):
     # 3. the teacher's RL
     teacher = str(root / "grpo-teacher" / "final")
     run_stage("grpo teacher", root / "grpo-teacher", grpo.main,
-              grpo.Config(model=teacher_sft, out_dir=str(root / "grpo-teacher"),
+              grpo.Config(model=teacher_sft, out_dir=str(root / "grpo-teacher"), seed=cfg.teacher_seed,
                           **rl_sizes), [teacher_sft], timings)
     # 4. the student, same budget three ways
     students = {}
-    for seed in seeds:
+    for seed in ([] if cfg.teacher_only else seeds):
         start = student_sfts.get(seed, student_sfts[seeds[0]])
         student_rl = dict(rl_sizes, lr=cfg.student_rl_lr)
         for method in ("grpo", "opd", "sod"):
@@ -254,7 +260,7 @@ def main(cfg: Config):
     t0 = time.time()
     benchmarks = evaluate.load_benchmarks(eval_cfg)
     evaluated = [("teacher SFT", None, teacher_sft), ("teacher GRPO", None, teacher)]
-    evaluated += [("student SFT", s, student_sfts.get(s, student_sfts[seeds[0]])) for s in seeds]
+    evaluated += [("student SFT", s, student_sfts.get(s, student_sfts[seeds[0]])) for s in seeds if student_sfts]
     evaluated += [(f"student {m.upper()}", s, p) for m, by_seed in students.items()
                   for s, p in by_seed.items()]
     results = {}
@@ -262,13 +268,14 @@ def main(cfg: Config):
         label = name if seed is None else f"{name} (seed {seed})"
         results.setdefault(name, {})[seed] = evaluate_model(label, path, eval_cfg, benchmarks, root / "eval")
     timings["evaluation"] = round(time.time() - t0, 1)
-    budget = same_budget(root, students)  # refuses to compare runs that did not share one budget
+    budget = same_budget(root, students) if students else {}  # refuses runs that did not share one budget
     table = results_table(results, cfg.eval_n)
-    if len(seeds) > 1:
+    if len(seeds) > 1 and not cfg.teacher_only:
         table += "\n\n" + study_tables(results, cfg.eval_n, seeds)
         plot_study(root, seeds, root / "study.png")
     table += "\n\n" + failure_table(results)
-    table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in seeds])
+    if not cfg.teacher_only:
+        table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in seeds])
     if cfg.quick:
         table += "\n\n(--quick: a few steps per stage and a tiny evaluation; these numbers mean nothing)"
     (root / "results.md").write_text(table + "\n")

@@ -12,6 +12,8 @@ import sys
 from dataclasses import MISSING, field, fields
 from pathlib import Path
 
+from common import cpu_kernels
+
 
 def arg(default, help: str):
     """A config field with its command-line help string (every stage's config is a dataclass of these)."""
@@ -74,6 +76,9 @@ def run_script(main, cls):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     quiet_libraries()
     cfg = parse_args(cls)
+    # before any tensor: the toy pins torch's CPU kernels so that its digits are the same on every x86-64 CPU
+    data = str(getattr(cfg, "data", "toy"))  # pipeline.py has no --data: it is the toy
+    cpu_kernels.configure(cpu_kernels.mode_for(toy=all(d.split(":")[0] == "toy" for d in data.split(","))))
     try:
         main(cfg)
     except KeyboardInterrupt:

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import cpu_kernels
 from common.dist import Dist, all_gather, barrier, full_state_dict, shard
 from common.models import REPO_DIR, TOY_DIR
 
@@ -227,7 +228,7 @@ def new_run(out_dir: Path, cfg, state: dict | None, d: Dist) -> str:
     run_id = all_gather(run_id, d)[0]
     if d.main:
         info = {"run_id": run_id, "code_version": code_version(), "world_size": d.world,
-                "config": asdict(cfg)}
+                "cpu_kernels": cpu_kernels.describe(), "config": asdict(cfg)}
         (out_dir / "run.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
     return run_id
 

@@ -101,3 +101,23 @@ def test_a_two_seed_pipeline_prints_the_study_tables_and_draws_the_study(tmp_pat
     assert saved["seeds"] == [0, 1] and saved["student_budget"]["steps"] == 2
     pytest.importorskip("matplotlib")
     assert (tmp_path / "study.png").stat().st_size > 10_000
+
+
+def test_the_teacher_alone_with_its_own_seed_and_the_kernels_it_ran_on(tmp_path):
+    # --teacher_only: the teacher's SFT and GRPO with --teacher_seed, evaluated, and nothing of the student
+    out = subprocess.run([sys.executable, "pipeline.py", "--quick", "--teacher_only", "--teacher_seed", "3",
+                          "--out_root", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "| teacher GRPO |" in out.stdout and "| student" not in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["eval", "grpo-teacher", "sft-teacher"]
+    for stage in ("sft-teacher", "grpo-teacher"):
+        record = json.loads((tmp_path / stage / "run.json").read_text())
+        assert record["config"]["seed"] == 3
+        assert record["cpu_kernels"].startswith("reproducible (ATen AVX2")  # the tests pin them (conftest.py)
+    # a stage made on other kernels is not reused
+    again = subprocess.run([sys.executable, "pipeline.py", "--quick", "--teacher_only", "--teacher_seed", "3",
+                            "--out_root", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", SOD_CPU_KERNELS="native"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "=== sft teacher: running again, the CPU kernels changed" in again.stdout

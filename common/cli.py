@@ -76,9 +76,7 @@ def run_script(main, cls):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     quiet_libraries()
     cfg = parse_args(cls)
-    # before any tensor: the toy pins torch's CPU kernels so that its digits are the same on every x86-64 CPU
-    data = str(getattr(cfg, "data", "toy"))  # pipeline.py has no --data: it is the toy
-    cpu_kernels.configure(cpu_kernels.mode_for(toy=all(d.split(":")[0] == "toy" for d in data.split(","))))
+    cpu_kernels.configure(cpu_kernels.mode_from_env())  # before any tensor: $SOD_CPU_KERNELS, native if unset
     try:
         main(cfg)
     except KeyboardInterrupt:

@@ -24,21 +24,21 @@ print(hashlib.sha256(out.numpy().tobytes()).hexdigest())
 
 def python(code: str, **env) -> subprocess.CompletedProcess:
     """A fresh interpreter whose environment holds none of the pins the tests' own process set."""
-    clean = {k: v for k, v in os.environ.items() if k not in (*cpu_kernels.PINNED, cpu_kernels.ENV)}
+    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", cpu_kernels.ENV)}
     return subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r})\n" + code],
                           env={**clean, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
                           timeout=120)
 
 
-def test_the_toy_runs_reproducible_kernels_and_real_data_runs_torchs_own(monkeypatch):
+def test_the_mode_comes_from_the_environment_and_is_native_by_default(monkeypatch):
     monkeypatch.delenv(cpu_kernels.ENV, raising=False)
-    assert cpu_kernels.mode_for(toy=True) == "reproducible"
-    assert cpu_kernels.mode_for(toy=False) == "native"
-    monkeypatch.setenv(cpu_kernels.ENV, "native")
-    assert cpu_kernels.mode_for(toy=True) == "native"
+    assert cpu_kernels.mode_from_env() == "native"
+    for mode in ("avx2", "reproducible"):
+        monkeypatch.setenv(cpu_kernels.ENV, mode)
+        assert cpu_kernels.mode_from_env() == mode
     monkeypatch.setenv(cpu_kernels.ENV, "fast")
-    with pytest.raises(SystemExit, match="reproducible or native"):
-        cpu_kernels.mode_for(toy=True)
+    with pytest.raises(SystemExit, match="must be one of reproducible, avx2, native"):
+        cpu_kernels.mode_from_env()
 
 
 @pytest.mark.skipif(not cpu_kernels.has_avx2(), reason="the reproducible kernels need AVX2")
@@ -55,7 +55,7 @@ def test_kernels_pinned_after_import_torch_are_the_ones_torch_runs():
 def test_the_mode_is_what_the_run_records():
     line = python("from common import cpu_kernels\ncpu_kernels.configure('reproducible')\n"
                   "print(cpu_kernels.describe())").stdout
-    assert line.startswith("reproducible (ATen ") and "MKL_CBWR=AVX2" in line
+    assert line.startswith("reproducible (ATen ") and f"MKL_CBWR={cpu_kernels.PINNED['MKL_CBWR']}" in line
     assert python("from common import cpu_kernels\ncpu_kernels.configure('native')\n"
                   "print(cpu_kernels.describe())").stdout.startswith("native (ATen ")
 
@@ -75,11 +75,14 @@ def test_a_conflicting_kernel_variable_stops_the_reproducible_mode():
     assert out.returncode != 0 and "conflicts" in out.stderr
 
 
-@pytest.mark.parametrize("data, mode", [("toy", "reproducible"), ("toy:valid", "reproducible"),
-                                        ("aime24.parquet", "native"), ("toy,aime24.parquet", "native")])
-def test_a_script_chooses_the_mode_from_its_data_before_main_runs(data, mode):
+@pytest.mark.parametrize("mode", ["native", "avx2", "reproducible"])
+def test_a_script_pins_the_kernels_of_its_mode_before_main_runs(mode):
     # common/cli.run_script, what `python evaluate.py ...` does, before the stage's first tensor
-    out = python(f"import sys\nsys.argv = ['evaluate.py', '--model', 'toy-student', '--data', {data!r}]\n"
+    out = python("import sys\nsys.argv = ['evaluate.py', '--model', 'toy-student']\n"
                  "import evaluate\nfrom common import cli, cpu_kernels\n"
-                 "cli.run_script(lambda cfg: print(cpu_kernels._configured), evaluate.Config)")
-    assert out.stdout.strip() == mode, out.stderr
+                 "cli.run_script(lambda cfg: print(cpu_kernels.describe()), evaluate.Config)",
+                 SOD_CPU_KERNELS=mode)
+    line = out.stdout.strip()
+    assert line.startswith(f"{mode} (ATen "), out.stderr
+    if mode != "native" and cpu_kernels.has_avx2():
+        assert line == f"{mode} (ATen AVX2, MKL_CBWR={cpu_kernels.MODES[mode]['MKL_CBWR']})"

@@ -28,7 +28,6 @@ MODES = {  # mode -> the variables it pins (native pins none)
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"},
     "native": {},
 }
-PINNED = MODES["reproducible"]
 _configured = None  # the mode this process runs, once chosen
 
 

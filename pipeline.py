@@ -28,6 +28,7 @@ checkpoint; anything else reruns. Each stage says which of the three happened.
     python pipeline.py                 # the short default
     python pipeline.py --quick         # the smoke test
     python pipeline.py --study         # weak student, strong teacher, five seeds
+    python pipeline.py --teacher_only --teacher_seed 1 --out_root runs-teacher-s1   # the teacher's stages alone
 """
 import hashlib
 import json
@@ -196,6 +197,7 @@ def main(cfg: Config):
     sandbox.configure(cfg.sandbox, python=cfg.sandbox_python)
     root = Path(cfg.out_root)
     seeds = [int(s) for s in cfg.seeds.split(",")]
+    student_seeds = [] if cfg.teacher_only else seeds  # --teacher_only: no student stage, row or table
     timings = {}
     sft_sizes = dict(max_steps=3, toy_examples=64, eval_prompts=0) if cfg.quick else {}
     rl_sizes = dict(steps=cfg.rl_steps, eval_every=cfg.rl_eval_every, eval_prompts=cfg.rl_eval_prompts,
@@ -217,7 +219,7 @@ def main(cfg: Config):
                          out_dir=str(root / "sft-teacher"),
                          **sft_sizes), [], timings)
     student_sfts = {}
-    for seed in ([] if cfg.teacher_only else seeds if cfg.seed_student_sft else [seeds[0]]):
+    for seed in (student_seeds if cfg.seed_student_sft else student_seeds[:1]):
         out = root / (f"sft-student-s{seed}" if cfg.seed_student_sft else "sft-student")
         run_stage(f"sft student (seed {seed})" if cfg.seed_student_sft else "sft student", out, sft.main,
                   sft.Config(model="toy-student", epochs=cfg.student_sft_epochs,
@@ -233,7 +235,7 @@ def main(cfg: Config):
                           **rl_sizes), [teacher_sft], timings)
     # 4. the student, same budget three ways
     students = {}
-    for seed in ([] if cfg.teacher_only else seeds):
+    for seed in student_seeds:
         start = student_sfts.get(seed, student_sfts[seeds[0]])
         student_rl = dict(rl_sizes, lr=cfg.student_rl_lr)
         for method in ("grpo", "opd", "sod"):
@@ -260,7 +262,7 @@ def main(cfg: Config):
     t0 = time.time()
     benchmarks = evaluate.load_benchmarks(eval_cfg)
     evaluated = [("teacher SFT", None, teacher_sft), ("teacher GRPO", None, teacher)]
-    evaluated += [("student SFT", s, student_sfts.get(s, student_sfts[seeds[0]])) for s in seeds if student_sfts]
+    evaluated += [("student SFT", s, student_sfts.get(s, student_sfts[seeds[0]])) for s in student_seeds]
     evaluated += [(f"student {m.upper()}", s, p) for m, by_seed in students.items()
                   for s, p in by_seed.items()]
     results = {}
@@ -270,12 +272,12 @@ def main(cfg: Config):
     timings["evaluation"] = round(time.time() - t0, 1)
     budget = same_budget(root, students) if students else {}  # refuses runs that did not share one budget
     table = results_table(results, cfg.eval_n)
-    if len(seeds) > 1 and not cfg.teacher_only:
+    if len(student_seeds) > 1:
         table += "\n\n" + study_tables(results, cfg.eval_n, seeds)
         plot_study(root, seeds, root / "study.png")
     table += "\n\n" + failure_table(results)
-    if not cfg.teacher_only:
-        table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in seeds])
+    if student_seeds:
+        table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in student_seeds])
     if cfg.quick:
         table += "\n\n(--quick: a few steps per stage and a tiny evaluation; these numbers mean nothing)"
     (root / "results.md").write_text(table + "\n")

@@ -207,6 +207,10 @@ def make_vllm_engine(model_path: str, seed: int = 0, d: "Dist | None" = None, kv
     kwargs = dict(model=model_path, seed=seed, dtype="bfloat16" if on_gpu else "float32",
                   enforce_eager=not on_gpu, enable_prefix_caching=True,
                   kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
+    if not on_gpu:
+        # vLLM rewinds a seeded request's generator when it discards the token of a chunked prefill, which a CPU
+        # generator cannot do ("CPU Generator does not use offset"): on a CPU, prefills are never chunked
+        kwargs["enable_chunked_prefill"] = False
     if d is not None and d.world > 1:
         kwargs.update(distributed_executor_backend="external_launcher", data_parallel_size=d.world)
     if max_model_len:

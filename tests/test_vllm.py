@@ -46,6 +46,16 @@ def test_tool_loop_on_the_vllm_backend(engine_and_model):
     assert [t.response_ids for t in trajs] == [t.response_ids for t in again]  # per-request seeds
 
 
+def test_a_step_of_seeded_requests_on_a_cpu_engine(engine_and_model):
+    """A GRPO step's 16 x 8 seeded requests overflow one scheduler step: on a CPU vLLM would chunk their
+    prefills and then fail to rewind a CPU generator ("CPU Generator does not use offset")."""
+    llm, _, tok = engine_and_model
+    prompts = data.load_prompts("toy:eval", 16)
+    trajs = rollout.rollout(llm, tok, prompts, 8, rollout.RolloutConfig(max_response_tokens=24, max_turns=2),
+                            seed=0)
+    assert len(trajs) == 128 and all(0 < len(t.response_ids) <= 24 for t in trajs)
+
+
 def test_weight_push_makes_vllm_match_the_updated_model(engine_and_model):
     llm, model, tok = engine_and_model
     ids = rollout.render_prompt_ids(tok, "a = 12 * 3\nWhat is a?")[:60]

@@ -273,8 +273,8 @@ def main(cfg: Config):
     budget = same_budget(root, students) if students else {}  # refuses runs that did not share one budget
     table = results_table(results, cfg.eval_n)
     if len(student_seeds) > 1:
-        table += "\n\n" + study_tables(results, cfg.eval_n, seeds)
-        plot_study(root, seeds, root / "study.png")
+        table += "\n\n" + study_tables(results, cfg.eval_n, student_seeds)
+        plot_study(root, student_seeds, root / "study.png")
     table += "\n\n" + failure_table(results)
     if student_seeds:
         table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in student_seeds])

@@ -24,7 +24,8 @@ print(hashlib.sha256(out.numpy().tobytes()).hexdigest())
 
 def python(code: str, **env) -> subprocess.CompletedProcess:
     """A fresh interpreter whose environment holds none of the pins the tests' own process set."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", cpu_kernels.ENV)}
+    pinned = {name for variables in cpu_kernels.MODES.values() for name in variables} | {cpu_kernels.ENV}
+    clean = {k: v for k, v in os.environ.items() if k not in pinned}
     return subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r})\n" + code],
                           env={**clean, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
                           timeout=120)

@@ -210,9 +210,9 @@ def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, d=None, ge
         samples: list[Sample] = []
         for c in chunks[d.rank::d.world]:
             part = prompts[c:c + PROBLEMS_PER_ROLLOUT]
-            trajs = rollout.rollout(engine, tokenizer, part, cfg.n_samples, cfg, seed=cfg.seed + c,
-                                    progress=d.main)
-            samples += [Sample(c + t.prompt_index, j % cfg.n_samples, t.pred, t.acc, t.text, t.num_turns,
+            trajs = rollout.rollout(engine, tokenizer, part, cfg.n_samples, cfg, seed=cfg.seed,
+                                    progress=d.main, first_prompt=c)
+            samples += [Sample(t.prompt_index, j % cfg.n_samples, t.pred, t.acc, t.text, t.num_turns,
                                t.num_tool_calls, t.num_tool_errors, t.stop_reason, resent_calls(t.turns))
                         for j, t in enumerate(trajs)]
         samples = sorted(s for part in dist.all_gather(samples, d) for s in part)

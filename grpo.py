@@ -304,10 +304,8 @@ def rollout_groups(model, engine, tokenizer, step_prompts: list[dict], cfg, step
     counts = Counter()
     model.eval()
     mine = rollout.rollout(engine, tokenizer, step_prompts[share.start:share.stop], cfg.n_samples, cfg,
-                           seed=cfg.seed * 100_003 + step + 1_000_003 * d.rank, counts=counts)
+                           seed=cfg.seed * 100_003 + step, counts=counts, first_prompt=share.start)
     model.train()
-    for t in mine:
-        t.prompt_index += share.start
     trajs = [t for part in dist.all_gather(mine, d) for t in part]
     counts = Counter(dist.all_sum(dict(counts), d))
     return trajs, {"step": step + 1, **rollout_metrics(trajs, counts), "t_rollout": time.time() - t0,

@@ -4,9 +4,12 @@ trainers take of them.
 
 Top to bottom:
   1. `RolloutConfig`: the loop's settings, declared once and inherited by every stage that rolls out.
-  2. Generation behind one function: Hugging Face `generate` (default on CPU) and vLLM (default on CUDA when
-     installed), colocated in-process, with new weights pushed after each update.
-  3. The tool loop (token-in/token-out):
+  2. Generation: Hugging Face `generate` (default on CPU) and vLLM (default on CUDA when installed),
+     colocated in-process, with new weights pushed after each update. Each request is sampled with a seed of
+     its own, so what it gets does not depend on the batch it lands in.
+  3. The tool loop, one trajectory at a time (asyncio): each goes generate -> call the tool -> generate at
+     its own pace, and the engine batches whatever waits, so nothing waits for the slowest call of a turn
+     (--rollout_schedule sync keeps the turn-by-turn loop, to measure against). Token-in/token-out:
         response = [turn_1][tool_1][turn_2][tool_2] ... [turn_K]
         response_mask = 1 on tokens the model generated (its closing <|im_end|> included),
                         0 on tool-response tokens.
@@ -30,14 +33,21 @@ The toy default runs on a CPU with nothing downloaded:
     python rollout.py --model Qwen/Qwen3-0.6B --data Open-AgentRL-30K.parquet --backend vllm \\
         --n_samples 16   # GPU
 """
+import asyncio
+import inspect
+import itertools
 import logging
 import os
+import random
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 import tools
 from common import chat_template, sandbox
@@ -64,6 +74,11 @@ class RolloutConfig:
                                   "(reference 1.0)")
     top_p: float = arg(1.0, "nucleus sampling (reference 1.0 in training, 0.6 in evaluation)")
     # the loop
+    rollout_schedule: str = arg("async", "async: each trajectory at its own pace, the engine batching whatever "
+                                         "waits (as the authors' agent loop) | sync: turn by turn, each turn "
+                                         "waiting for its slowest call (to measure against)")
+    batch_wait_s: float = arg(0.5, "async, HF backend: a generation batch starts once every running trajectory "
+                                   "waits for it, or once no request has joined for this long")
     max_turns: int = arg(16, "assistant turns, and tool responses, per trajectory (reference 16)")
     max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
     max_prompt_tokens: int = arg(512, "prompts longer than this, measured with the chat template, are "
@@ -90,11 +105,14 @@ class RolloutConfig:
                                             "(reference 256)")
     autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression "
                                       "(bare expressions only)")
-    dedupe_tool_calls: str = arg("auto", "identical calls of a turn run once: auto (on for the toy's arithmetic, "
-                                         "off for other data, whose code may be random: the authors run each "
-                                         "call) | on | off")
+    dedupe_tool_calls: str = arg("auto", "identical calls of a rollout run once: auto (on for the toy's "
+                                         "arithmetic, off for other data, whose code may be random: the authors "
+                                         "run each call) | on | off")
     tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently ('no stdout here'), "
                                         "a toy option")
+    tool_latency_rate: float = arg(0.0, "fraction of tool calls that first sleep --tool_latency_s (a toy option, "
+                                        "to measure how rollouts wait on slow calls)")
+    tool_latency_s: float = arg(6.0, "seconds a slow tool call sleeps (with --tool_latency_rate)")
     # the reward
     math_scoring: str = arg("strict", "math and GPQA answers: strict (the reference's exact last box) "
                                       "| lenient (math-verify's symbolic equivalence)")
@@ -110,7 +128,7 @@ CHOICES = {"backend": ("auto", "hf", "vllm"), "autoprint": ("reference", "expres
            "tool_junction": ("template", "reference"), "sandbox": ("warm", "cold"),
            "code_scoring": ("fixed", "reference"), "math_scoring": ("strict", "lenient"),
            "tool_shaping": ("reference", "turns", "none"), "wrapper_choice": ("row", "file"),
-           "dedupe_tool_calls": ("auto", "on", "off")}
+           "dedupe_tool_calls": ("auto", "on", "off"), "rollout_schedule": ("async", "sync")}
 
 
 def check_rollout_settings(cfg):
@@ -159,27 +177,63 @@ def _cut_at_stop(ids: list[int], stop_ids: list[int], budget: int) -> list[int]:
     return ids
 
 
+def request_seed(seed: int, index: int, turn: int) -> int:
+    """The sampling seed of one generation request: turn `turn` of trajectory `index` (its place in the global
+    batch, the same on one rank or many) of a rollout seeded `seed`. Randomness belongs to the request, not to
+    the batch the engine happens to put it in, so no schedule and no batching changes what is sampled (up to
+    the float differences that batching itself brings)."""
+    return random.Random(f"{seed}:{index}:{turn}").getrandbits(63)
+
+
+class SampleAtUniforms(LogitsProcessor):
+    """Sampling whose randomness belongs to each request. Request r comes with u_r, uniforms drawn from a
+    generator seeded by its own seed; its j-th token is the inverse CDF of the temperature / top-p
+    distribution at u_r[j]. Handed to greedy `generate`, it leaves one finite score per row: the sample."""
+
+    def __init__(self, uniforms: torch.Tensor, start: int, temperature: float, top_p: float):
+        self.u, self.start = uniforms, start                           # u: [B, max new tokens]
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+
+    def __call__(self, input_ids, scores):                            # scores: [B, V]
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)         # [B, V]
+        u = self.u[:, input_ids.shape[1] - self.start].unsqueeze(-1)   # [B, 1]
+        token = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
 @torch.no_grad()
 def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], temperature: float, top_p: float,
-                stop_ids: list[int], pad_id: int, batch_size: int = 256) -> list[list[int]]:
-    """Sample one continuation per context, each cut after its first stop token and to its own budget."""
+                stop_ids: list[int], pad_id: int, seeds: list[int] | None = None,
+                batch_size: int = 256) -> list[list[int]]:
+    """Sample one continuation per context, each cut after its first stop token and to its own budget. With
+    `seeds` (one per context), context i is sampled from its own generator seeded by seeds[i]; without,
+    from torch's global generator."""
     device = next(model.parameters()).device
     # similar lengths together: less padding
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     outputs: list[list[int]] = [[] for _ in contexts]
+    greedy = temperature <= 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(contexts[i]) for i in idx)
+        longest = max(max_new_tokens[i] for i in idx)
         input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):  # left padding: generation continues from the right edge
             input_ids[row, width - len(contexts[i]):] = torch.tensor(contexts[i])
             attention_mask[row, width - len(contexts[i]):] = 1
-        greedy = temperature <= 0
+        sampling = dict(do_sample=not greedy, temperature=None if greedy else temperature,
+                        top_p=None if greedy else top_p)
+        if seeds is not None and not greedy:
+            uniforms = torch.stack([torch.rand(longest, generator=torch.Generator().manual_seed(seeds[i]))
+                                    for i in idx])                     # [B, longest], one generator per request
+            sampling = dict(do_sample=False, logits_processor=LogitsProcessorList(
+                [SampleAtUniforms(uniforms.to(device), width, temperature, top_p)]))
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             max_new_tokens=max(max_new_tokens[i] for i in idx), do_sample=not greedy,
-                             temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-                             top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id)
+                             max_new_tokens=longest, top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id,
+                             **sampling)
         new_tokens = out[:, width:].tolist()
         for row, i in enumerate(idx):
             outputs[i] = _cut_at_stop(new_tokens[row], stop_ids, max_new_tokens[i])
@@ -218,18 +272,6 @@ def make_vllm_engine(model_path: str, seed: int = 0, d: "Dist | None" = None, kv
     return LLM(**kwargs)
 
 
-def generate_vllm(llm, contexts: list[list[int]], max_new_tokens: list[int], temperature: float, top_p: float,
-                  stop_ids: list[int], seed: int | None = None) -> list[list[int]]:
-    """vLLM keeps the stop token it sampled in token_ids; nothing is appended that the model did not
-    sample."""
-    from vllm import SamplingParams
-    params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max(1, m),
-                             stop_token_ids=list(stop_ids), seed=None if seed is None else seed + i)
-              for i, m in enumerate(max_new_tokens)]
-    results = llm.generate([{"prompt_token_ids": c} for c in contexts], params, use_tqdm=False)
-    return [_cut_at_stop(list(r.outputs[0].token_ids), stop_ids, m) for r, m in zip(results, max_new_tokens)]
-
-
 def push_weights(engine, model, d: "Dist | None" = None):
     """Copy the trainer's current weights into the generation engine: a colocated vLLM engine (no restart, no
     disk), or the plain replica that generates for a sharded model."""
@@ -241,15 +283,83 @@ def push_weights(engine, model, d: "Dist | None" = None):
         engine.load_state_dict(weights)
 
 
-def generate(engine, contexts, max_new_tokens, cfg: RolloutConfig, stop_ids, pad_id, seed=None):
-    """One function over both backends: `engine` is an HF model or a vLLM `LLM` (or, in tests, any
-    function (contexts, max_new_tokens, cfg) -> continuations)."""
-    if isinstance(engine, torch.nn.Module):
-        return generate_hf(engine, contexts, max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, pad_id)
+class Request(NamedTuple):
+    """One turn to generate: the trajectory's context, what is left of its token budget, its sampling seed."""
+    context: list[int]
+    budget: int
+    seed: int | None
+    future: asyncio.Future   # receives the turn's token ids
+
+
+class BatchEngine:
+    """An engine that runs a batch to its end: HF `generate` (or, in tests, any function
+    (contexts, max_new_tokens, cfg[, seeds]) -> continuations). A request that arrives while it runs waits
+    for the next batch."""
+    continuous = False
+
+    def __init__(self, engine, cfg: RolloutConfig, stop_ids: list[int], pad_id: int):
+        self.engine, self.cfg, self.stop_ids, self.pad_id = engine, cfg, stop_ids, pad_id
+        self.queued: list[Request] = []
+
+    def add(self, requests: list[Request]):
+        self.queued += requests
+
+    def busy(self) -> bool:
+        return bool(self.queued)
+
+    def step(self) -> list[tuple[asyncio.Future, list[int]]]:
+        batch, self.queued = self.queued, []
+        contexts, budgets, seeds = [r.context for r in batch], [r.budget for r in batch], [r.seed for r in batch]
+        seeds = None if None in seeds else seeds
+        if isinstance(self.engine, torch.nn.Module):
+            outs = generate_hf(self.engine, contexts, budgets, self.cfg.temperature, self.cfg.top_p,
+                               self.stop_ids, self.pad_id, seeds=seeds)
+        elif "seeds" in inspect.signature(self.engine).parameters:
+            outs = self.engine(contexts, budgets, self.cfg, seeds=seeds)
+        else:
+            outs = self.engine(contexts, budgets, self.cfg)
+        return [(r.future, ids) for r, ids in zip(batch, outs)]
+
+
+class VLLMEngine:
+    """vLLM's own engine, stepped from here: a request added between two steps joins the running batch at
+    the next one (continuous batching), and each request comes back as soon as it ends. vLLM keeps the stop
+    token it sampled in token_ids; nothing is appended that the model did not sample."""
+    continuous = True
+
+    def __init__(self, llm, cfg: RolloutConfig, stop_ids: list[int]):
+        self.engine, self.cfg, self.stop_ids = llm.llm_engine, cfg, stop_ids
+        self.running: dict[str, Request] = {}
+
+    def add(self, requests: list[Request]):
+        from vllm import SamplingParams
+        for r in requests:
+            request_id = f"sod-{next(_REQUEST_IDS)}"
+            self.engine.add_request(request_id, {"prompt_token_ids": r.context}, SamplingParams(
+                temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=max(1, r.budget),
+                stop_token_ids=list(self.stop_ids), seed=r.seed))
+            self.running[request_id] = r
+
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    def step(self) -> list[tuple[asyncio.Future, list[int]]]:
+        done = []
+        for out in self.engine.step():
+            if out.finished:
+                r = self.running.pop(out.request_id)
+                done.append((r.future, _cut_at_stop(list(out.outputs[0].token_ids), self.stop_ids, r.budget)))
+        return done
+
+
+_REQUEST_IDS = itertools.count()
+
+
+def make_engine(engine, cfg: RolloutConfig, stop_ids: list[int], pad_id: int):
+    """The engine behind the loop: `engine` is a vLLM `LLM`, an HF model, or (in tests) a function."""
     if hasattr(engine, "llm_engine"):
-        return generate_vllm(engine, contexts, max_new_tokens, cfg.temperature, cfg.top_p,
-                             stop_ids, seed=seed)
-    return engine(contexts, max_new_tokens, cfg)
+        return VLLMEngine(engine, cfg, stop_ids)
+    return BatchEngine(engine, cfg, stop_ids, pad_id)
 
 
 def resolve_backend(backend: str) -> str:
@@ -339,36 +449,75 @@ def _finish(traj: Trajectory, reason: str, cfg: RolloutConfig):
     traj.steps = [(s, min(e, cfg.max_response_tokens)) for s, e in traj.steps if s < cfg.max_response_tokens]
 
 
-def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, seed: int | None = None,
-            counts: Counter | None = None, progress: bool = False) -> list[Trajectory]:
-    """n trajectories per prompt. All live trajectories generate together, turn by turn; finished ones drop
-    out. Sampling follows cfg.temperature and cfg.top_p. Trajectories of prompt i sit at [i*n, (i+1)*n) (the
-    GRPO groups).
+class Waiting:
+    """The generation requests waiting for the engine, and how many trajectories are still running."""
+
+    def __init__(self, running: int):
+        self.requests: list[Request] = []
+        self.running = running
+        self.changed = asyncio.Event()
+
+    async def generate(self, context: list[int], budget: int, seed: int | None) -> list[int]:
+        future = asyncio.get_running_loop().create_future()
+        self.requests.append(Request(context, budget, seed, future))
+        self.changed.set()
+        return await future
+
+    def finished(self):
+        self.running -= 1
+        self.changed.set()
+
+    async def gather(self, wait_s: float | None):
+        """Until every running trajectory waits for generation, or, given wait_s, until no request has joined
+        for wait_s seconds while some wait (0: at once)."""
+        while len(self.requests) < self.running:
+            self.changed.clear()
+            if self.requests and wait_s is not None:
+                try:
+                    await asyncio.wait_for(self.changed.wait(), wait_s)
+                except TimeoutError:
+                    return
+            else:
+                await self.changed.wait()
+
+    def take(self) -> list[Request]:
+        requests, self.requests = self.requests, []
+        return requests
+
+
+async def serve(engine, waiting: Waiting, cfg: RolloutConfig):
+    """Feed the engine until every trajectory has ended.
+
+    async: a batch starts when every running trajectory waits for generation (with fast tools: all of them,
+    as turn by turn) or once no request has joined for --batch_wait_s while some trajectories still wait on
+    the tool; they join a later batch. vLLM takes each request as it comes and returns each as it ends.
+    sync: a batch starts only when every running trajectory waits for it, so every turn waits for the
+    turn's slowest generation and slowest tool call (the turn-synchronous loop, kept to measure against).
     """
-    from tqdm import tqdm
-    counts = counts if counts is not None else Counter()
-    stop_ids, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
-    # identical calls of a turn share one answer only where the code is known to be deterministic
-    dedupe = cfg.dedupe_tool_calls == "on" or (cfg.dedupe_tool_calls == "auto"
-                                               and all(p["data_source"].startswith("toy") for p in prompts))
-    call_tools = tools.tool_runner(cfg, seed, dedupe)  # the tool as cfg sets it up (the sandbox is set up once)
-    if seed is not None:
-        torch.manual_seed(seed)
-    trajs = []
-    for i, p in enumerate(prompts):
-        prompt_ids = render_prompt_ids(tokenizer, p["prompt"])
-        trajs += [Trajectory(prompt_ids=prompt_ids, prompt_index=i, data_source=p["data_source"],
-                             ground_truth=p["ground_truth"])
-                  for _ in range(n)]
-    live = list(trajs)
-    bar = tqdm(total=cfg.max_turns, desc="rollout turns", leave=False, disable=not progress)
-    while live:
-        # (per turn) budget = what is left of the trajectory's token budget, as the reference's max_tokens
-        budgets = [cfg.max_response_tokens - len(t.response_ids) for t in live]
-        outs = generate(engine, [t.prompt_ids + t.response_ids for t in live], budgets, cfg, stop_ids, pad_id,
-                        seed=None if seed is None else seed + 7919 * len(live[0].steps))
-        pending: list[tuple[Trajectory, list[dict]]] = []
-        for t, ids in zip(live, outs):
+    sync = cfg.rollout_schedule == "sync"
+    wait_s = None if sync else 0.0 if engine.continuous else cfg.batch_wait_s
+    while waiting.running:
+        if not engine.busy():
+            await waiting.gather(wait_s)
+            engine.add(waiting.take())
+        elif engine.continuous and not sync:
+            engine.add(waiting.take())
+        if engine.busy():
+            for future, ids in engine.step():  # blocks this thread; the tool calls go on in theirs
+                future.set_result(ids)
+        await asyncio.sleep(0)                 # the trajectories whose turn came back move on
+
+
+async def run_trajectory(t: Trajectory, index: int, waiting: Waiting, call_tool, tokenizer, cfg: RolloutConfig,
+                         seed: int | None, counts: Counter):
+    """One trajectory at its own pace: generate a turn, parse it, call the tool, append the tool's answer;
+    again until the model answers without a call or a limit is reached."""
+    try:
+        while True:
+            # (per turn) budget = what is left of the trajectory's token budget, as the reference's max_tokens
+            budget = cfg.max_response_tokens - len(t.response_ids)
+            ids = await waiting.generate(t.prompt_ids + t.response_ids, budget,
+                                         None if seed is None else request_seed(seed, index, len(t.steps)))
             t.steps.append((len(t.response_ids), len(t.response_ids) + len(ids)))
             t.response_ids += ids
             t.response_mask += [1] * len(ids)
@@ -377,26 +526,17 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
             assistant_turns = len(t.steps)
             user_turns = t.num_turns - 1 - assistant_turns
             if len(t.response_ids) >= cfg.max_response_tokens:
-                _finish(t, "length", cfg)
-                continue
+                return _finish(t, "length", cfg)
             if assistant_turns >= cfg.max_turns or user_turns >= cfg.max_turns:
-                _finish(t, "max_turns", cfg)
-                continue
+                return _finish(t, "max_turns", cfg)
             calls = tools.parse_tool_calls(tokenizer.decode(ids, skip_special_tokens=False), counts)
             if not calls:
-                _finish(t, "answer", cfg)
-                continue
+                return _finish(t, "answer", cfg)
             calls = calls[:cfg.max_tool_calls_per_turn]
             first = calls[0]
             t.turns[-1].tool_call = (first["arguments"].get("code") if isinstance(first["arguments"], dict)
                                      else first)
-            pending.append((t, calls))
-        # the tool calls of this turn, all trajectories at once, in parallel
-        t_tools = time.time()
-        replies = call_tools([calls for _, calls in pending])             # one tools.Reply per trajectory
-        counts["tool_seconds"] += time.time() - t_tools
-        live = []
-        for (t, calls), reply in zip(pending, replies):
+            reply = await call_tool(calls, (index, assistant_turns))    # a tools.Reply
             failed = any(tools.tool_call_failed(x) for x in reply.texts)
             t.num_tool_calls += len(calls)
             t.num_tool_errors += int(failed)
@@ -410,17 +550,78 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
             segment = render_tool_response_ids(tokenizer, reply.texts, cfg.tool_junction)
             if len(t.response_ids) + len(segment) >= cfg.max_response_tokens:
                 # stop *without* appending: a trajectory always ends with a model turn
-                _finish(t, "length", cfg)
-                continue
+                return _finish(t, "length", cfg)
             t.response_ids += segment
             t.response_mask += [0] * len(segment)
             t.num_turns += 1
-            live.append(t)
-        bar.update(1)
-    bar.close()
+    finally:
+        waiting.finished()
+
+
+def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, seed: int | None = None,
+            counts: Counter | None = None, progress: bool = False, first_prompt: int = 0) -> list[Trajectory]:
+    """n trajectories per prompt, each going generate -> call the tool -> generate at its own pace while the
+    engine batches whatever is waiting (`serve`). Sampling follows cfg.temperature and cfg.top_p, with a
+    seed per trajectory and turn (`request_seed`). Trajectories of prompt i sit at [i*n, (i+1)*n) (the GRPO
+    groups); `first_prompt` is the global index of prompts[0] (a rank's share), so that a trajectory's
+    randomness does not depend on how prompts are split between ranks.
+    """
+    counts = counts if counts is not None else Counter()
+    stop_ids, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
+    # identical calls share one answer only where the code is known to be deterministic
+    dedupe = cfg.dedupe_tool_calls == "on" or (cfg.dedupe_tool_calls == "auto"
+                                               and all(p["data_source"].startswith("toy") for p in prompts))
+    run_tool = tools.tool_runner(cfg, seed, dedupe)  # the tool as cfg sets it up (the sandbox is set up once)
+    trajs = []
+    for i, p in enumerate(prompts):
+        prompt_ids = render_prompt_ids(tokenizer, p["prompt"])
+        trajs += [Trajectory(prompt_ids=prompt_ids, prompt_index=first_prompt + i, data_source=p["data_source"],
+                             ground_truth=p["ground_truth"])
+                  for _ in range(n)]
+
+    async def roll() -> None:
+        from tqdm import tqdm
+        loop = asyncio.get_running_loop()
+        waiting = Waiting(len(trajs))
+        in_flight = {"calls": 0, "since": 0.0}
+        bar = tqdm(total=len(trajs), desc="rollout", leave=False, disable=not progress)
+
+        async def call_tool(calls, key) -> tools.Reply:
+            # the tool runs in a thread of its own while other trajectories generate; counts["tool_seconds"]
+            # is the wall time during which at least one call was running
+            if not in_flight["calls"]:
+                in_flight["since"] = time.time()
+            in_flight["calls"] += 1
+            try:
+                return await loop.run_in_executor(pool, run_tool, calls, key)
+            finally:
+                in_flight["calls"] -= 1
+                if not in_flight["calls"]:
+                    counts["tool_seconds"] += time.time() - in_flight["since"]
+
+        async def one(k: int, t: Trajectory):
+            await run_trajectory(t, t.prompt_index * n + k % n, waiting, call_tool, tokenizer, cfg, seed, counts)
+            bar.update(1)
+
+        with ThreadPoolExecutor(32) as pool:   # 32 = the reference's num_workers
+            await asyncio.gather(serve(make_engine(engine, cfg, stop_ids, pad_id), waiting, cfg),
+                                 *(one(k, t) for k, t in enumerate(trajs)))
+        bar.close()
+
+    run_coroutine(roll())
     for t in trajs:
         score_trajectory(t, tokenizer, cfg)
     return trajs
+
+
+def run_coroutine(coroutine):
+    """asyncio.run, also from a thread whose event loop is already running (a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
 
 
 def score_trajectory(t: Trajectory, tokenizer, cfg: RolloutConfig):

@@ -36,12 +36,11 @@ Try it:
 """
 import ast
 import collections
-import itertools
 import json
 import re
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from common import sandbox
@@ -208,24 +207,33 @@ class Reply(NamedTuple):
 
 
 def tool_runner(cfg, seed: int | None = None, dedupe: bool = False):
-    """The tool as a rollout calls it, set up by a RolloutConfig: a turn's calls grouped per trajectory in,
-    one Reply per trajectory out, every call of the turn run in parallel. With `dedupe`, identical calls of a
-    turn (the n samples of a prompt often write the same code) run once and share the answer: exact only for
-    deterministic code (the authors run every call). The toy's --tool_failure_rate wraps it in a sandbox that
-    fails now and then."""
-    def call(groups: list[list[dict]]) -> list[Reply]:
-        flat = [c for calls in groups for c in calls]
-        keys = [json.dumps(c, sort_keys=True) for c in flat]
-        unique = dict(zip(keys, flat)) if dedupe else dict(enumerate(flat))
-        texts = dict(zip(unique, run_tool_calls(list(unique.values()), timeout=cfg.tool_timeout,
-                                                memory_mb=cfg.tool_memory_mb, autoprint=cfg.autoprint,
-                                                max_output_chars=cfg.max_tool_response_chars)))
-        answers = [texts[k] for k in (keys if dedupe else range(len(flat)))]
-        starts = [0, *itertools.accumulate(len(calls) for calls in groups)]
-        return [Reply(answers[a:b]) for a, b in zip(starts, starts[1:])]
-    if cfg.tool_failure_rate > 0:
-        from toy.flaky import flaky
-        return flaky(call, cfg.tool_failure_rate, seed)
+    """The tool as a rollout calls it, set up by a RolloutConfig: one trajectory's calls of a turn in, one
+    Reply out; `key` (trajectory, turn) names the turn. Rollouts call it from many threads at once. With
+    `dedupe`, identical calls of one rollout (the n samples of a prompt often write the same code) run once
+    and share the answer: exact only for deterministic code (the authors run every call). The toy's
+    --tool_failure_rate and --tool_latency_rate wrap it in a sandbox that fails, or stalls, now and then."""
+    shared: dict[str, Future] = {}
+    lock = threading.Lock()
+
+    def run(calls: list[dict]) -> list[str]:
+        return run_tool_calls(calls, timeout=cfg.tool_timeout, memory_mb=cfg.tool_memory_mb,
+                              autoprint=cfg.autoprint, max_output_chars=cfg.max_tool_response_chars)
+
+    def call(calls: list[dict], key=None) -> Reply:
+        if not dedupe:
+            return Reply(run(calls))
+        name = json.dumps(calls, sort_keys=True)
+        with lock:
+            answer, first = shared.get(name), name not in shared
+            if first:
+                answer = shared[name] = Future()
+        if first:
+            answer.set_result(run(calls))  # run_tool_calls returns a text for every call, it never raises
+        return Reply(answer.result())
+    if cfg.tool_latency_rate > 0 or cfg.tool_failure_rate > 0:
+        from toy import flaky
+        call = flaky.slow(call, cfg.tool_latency_rate, cfg.tool_latency_s, seed)
+        call = flaky.flaky(call, cfg.tool_failure_rate, seed)
     return call
 
 

@@ -1,8 +1,8 @@
 """Runs a stage the way `python FILE.py` does, under python or torchrun, with two test-only changes:
 
-  - sampling that does not depend on the batch or the rank: each context is decoded alone, seeded by its own
-    token ids (and by how many identical contexts came before it in the call, so the n samples of a prompt
-    differ). One process and two ranks then roll out the same global batch;
+  - sampling that does not depend on the batch or the rank: each context is decoded alone, with its
+    request's seed (a trajectory's seed comes from its global index). One process and two ranks then roll out
+    the same global batch, and so do the asynchronous and synchronous schedules;
   - SOD_STOP_AFTER_SAVE=k stops the run right after its checkpoint of step k is saved, on every rank;
   - SOD_KILL_AT_FILE_OP=n SIGKILLs the process at the n-th file operation (1-based) of its checkpoint saves:
     every os.replace, rmtree, mkdir, unlink, file write, torch.save, distributed-checkpoint or Hugging Face
@@ -32,13 +32,17 @@ real_generate_hf = rollout.generate_hf
 
 
 def generate_each_context_alone(model, contexts, max_new_tokens, temperature, top_p, stop_ids, pad_id,
-                                batch_size=256):
+                                seeds=None, batch_size=256):
+    """Each context decoded alone, with its request's own seed (rollouts are seeded per trajectory and turn,
+    by the trajectory's global index); an unseeded call is seeded by the context's token ids."""
     seen, out = Counter(), []
-    for ctx, budget in zip(contexts, max_new_tokens):
-        key = tuple(ctx)
-        torch.manual_seed(hash((key, seen[key])) % 2**31)
-        seen[key] += 1
-        out += real_generate_hf(model, [ctx], [budget], temperature, top_p, stop_ids, pad_id)
+    for i, (ctx, budget) in enumerate(zip(contexts, max_new_tokens)):
+        if seeds is None:
+            key = tuple(ctx)
+            torch.manual_seed(hash((key, seen[key])) % 2**31)
+            seen[key] += 1
+        out += real_generate_hf(model, [ctx], [budget], temperature, top_p, stop_ids, pad_id,
+                                seeds=None if seeds is None else [seeds[i]])
     return out
 
 

@@ -170,8 +170,9 @@ def test_tool_loop_builds_response_and_mask(tok):
 def test_generation_is_batched_across_trajectories(tok):
     engine, calls = scripted(tok, [call_text("print(1)"), call_text("print(2)"), "done \\boxed{2}<|im_end|>"])
     prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "2"} for i in range(8)]
-    trajs = rollout.rollout(engine, tok, prompts, 4, rollout.RolloutConfig(max_response_tokens=300))
-    assert len(trajs) == 32 and calls["batches"] == 3   # one generate call per turn, not per trajectory
+    trajs = rollout.rollout(engine, tok, prompts, 4, rollout.RolloutConfig(max_response_tokens=300,
+                                                                           batch_wait_s=60))
+    assert len(trajs) == 32 and calls["batches"] == 3   # with fast tools, one generate call per turn
     assert [t.prompt_index for t in trajs] == [i for i in range(8) for _ in range(4)]
 
 
@@ -231,6 +232,85 @@ def test_pad_trajectories_puts_the_mask_in_label_space(tok):
     # label position p-1 predicts token p: response token j sits at position 3 + j
     assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 0, 1]]
 
+
+
+# -----------------------------------------------------------------------------
+# the schedule: each trajectory at its own pace, the same trajectories as turn by turn
+
+def random_policy(tok):
+    """An engine that draws each turn from the request's own seed: a tool call (70%) or an answer. It records
+    the requests of every batch."""
+    batches = []
+
+    def engine(contexts, max_new_tokens, sampling, seeds):
+        batches.append(list(seeds))
+        outs = []
+        for budget, seed in zip(max_new_tokens, seeds):
+            rng = random.Random(seed)
+            text = (call_text(f"print({rng.randrange(1000)})") if rng.random() < 0.7
+                    else "\\boxed{%d}<|im_end|>" % rng.randrange(10))
+            outs.append(tok.encode(text, add_special_tokens=False)[:budget])
+        return outs
+    return engine, batches
+
+
+def test_the_schedule_does_not_change_what_is_sampled(tok):
+    """Seeded per trajectory and turn, the asynchronous loop gives the turn-synchronous loop's trajectories,
+    although slow calls (30% of the turns, 0.3 s) and sandbox failures reorder what is generated when."""
+    prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(4)]
+    runs = {}
+    for schedule in ("sync", "async"):
+        engine, batches = random_policy(tok)
+        cfg = rollout.RolloutConfig(rollout_schedule=schedule, tool_latency_rate=0.3, tool_latency_s=0.3,
+                                    tool_failure_rate=0.2, dedupe_tool_calls="off", max_turns=6,
+                                    batch_wait_s=0.1)
+        trajs = rollout.rollout(engine, tok, prompts, 4, cfg, seed=5)
+        runs[schedule] = ([t.response_ids for t in trajs], [t.log_record() for t in trajs], batches)
+    assert runs["async"][0] == runs["sync"][0] and runs["async"][1] == runs["sync"][1]
+    sync_batches, async_batches = runs["sync"][2], runs["async"][2]
+    assert sorted(map(sorted, sync_batches)) != sorted(map(sorted, async_batches))  # the schedules differed
+    assert len(async_batches) > len(sync_batches)
+
+
+def test_a_slow_call_does_not_hold_the_other_trajectories(tok):
+    """One trajectory's call sleeps 3 s: asynchronously the four others go on without it (a batch of four
+    turns while it sleeps); turn by turn, every batch waits for all five."""
+    slow = call_text("import time\\ntime.sleep(3)\\nprint(1)")
+    prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(5)]
+    sizes = {}
+    for schedule in ("sync", "async"):
+        seen = []
+
+        def engine(contexts, max_new_tokens, sampling):
+            seen.append(len(contexts))
+            outs = []
+            for ctx in contexts:
+                text = tok.decode(ctx)
+                turn = text.count("<|im_start|>assistant")
+                reply = (slow if "q0" in text else call_text("print(1)")) if turn == 1 else "\\boxed{1}<|im_end|>"
+                outs.append(tok.encode(reply, add_special_tokens=False))
+            return outs
+        trajs = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(rollout_schedule=schedule,
+                                                                                tool_timeout=10))
+        assert all(t.acc and t.num_tool_calls == 1 for t in trajs)
+        sizes[schedule] = seen
+    assert sizes["sync"] == [5, 5]
+    assert sizes["async"] == [5, 4, 1]
+
+
+def test_hf_sampling_with_request_seeds_does_not_depend_on_the_batch(tok, student):
+    """Each request's tokens come from its own seed: alone, in a batch, or in another order, the same ids."""
+    contexts = [rollout.render_prompt_ids(tok, q) for q in ("a = 3 * 4", "b = 12 % 5", "hi")]
+    stop = models.stop_token_ids(tok)
+
+    def sample(idx):
+        return rollout.generate_hf(student, [contexts[i] for i in idx], [30] * len(idx), 1.0, 0.9, stop,
+                                   tok.pad_token_id, seeds=[100 + i for i in idx])
+    together = sample([0, 1, 2])
+    assert [sample([i])[0] for i in range(3)] == together
+    assert sample([2, 0, 1]) == [together[2], together[0], together[1]]
+    other = rollout.generate_hf(student, contexts, [30] * 3, 1.0, 0.9, stop, tok.pad_token_id, seeds=[7, 8, 9])
+    assert other != together
 
 # -----------------------------------------------------------------------------
 # models, data, the toy task
@@ -445,14 +525,20 @@ def test_a_gpqa_row_with_an_answer_column_gets_the_gpqa_wrapper():
 # generation backends: stop tokens and the vLLM engine's settings, with vLLM itself stubbed
 
 class _StubLLM:
-    """Stands in for vllm.LLM.generate: returns, for each prompt, the token ids it was told to sample."""
+    """Stands in for vllm.LLM: its engine finishes each request at the next step with the token ids it was
+    told to sample."""
     def __init__(self, sampled):
-        self.sampled, self.params = sampled, None
+        self.llm_engine, self.sampled, self.params, self.added = self, list(sampled), [], []
 
-    def generate(self, requests, params, use_tqdm=False):
+    def add_request(self, request_id, prompt, params):
+        self.params.append(params)
+        self.added.append((request_id, self.sampled.pop(0)))
+
+    def step(self):
         from types import SimpleNamespace
-        self.params = params
-        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(s))]) for s in self.sampled]
+        done, self.added = self.added, []
+        return [SimpleNamespace(request_id=r, finished=True, outputs=[SimpleNamespace(token_ids=list(ids))])
+                for r, ids in done]
 
 
 def test_vllm_stops_on_every_eos_id_and_appends_nothing():
@@ -460,11 +546,15 @@ def test_vllm_stops_on_every_eos_id_and_appends_nothing():
     im_end, endoftext = 7, 9
     sampled = [[1, 2, im_end], [1, endoftext], [1, 2, 3, 4, 5], [4, im_end, 5]]
     llm = _StubLLM(sampled)
-    out = rollout.generate_vllm(llm, [[0]] * 4, [8, 8, 3, 8], 1.0, 1.0, [im_end, endoftext], seed=0)
+    engine = rollout.VLLMEngine(llm, rollout.RolloutConfig(), [im_end, endoftext])
+    engine.add([rollout.Request([0], budget, seed, k) for k, (budget, seed) in enumerate(zip([8, 8, 3, 8],
+                                                                                              [11, 12, 13, 14]))])
+    out = dict(engine.step())   # request k -> its turn
     # a turn keeps the stop token the model sampled, is cut at its budget, and gains no token it did not sample
-    assert out == [[1, 2, im_end], [1, endoftext], [1, 2, 3], [4, im_end]]
+    assert [out[k] for k in range(4)] == [[1, 2, im_end], [1, endoftext], [1, 2, 3], [4, im_end]]
+    assert not engine.busy()
     assert all(sorted(p.stop_token_ids) == [im_end, endoftext] for p in llm.params)
-    assert [p.seed for p in llm.params] == [0, 1, 2, 3]
+    assert [p.seed for p in llm.params] == [11, 12, 13, 14]   # each request's own seed
 
 
 def test_hf_generation_stops_on_every_eos_id(tok, student):

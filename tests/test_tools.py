@@ -909,8 +909,8 @@ def test_code_tests_and_tool_calls_reach_sandbox_fusion_from_a_stage_config(sand
     FakeSandboxFusion.replies = [(200, ok)] * 2
     cfg = rollout.RolloutConfig(sandbox_url=sandbox_fusion)
     rollout.setup_sandbox(cfg, "Open-AgentRL-30K.parquet")  # as a stage does once, at its start
-    assert (tools.tool_runner(cfg)([[{"name": tools.TOOL_NAME, "arguments": {"code": "print(2 + 2)"}}]])
-            == [tools.Reply(["4\n"])])
+    assert (tools.tool_runner(cfg)([{"name": tools.TOOL_NAME, "arguments": {"code": "print(2 + 2)"}}])
+            == tools.Reply(["4\n"]))
     t = rollout.Trajectory(prompt_ids=[], data_source="livecodebench",
                            ground_truth={"inputs": ["2"], "outputs": ["4"]})
     monkeypatch.setattr(t, "response_ids", [], raising=False)

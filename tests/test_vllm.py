@@ -44,6 +44,9 @@ def test_tool_loop_on_the_vllm_backend(engine_and_model):
     again = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3),
                             seed=0)
     assert [t.response_ids for t in trajs] == [t.response_ids for t in again]  # per-request seeds
+    turn_by_turn = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(
+        max_response_tokens=48, max_turns=3, rollout_schedule="sync"), seed=0)
+    assert [t.response_ids for t in turn_by_turn] == [t.response_ids for t in trajs]  # whatever the schedule
 
 
 def test_a_step_of_seeded_requests_on_a_cpu_engine(engine_and_model):
@@ -96,11 +99,11 @@ def test_grpo_step_on_the_vllm_backend(engine_and_model, tmp_path, monkeypatch):
     tok.save_pretrained(path)
     calls = []
 
-    def generate_vllm(engine, *args, **kwargs):  # count what goes through the vLLM engine
+    def make_engine(engine, *args, **kwargs):  # count what the rollouts generate with
         calls.append(engine)
-        return real_generate_vllm(engine, *args, **kwargs)
-    real_generate_vllm = rollout.generate_vllm
-    monkeypatch.setattr(rollout, "generate_vllm", generate_vllm)
+        return real_make_engine(engine, *args, **kwargs)
+    real_make_engine = rollout.make_engine
+    monkeypatch.setattr(rollout, "make_engine", make_engine)
     monkeypatch.setattr(rollout, "make_vllm_engine", lambda *a, **k: llm)  # one engine per process on CPU
     pushed = []
     real_push = rollout.push_weights

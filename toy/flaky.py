@@ -1,23 +1,45 @@
 """
-toy/flaky.py: a sandbox that fails now and then, for the toy's --tool_failure_rate.
+toy/flaky.py: a sandbox that fails, or stalls, now and then: the toy's --tool_failure_rate and
+--tool_latency_rate.
 
-It wraps the tool as a rollout calls it (a turn's calls, grouped per trajectory, in; one tools.Reply per
-trajectory out). Each trajectory's calls of a turn fail together with probability `rate`: the model is then
-shown what the authors' tool shows for a sandbox timeout or failure ("no stdout here"), and the reply says that
-the sandbox failed, not the code, so that the records can tell the two apart.
+Each wraps the tool as a rollout calls it (one trajectory's calls of a turn in, one tools.Reply out, with the
+turn's key). A failing turn shows the model what the authors' tool shows for a sandbox timeout or failure
+("no stdout here"), and its reply says that the sandbox failed, not the code, so that the records can tell the
+two apart. A stalling turn sleeps first, as a call that runs long. Whether a turn fails or stalls is drawn from
+the rollout's seed and the turn's key alone, so it does not depend on the order in which calls happen to run.
 """
 import random
+import time
 
 import tools
 
 
-def flaky(call_tools, rate: float, seed: int | None):
-    """call_tools, with transient failures of the sandbox at `rate` (one draw per trajectory and turn, from a
-    generator of its own seeded by the rollout's seed)."""
-    rng = random.Random(None if seed is None else seed + 17)
+def draw(seed: int | None, what: str, key) -> float:
+    """A uniform number that belongs to one turn of one trajectory (fresh randomness without a seed)."""
+    return random.random() if seed is None else random.Random(f"{seed}:{what}:{key}").random()
 
-    def call(groups: list[list[dict]]) -> list[tools.Reply]:
-        replies = call_tools(groups)
-        return [tools.Reply([tools.NO_STDOUT] * len(r.texts), sandbox_failure=True) if rng.random() < rate
-                else r for r in replies]
+
+def flaky(call_tool, rate: float, seed: int | None):
+    """call_tool, with transient failures of the sandbox at `rate`: a trajectory's calls of a turn fail
+    together."""
+    if rate <= 0:
+        return call_tool
+
+    def call(calls, key=None) -> tools.Reply:
+        reply = call_tool(calls, key)
+        if draw(seed, "fail", key) < rate:
+            return tools.Reply([tools.NO_STDOUT] * len(reply.texts), sandbox_failure=True)
+        return reply
+    return call
+
+
+def slow(call_tool, rate: float, seconds: float, seed: int | None):
+    """call_tool, sleeping `seconds` first at `rate`: a stalled or long-running call."""
+    if rate <= 0:
+        return call_tool
+
+    def call(calls, key=None) -> tools.Reply:
+        if draw(seed, "slow", key) < rate:
+            time.sleep(seconds)
+        return call_tool(calls, key)
     return call

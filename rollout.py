@@ -34,7 +34,6 @@ The toy default runs on a CPU with nothing downloaded:
         --n_samples 16   # GPU
 """
 import asyncio
-import inspect
 import itertools
 import logging
 import os
@@ -292,9 +291,9 @@ class Request(NamedTuple):
 
 
 class BatchEngine:
-    """An engine that runs a batch to its end: HF `generate` (or, in tests, any function
-    (contexts, max_new_tokens, cfg[, seeds]) -> continuations). A request that arrives while it runs waits
-    for the next batch."""
+    """An engine that runs a batch to its end: HF `generate` or, in tests, any function
+    (contexts, max_new_tokens, cfg, seeds) -> continuations, where seeds is None for requests without one.
+    A request that arrives while it runs waits for the next batch."""
     continuous = False
 
     def __init__(self, engine, cfg: RolloutConfig, stop_ids: list[int], pad_id: int):
@@ -314,10 +313,8 @@ class BatchEngine:
         if isinstance(self.engine, torch.nn.Module):
             outs = generate_hf(self.engine, contexts, budgets, self.cfg.temperature, self.cfg.top_p,
                                self.stop_ids, self.pad_id, seeds=seeds)
-        elif "seeds" in inspect.signature(self.engine).parameters:
-            outs = self.engine(contexts, budgets, self.cfg, seeds=seeds)
         else:
-            outs = self.engine(contexts, budgets, self.cfg)
+            outs = self.engine(contexts, budgets, self.cfg, seeds)
         return [(r.future, ids) for r, ids in zip(batch, outs)]
 
 

@@ -138,7 +138,7 @@ def replay(tok, turn_texts):
     `<|im_start|>assistant\\n` header."""
     turns = iter(turn_texts)
 
-    def engine(contexts, max_new_tokens, sampling):
+    def engine(contexts, max_new_tokens, sampling, seeds):
         assert len(contexts) == 1
         return [tok.encode(next(turns), add_special_tokens=False)]
     return engine

@@ -138,7 +138,7 @@ def scripted(tok, replies):
     """An engine that answers turn k of every trajectory with replies[k] (a string), and counts its calls."""
     calls = Counter()
 
-    def engine(contexts, max_new_tokens, sampling):
+    def engine(contexts, max_new_tokens, sampling, seeds):
         calls["batches"] += 1
         outs = []
         for ctx, budget in zip(contexts, max_new_tokens):
@@ -281,7 +281,7 @@ def test_a_slow_call_does_not_hold_the_other_trajectories(tok):
     for schedule in ("sync", "async"):
         seen = []
 
-        def engine(contexts, max_new_tokens, sampling):
+        def engine(contexts, max_new_tokens, sampling, seeds):
             seen.append(len(contexts))
             outs = []
             for ctx in contexts:

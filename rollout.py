@@ -288,6 +288,7 @@ class Request(NamedTuple):
     budget: int
     seed: int | None
     future: asyncio.Future   # receives the turn's token ids
+    index: int = 0           # the trajectory's: a batch holds its rows in this order, whatever came first
 
 
 class BatchEngine:
@@ -454,9 +455,9 @@ class Waiting:
         self.running = running
         self.changed = asyncio.Event()
 
-    async def generate(self, context: list[int], budget: int, seed: int | None) -> list[int]:
+    async def generate(self, context: list[int], budget: int, seed: int | None, index: int) -> list[int]:
         future = asyncio.get_running_loop().create_future()
-        self.requests.append(Request(context, budget, seed, future))
+        self.requests.append(Request(context, budget, seed, future, index))
         self.changed.set()
         return await future
 
@@ -478,7 +479,9 @@ class Waiting:
                 await self.changed.wait()
 
     def take(self) -> list[Request]:
-        requests, self.requests = self.requests, []
+        """The waiting requests in trajectory order: the tool calls end in any order, and a batch's rows
+        should not depend on it (a row's floats can depend on where it sits in a matrix product)."""
+        requests, self.requests = sorted(self.requests, key=lambda r: r.index), []
         return requests
 
 
@@ -514,7 +517,7 @@ async def run_trajectory(t: Trajectory, index: int, waiting: Waiting, call_tool,
             # (per turn) budget = what is left of the trajectory's token budget, as the reference's max_tokens
             budget = cfg.max_response_tokens - len(t.response_ids)
             ids = await waiting.generate(t.prompt_ids + t.response_ids, budget,
-                                         None if seed is None else request_seed(seed, index, len(t.steps)))
+                                         None if seed is None else request_seed(seed, index, len(t.steps)), index)
             t.steps.append((len(t.response_ids), len(t.response_ids) + len(ids)))
             t.response_ids += ids
             t.response_mask += [1] * len(ids)

@@ -298,6 +298,26 @@ def test_a_slow_call_does_not_hold_the_other_trajectories(tok):
     assert sizes["async"] == [5, 4, 1]
 
 
+def test_a_batch_holds_its_rows_in_trajectory_order_whatever_call_ended_first(tok):
+    """The first trajectories' calls end last; the next batch still lists the trajectories in their order,
+    so a row's place in the matrix products (and so its floats) does not depend on the tool's timing."""
+    prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(4)]
+    orders = []
+
+    def engine(contexts, max_new_tokens, sampling, seeds):
+        texts = [tok.decode(ctx) for ctx in contexts]
+        orders.append([next(i for i in range(4) if f"q{i}" in text) for text in texts])
+        outs = []
+        for i, text in zip(orders[-1], texts):
+            sleep = f"import time\\ntime.sleep({0.3 * (3 - i):.1f})\\nprint(1)"
+            reply = call_text(sleep) if text.count("<|im_start|>assistant") == 1 else "\\boxed{1}<|im_end|>"
+            outs.append(tok.encode(reply, add_special_tokens=False))
+        return outs
+    trajs = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(batch_wait_s=5, tool_timeout=10))
+    assert all(t.acc for t in trajs)
+    assert orders == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
 def test_hf_sampling_with_request_seeds_does_not_depend_on_the_batch(tok, student):
     """Each request's tokens come from its own seed: alone, in a batch, or in another order, the same ids."""
     contexts = [rollout.render_prompt_ids(tok, q) for q in ("a = 3 * 4", "b = 12 % 5", "hi")]

@@ -65,7 +65,7 @@ def test_sft_ids_equal_a_rollout_of_the_same_turns(tok):
     ids, mask = sft.tokenize_conversation(tok, row["messages"], row["tools"])
     turns = [tok.encode(s, add_special_tokens=False) for s in assistant_spans(tok.decode(ids))]
 
-    def replay(contexts, budgets, sampling):
+    def replay(contexts, budgets, sampling, seeds):
         k = tok.decode(contexts[0]).count("<|im_start|>assistant\n") - 1
         return [turns[k]]
 

@@ -7,8 +7,9 @@ turn-synchronous one (--rollout_schedule sync), on the same engine and the same 
 same trajectories and meet the same slow calls:
   - with injected latency: one tool call in 50 sleeps 6 s first (--tool_latency_rate 0.02);
   - without: the loop's own cost, when tools are fast.
-For each: wall-clock seconds (best of --repeats), rollout accuracy, and the share of trajectories whose token
-ids are the same under both schedules (batches of other shapes may round differently). The model should call
+For each: wall-clock seconds (the best of --repeats rounds, in which the schedules take turns), rollout
+accuracy, and the share of trajectories whose token ids are the same under both schedules (batches of other
+shapes may round differently). The model should call
 the tool: the default pipeline's SFT student does.
 
     python scripts/rollout_speed.py --model runs/sft-student/final                  # HF generate
@@ -26,13 +27,16 @@ import rollout  # noqa: E402
 from common import data, models  # noqa: E402
 
 
-def timed_rollout(engine, tokenizer, prompts, n, cfg, seed, repeats):
-    best, trajs = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        trajs = rollout.rollout(engine, tokenizer, prompts, n, cfg, seed=seed)
-        best = min(best, time.perf_counter() - t0)
-    return best, trajs
+def timed_rollouts(engine, tokenizer, prompts, n, cfgs, seed, repeats):
+    """Best wall time of each config over `repeats` rounds, the configs taking turns within each round (so a
+    drift of the machine's speed, or a warm-up, does not favour the one measured second)."""
+    best, trajs = {k: float("inf") for k in cfgs}, {}
+    for r in range(repeats):
+        for k in (list(cfgs) if r % 2 == 0 else list(cfgs)[::-1]):
+            t0 = time.perf_counter()
+            trajs[k] = rollout.rollout(engine, tokenizer, prompts, n, cfgs[k], seed=seed)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: (best[k], trajs[k]) for k in cfgs}
 
 
 def main(args):
@@ -44,13 +48,12 @@ def main(args):
     print("| backend | tool latency | turn by turn (s) | asynchronous (s) | speed-up | accuracy, sync / async "
           "| same ids |\n|---|---|---|---|---|---|---|")
     for rate in (args.latency_rate, 0.0):
-        row = {}
-        for schedule in ("sync", "async"):
-            cfg = rollout.RolloutConfig(rollout_schedule=schedule, dedupe_tool_calls="off",
-                                        tool_latency_rate=rate, tool_latency_s=args.latency_s,
-                                        max_response_tokens=320)
+        cfgs = {schedule: rollout.RolloutConfig(rollout_schedule=schedule, dedupe_tool_calls="off",
+                                                tool_latency_rate=rate, tool_latency_s=args.latency_s,
+                                                max_response_tokens=320) for schedule in ("sync", "async")}
+        for cfg in cfgs.values():
             rollout.rollout(engine, tokenizer, prompts[:2], 2, cfg, seed=1)   # warm the engine and the sandbox
-            row[schedule] = timed_rollout(engine, tokenizer, prompts, args.n, cfg, args.seed, args.repeats)
+        row = timed_rollouts(engine, tokenizer, prompts, args.n, cfgs, args.seed, args.repeats)
         (t_sync, sync), (t_async, asyn) = row["sync"], row["async"]
         same = sum(a.response_ids == b.response_ids for a, b in zip(sync, asyn)) / len(sync)
         acc = [sum(t.acc for t in trajs) / len(trajs) for trajs in (sync, asyn)]
@@ -68,7 +71,7 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=8, help="samples per prompt")
     parser.add_argument("--latency_rate", type=float, default=0.02)
     parser.add_argument("--latency_s", type=float, default=6.0)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each schedule's best is kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every part runs")
     args = parser.parse_args()

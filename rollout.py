@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 import tools
@@ -580,7 +581,6 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
                   for _ in range(n)]
 
     async def roll() -> None:
-        from tqdm import tqdm
         loop = asyncio.get_running_loop()
         waiting = Waiting(len(trajs))
         in_flight = {"calls": 0, "since": 0.0}

@@ -77,8 +77,8 @@ class RolloutConfig:
     rollout_schedule: str = arg("async", "async: each trajectory at its own pace, the engine batching whatever "
                                          "waits (as the authors' agent loop) | sync: turn by turn, each turn "
                                          "waiting for its slowest call (to measure against)")
-    batch_wait_s: float = arg(0.5, "async, HF backend: a generation batch starts once every running trajectory "
-                                   "waits for it, or once no request has joined for this long")
+    batch_wait_s: float = arg(0.5, "async: waiting requests go to the engine once every running trajectory "
+                                   "waits for generation, or once no request has joined for this long")
     max_turns: int = arg(16, "assistant turns, and tool responses, per trajectory (reference 16)")
     max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
     max_prompt_tokens: int = arg(512, "prompts longer than this, measured with the chat template, are "
@@ -355,7 +355,10 @@ _REQUEST_IDS = itertools.count()
 
 
 def make_engine(engine, cfg: RolloutConfig, stop_ids: list[int], pad_id: int):
-    """The engine behind the loop: `engine` is a vLLM `LLM`, an HF model, or (in tests) a function."""
+    """The engine behind the loop: `engine` is a vLLM `LLM`, an HF model, a function (tests), or already an
+    engine of this protocol (`continuous`, `add`, `busy`, `step`), e.g. another inference server's."""
+    if hasattr(engine, "continuous"):
+        return engine
     if hasattr(engine, "llm_engine"):
         return VLLMEngine(engine, cfg, stop_ids)
     return BatchEngine(engine, cfg, stop_ids, pad_id)
@@ -455,10 +458,12 @@ class Waiting:
         self.requests: list[Request] = []
         self.running = running
         self.changed = asyncio.Event()
+        self.last_join = time.monotonic()
 
     async def generate(self, context: list[int], budget: int, seed: int | None, index: int) -> list[int]:
         future = asyncio.get_running_loop().create_future()
         self.requests.append(Request(context, budget, seed, future, index))
+        self.last_join = time.monotonic()
         self.changed.set()
         return await future
 
@@ -479,6 +484,10 @@ class Waiting:
             else:
                 await self.changed.wait()
 
+    def quiet(self, wait_s: float | None) -> bool:
+        """Some requests wait and, given wait_s, none has joined for wait_s seconds."""
+        return bool(self.requests) and wait_s is not None and time.monotonic() - self.last_join >= wait_s
+
     def take(self) -> list[Request]:
         """The waiting requests in trajectory order: the tool calls end in any order, and a batch's rows
         should not depend on it (a row's floats can depend on where it sits in a matrix product)."""
@@ -489,19 +498,20 @@ class Waiting:
 async def serve(engine, waiting: Waiting, cfg: RolloutConfig):
     """Feed the engine until every trajectory has ended.
 
-    async: a batch starts when every running trajectory waits for generation (with fast tools: all of them,
-    as turn by turn) or once no request has joined for --batch_wait_s while some trajectories still wait on
-    the tool; they join a later batch. vLLM takes each request as it comes and returns each as it ends.
+    async: the waiting requests go to the engine once every running trajectory waits for generation (with
+    fast tools: all of them, as turn by turn), or once no request has joined for --batch_wait_s while
+    others still wait on the tool. An HF batch runs to its end, then the next one is gathered. vLLM's
+    engine also takes requests while it runs (by the same rule, checked between its steps) and returns each
+    one as it ends: a slow call or a long generation holds its own trajectory only.
     sync: a batch starts only when every running trajectory waits for it, so every turn waits for the
     turn's slowest generation and slowest tool call (the turn-synchronous loop, kept to measure against).
     """
-    sync = cfg.rollout_schedule == "sync"
-    wait_s = None if sync else 0.0 if engine.continuous else cfg.batch_wait_s
+    wait_s = None if cfg.rollout_schedule == "sync" else cfg.batch_wait_s
     while waiting.running:
         if not engine.busy():
             await waiting.gather(wait_s)
             engine.add(waiting.take())
-        elif engine.continuous and not sync:
+        elif engine.continuous and waiting.quiet(wait_s):
             engine.add(waiting.take())
         if engine.busy():
             for future, ids in engine.step():  # blocks this thread; the tool calls go on in theirs

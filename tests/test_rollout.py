@@ -4,6 +4,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -296,6 +297,50 @@ def test_a_slow_call_does_not_hold_the_other_trajectories(tok):
         sizes[schedule] = seen
     assert sizes["sync"] == [5, 5]
     assert sizes["async"] == [5, 4, 1]
+
+
+class _SlowFirstTurn:
+    """A continuous engine (as vLLM's): a request joins the running batch at the next step and comes back
+    when it ends. Trajectory q0's first turn takes 40 steps of 0.05 s, every other turn one step."""
+    continuous = True
+
+    def __init__(self, tok):
+        self.tok, self.running, self.added = tok, [], []
+
+    def add(self, requests):
+        self.added.append(len(requests))
+        for r in requests:
+            text = self.tok.decode(r.context)
+            first = text.count("<|im_start|>assistant") == 1
+            reply = call_text("print(1)") if first else "\\boxed{1}<|im_end|>"
+            self.running.append([40 if first and "q0" in text else 1, r.future,
+                                 self.tok.encode(reply, add_special_tokens=False)])
+
+    def busy(self):
+        return bool(self.running)
+
+    def step(self):
+        time.sleep(0.05)
+        for r in self.running:
+            r[0] -= 1
+        done = [(future, ids) for left, future, ids in self.running if left == 0]
+        self.running = [r for r in self.running if r[0] > 0]
+        return done
+
+
+def test_a_continuous_engine_takes_whole_turns_and_does_not_wait_for_a_long_generation(tok):
+    """With fast tools a continuous engine is sent what the turn-by-turn loop would batch; while one long
+    generation runs, the others' next turns join it once no request has come for --batch_wait_s."""
+    prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(5)]
+    added = {}
+    for name, cfg in {"sync": rollout.RolloutConfig(rollout_schedule="sync"),
+                      "async": rollout.RolloutConfig(batch_wait_s=0.3),
+                      "async, patient": rollout.RolloutConfig(batch_wait_s=60)}.items():
+        engine = _SlowFirstTurn(tok)
+        trajs = rollout.rollout(engine, tok, prompts, 1, cfg)
+        assert all(t.acc and t.num_tool_calls == 1 for t in trajs)
+        added[name] = engine.added
+    assert added == {"sync": [5, 5], "async": [5, 4, 1], "async, patient": [5, 5]}
 
 
 def test_a_batch_holds_its_rows_in_trajectory_order_whatever_call_ended_first(tok):

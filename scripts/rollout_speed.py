@@ -9,8 +9,7 @@ same trajectories and meet the same slow calls:
   - without: the loop's own cost, when tools are fast.
 For each: wall-clock seconds (the best of --repeats rounds, in which the schedules take turns), rollout
 accuracy, and the share of trajectories whose token ids are the same under both schedules (batches of other
-shapes may round differently). The model should call
-the tool: the default pipeline's SFT student does.
+shapes may round differently). The model should call the tool: the default pipeline's SFT student does.
 
     python scripts/rollout_speed.py --model runs/sft-student/final                  # HF generate
     python scripts/rollout_speed.py --model runs/sft-student/final --backend vllm   # vLLM's CPU build

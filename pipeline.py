@@ -66,8 +66,9 @@ class Config:
     teacher_seed: int = arg(0, "seed of the teacher's SFT and GRPO (data order, initialisation, sampling)")
     teacher_only: bool = arg(False, "run and evaluate the teacher's two stages only (checks of the teacher "
                                     "recipe: docs/results.md)")
-    teacher_model: str = arg("", "toy architecture of the teacher: toy-teacher or toy-teacher-large "
-                                 "(empty: toy-teacher)")
+    teacher_model: str = arg("", "toy architecture of the teacher: toy-teacher (4 layers x 96), "
+                                 "toy-teacher-small (3 x 96) or toy-teacher-large (4 x 128) "
+                                 "(empty: the preset's)")
     teacher_sft_epochs: int = arg(UNSET, "SFT epochs of the teacher (-1: the preset's)")
     teacher_direct_frac: float = arg(UNSET_FRACTION, "fraction of the teacher's SFT data answered without the "
                                                      "tool, which its GRPO unlearns (-1: the preset's)")
@@ -108,8 +109,10 @@ PRESETS = {  # every field the presets set; a flag given explicitly wins
     "quick": dict(rl_steps=2, rl_eval_every=0, eval_n=2, eval_prompts=4),
     # a weak student and a strong teacher (docs/results.md, "The study"): a flaky tool that the student's data
     # retries and the teacher's does not; a student whose data answers 55% of its problems at once, without the
-    # tool (11,000 conversations, so that about as many use the tool as the default student's 5,000)
+    # tool (11,000 conversations, so that about as many use the tool as the default student's 5,000). Its
+    # teacher is the 3-layer one its tables were made with.
     "study": dict(out_root="runs-study", seeds="0,1,2,3,4", seed_student_sft=True, tool_failure_rate=0.03,
+                  teacher_model="toy-teacher-small",
                   student_direct_frac=0.55, student_sft_examples=11000, student_retry_frac=0.3,
                   rl_eval_prompts=128, eval_n=16, eval_prompts=256),
 }

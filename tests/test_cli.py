@@ -82,12 +82,14 @@ def test_ctrl_c_stops_with_one_line_and_leaves_no_sandbox_behind(tmp_path):
     # long enough (400 steps) that the interrupt always lands before the end
     args = ["sft.py", "--toy_examples", "200", "--epochs", "50", "--max_steps", "400", "--eval_prompts", "0",
             "--batch_size", "8", "--out_dir", str(tmp_path / "run")]
+    # the child gets Ctrl-C's default disposition, as in a terminal, even when this test runs under a parent that
+    # ignores SIGINT (a background job of a shell without job control), which the child would otherwise inherit
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:  # a step was taken
         time.sleep(0.2)
-    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -117,3 +119,14 @@ def test_the_pipeline_reruns_exactly_what_a_changed_flag_affects(tmp_path):
         assert not what[name].startswith("reused"), (name, what[name])
     record = json.loads((tmp_path / "grpo-teacher" / "pipeline_stage.json").read_text())
     assert record["settings"]["steps"] == 1 and record["code_version"] == runs.code_version()
+
+
+def test_every_preset_names_a_built_in_teacher_and_each_toy_teacher_outgrows_the_student():
+    import pipeline
+    named = {preset["teacher_model"] for preset in pipeline.PRESETS.values() if "teacher_model" in preset}
+    assert named and named <= set(models.TOY_MODELS), named
+    built = {name: models.load_model(name, device="cpu") for name in models.TOY_MODELS}
+    size = {name: sum(p.numel() for p in model.parameters()) for name, model in built.items()}
+    layers = {name: model.config.num_hidden_layers for name, model in built.items()}
+    assert size["toy-student"] < size["toy-teacher-small"] < size["toy-teacher"] < size["toy-teacher-large"]
+    assert layers == {"toy-student": 2, "toy-teacher-small": 3, "toy-teacher": 4, "toy-teacher-large": 4}

@@ -95,6 +95,9 @@ class Config:
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1: epochs decide)")
     batch_size: int = arg(32, "sequences per optimizer step (reference 128)")
     micro_batch_size: int = arg(32, "sequences per forward pass (gradient accumulation fills the batch)")
+    sort_by_length: bool = arg(False, "sort each optimizer batch by length before cutting it into "
+                                      "micro-batches: less padding, the same examples and the same loss "
+                                      "(--loss_agg batch only); needs micro_batch_size < batch_size")
     lr: float = arg(3e-3, "peak learning rate (reference 1e-5)")
     beta1: float = arg(0.9, "AdamW beta1")
     beta2: float = arg(0.95, "AdamW beta2")
@@ -292,6 +295,9 @@ def main(cfg: Config):
                              "(the held-out check is the toy's)")
     if cfg.loss_agg not in ("batch", "micro"):
         raise SystemExit(f"--loss_agg must be batch or micro, not {cfg.loss_agg!r}")
+    if cfg.sort_by_length and cfg.loss_agg != "batch":  # micro: which rows share a micro-batch changes the loss
+        raise SystemExit("--sort_by_length keeps the loss only with --loss_agg batch (with micro, the token "
+                         "mean of each micro-batch depends on which rows it holds)")
     d, device = dist.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
     tokenizer = models.load_tokenizer(cfg.model, cfg.chat_template)
     examples = load_sft_examples(cfg, tokenizer)
@@ -319,6 +325,8 @@ def main(cfg: Config):
             batch = [examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
             batch_tokens = sum(sum(m[1:]) for _, m in batch)  # label tokens with loss in the whole batch
             mine = batch[d.rank::d.world]                     # this rank's rows (all of them in one process)
+            if cfg.sort_by_length:  # rows of like length share a micro-batch: less padding, same batch loss
+                mine = sorted(mine, key=lambda example: len(example[0]))
             t0 = time.time()
             loss_sum = 0.0
             n_micro = dist.n_micro_batches(-(-len(batch) // d.world), cfg.micro_batch_size)

@@ -9,6 +9,8 @@ scripts/speed.py: the speed claims of docs/speed.md, each measured side by side 
      well, so the ratio against their function is printed next to the ratio against the re-typing.
   2. The sandbox: a tool call alone and 64 at once, on the warm path and on the cold path.
   3. The tool calls of a turn: 64 at once against one after another.
+  4. SFT steps of the toy teacher on its pipeline data (batches of 32): one micro-batch of 32 against the same
+     batch sorted by length and cut in two (sft.py --sort_by_length), the two settings taking turns.
 Each timing is the best of a few repeats (the authors' loop, slow, runs once at full size). Another job on the
 machine slows every number; the ratios of one run are the figures to read.
 
@@ -28,10 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import numpy as np  # noqa: E402
+
+import rollout  # noqa: E402
+import sft  # noqa: E402
 import sod_distill  # noqa: E402
 import tools  # noqa: E402
 from authors_code import retyped_step_weights  # noqa: E402
-from common import sandbox  # noqa: E402
+from common import models, sandbox  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> tuple[float, object]:
@@ -131,6 +137,52 @@ def bench_parallel_calls(n: int, work: int, repeats: int):
           f"({one_by_one / together:.1f}x)")
 
 
+def bench_sft_sorting(steps: int, repeats: int):
+    """sft.py's inner loop on the teacher's data; the same batches either way, so the ratio is padding alone."""
+    torch.manual_seed(0)
+    cfg = sft.Config(model="toy-teacher", toy_recovery_frac=0.0, toy_direct_frac=0.5)  # pipeline.py's teacher
+    tokenizer = models.load_tokenizer(cfg.model)
+    examples = sft.load_sft_examples(cfg, tokenizer)
+    order = np.random.RandomState(0).permutation(len(examples))
+    batches = [[examples[i] for i in order[k * 32:(k + 1) * 32]] for k in range(steps)]
+    model = models.load_model(cfg.model, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def loss(batch, sort: bool):
+        """The batch's loss, its gradient accumulated micro-batch by micro-batch."""
+        ordered = sorted(batch, key=lambda e: len(e[0]))
+        parts = [ordered[:16], ordered[16:]] if sort else [batch]
+        tokens, total = sum(sum(m[1:]) for _, m in batch), 0.0
+        for part in parts:
+            input_ids, attention_mask, label_mask = sft.collate(part, tokenizer.pad_token_id, "cpu")
+            logprobs = rollout.token_logprobs(model, input_ids, attention_mask)
+            share = sft.micro_batch_loss(logprobs, label_mask, "batch", tokens, len(parts))
+            share.backward()
+            total += share.item()
+        return total
+
+    def run(sort: bool):
+        for batch in batches:
+            loss(batch, sort)
+            optimizer.step()
+            optimizer.zero_grad()
+    same = [loss(batches[0], sort) for sort in (False, True)]  # the two sides compute the same loss
+    optimizer.zero_grad()
+    assert abs(same[0] - same[1]) < 1e-5 * abs(same[0]), same
+    padded = [sum(max(len(e[0]) for e in part) * len(part) for part in (b[:16], b[16:])) for b in
+              [sorted(b, key=lambda e: len(e[0])) for b in batches]]
+    print(f"sft batches: {np.mean([len(e[0]) for b in batches for e in b]):.0f} tokens per row, padded to "
+          f"{np.mean([max(len(e[0]) for e in b) for b in batches]):.0f} in one micro-batch, "
+          f"{np.mean(padded) / 32:.0f} in two sorted ones")
+    run(False)  # warm-up
+    plain, sorted_ = float("inf"), float("inf")
+    for _ in range(repeats):  # taking turns, so a slow spell of the machine hits both
+        plain = min(plain, best_of(1, lambda: run(False))[0])
+        sorted_ = min(sorted_, best_of(1, lambda: run(True))[0])
+    print(f"{steps} SFT steps of the toy teacher: one micro-batch {plain:.2f} s, sorted by length into two "
+          f"{sorted_:.2f} s ({plain / sorted_:.2f}x)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,7 +194,9 @@ if __name__ == "__main__":
         bench_step_weights(4, 256, 2, args.authors_repo)
         bench_sandbox(alone=2, burst=4, repeats=1)
         bench_parallel_calls(4, 10**3, 1)
+        bench_sft_sorting(steps=2, repeats=1)
     else:
         bench_step_weights(64, 8192, 5, args.authors_repo)
         bench_sandbox(alone=20, burst=64, repeats=3)
         bench_parallel_calls(64, 10**6, 1)
+        bench_sft_sorting(steps=40, repeats=3)

@@ -128,6 +128,21 @@ def test_the_reference_schedule_and_loss_run_end_to_end(tmp_path):
         sft.main(replace(cfg, loss_agg="sum"))
 
 
+def test_sorting_a_batch_by_length_keeps_its_loss_and_gradient(tmp_path):
+    # the same 16 examples in micro-batches of 8, cut as they come or after sorting by length: the step's loss
+    # and gradient norm agree to float rounding (a row lost or counted twice would move both)
+    cfg = sft.Config(max_steps=1, toy_examples=48, batch_size=16, micro_batch_size=8, eval_prompts=0,
+                     device="cpu", out_dir=str(tmp_path / "plain"))
+    sft.main(cfg)
+    sft.main(replace(cfg, sort_by_length=True, out_dir=str(tmp_path / "sorted")))
+    plain, ordered = (json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+                      for name in ("plain", "sorted"))
+    assert ordered["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert ordered["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+    with pytest.raises(SystemExit, match="--loss_agg batch"):
+        sft.main(replace(cfg, sort_by_length=True, loss_agg="micro"))
+
+
 @pytest.mark.parametrize("row, problem", [
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"},

@@ -105,3 +105,4 @@ def test_speed_script_runs_at_tiny_sizes():
     at these sizes mean nothing, and no test asserts a speed)."""
     stdout = run("scripts/speed.py", "--quick")
     assert "step weights 4 x 256" in stdout and "tool calls of a turn" in stdout
+    assert "SFT steps of the toy teacher" in stdout

@@ -299,6 +299,10 @@ def main(cfg: Config):
         raise SystemExit("--sort_by_length keeps the loss only with --loss_agg batch (with micro, the token "
                          "mean of each micro-batch depends on which rows it holds)")
     d, device = dist.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
+    share = -(-cfg.batch_size // d.world)  # rows of a batch on each rank
+    if cfg.sort_by_length and dist.n_micro_batches(share, cfg.micro_batch_size) == 1:
+        raise SystemExit(f"--sort_by_length changes nothing when a rank's {share} rows of a batch fit one "
+                         f"micro-batch: set --micro_batch_size below {share}")
     tokenizer = models.load_tokenizer(cfg.model, cfg.chat_template)
     examples = load_sft_examples(cfg, tokenizer)
     steps_per_epoch = max(1, len(examples) // cfg.batch_size)  # drop_last, as the reference

@@ -141,6 +141,8 @@ def test_sorting_a_batch_by_length_keeps_its_loss_and_gradient(tmp_path):
     assert ordered["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
     with pytest.raises(SystemExit, match="--loss_agg batch"):
         sft.main(replace(cfg, sort_by_length=True, loss_agg="micro"))
+    with pytest.raises(SystemExit, match="changes nothing"):  # one micro-batch: nothing to sort into
+        sft.main(replace(cfg, sort_by_length=True, micro_batch_size=16))
 
 
 @pytest.mark.parametrize("row, problem", [

@@ -12,7 +12,14 @@ pipeline.py: the whole toy pipeline in one command, ending with the paper's comp
 
 Every stage is the stage file's own `main` with its own config: this file only chooses the sizes.
 
-Three presets. The default is a short run (one seed, under 20 min on 2 cores). --quick runs every stage for
+On two cores the stages run two at a time (--workers), each in a process of its own at one thread, with its
+output in its folder's stage.log: the toy's RL stages lose less to the second thread than they gain from a
+second stage beside them (common/jobs.py). The SFT stages, which lose most, run alone with both threads.
+Every RL stage then runs at one thread, as it would with OMP_NUM_THREADS=1, so the weights are the same at one
+thread and at two. --workers 1 runs the stages one after another in this process, at every thread: on some
+CPUs the toy student's RL stages round differently at two threads than at one (docs/results.md).
+
+Three presets. The default is a short run (one seed, about 16 min on 2 cores). --quick runs every stage for
 a handful of steps (a smoke test whose numbers mean nothing). --study asks the paper's question, a weak
 student and a strong teacher: the same task with a tool call failing now and then (3%), a teacher that never
 retries a failed call, a student whose cold-start data answers most problems without the tool and retries
@@ -37,12 +44,14 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import torch
+
 import evaluate
 import grpo
 import sft
 import sod_distill
-from common import cpu_kernels, models, runs, sandbox
-from common.cli import arg, run_script
+from common import cpu_kernels, jobs, models, runs, sandbox
+from common.cli import arg, quiet_libraries, run_script
 from common.study import failure_table, plot_study, results_table, same_budget, study_tables, turn_table
 
 log = logging.getLogger("pipeline")
@@ -72,6 +81,9 @@ class Config:
     teacher_sft_epochs: int = arg(UNSET, "SFT epochs of the teacher (-1: the preset's)")
     teacher_direct_frac: float = arg(UNSET_FRACTION, "fraction of the teacher's SFT data answered without the "
                                                      "tool, which its GRPO unlearns (-1: the preset's)")
+    sft_micro_batch_size: int = arg(UNSET, "sequences per forward pass of both SFT stages; below the batch of "
+                                           "32, each batch is sorted by length first, to pad less (the same "
+                                           "loss, other roundings; -1: the preset's)")
     student_sft_epochs: int = arg(UNSET, "SFT epochs of the student (-1: the preset's)")
     student_sft_examples: int = arg(UNSET, "toy conversations of the student's SFT (-1: the preset's)")
     student_recovery_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data with a failed tool "
@@ -95,6 +107,9 @@ class Config:
     sandbox: str = arg("warm", "sandbox of every stage's tool calls: warm or cold (a new interpreter per call)")
     sandbox_python: str = arg("", "interpreter of the sandbox (empty: $SOD_SANDBOX_PYTHON, else the trainer's "
                                   "own); the toy's tool code needs the standard library alone")
+    workers: int = arg(0, "stages run side by side, each in a process of its own with an equal share of the "
+                          "threads (the same numbers as one at a time; 0: two when torch has two threads or "
+                          "more, else one; 1: one after another in this process)")
     eval_split: str = arg("test", "split of the final table: test, or valid while choosing settings "
                                   "(the test split is only for final numbers)")
 
@@ -102,17 +117,19 @@ class Config:
 PRESETS = {  # every field the presets set; a flag given explicitly wins
     "default": dict(out_root="runs", seeds="0", seed_student_sft=False, toy_steps="2-4",
                     tool_failure_rate=0.0, teacher_model="toy-teacher", teacher_sft_epochs=5,
-                    teacher_direct_frac=0.5, student_sft_epochs=4, student_sft_examples=5000,
+                    teacher_direct_frac=0.5, sft_micro_batch_size=16, student_sft_epochs=4,
+                    student_sft_examples=5000,
                     student_recovery_frac=0.25, student_retry_frac=0.0, student_direct_frac=0.0,
                     max_response_tokens=320, rl_steps=30, student_rl_lr=5e-5,
-                    rl_eval_every=10, rl_eval_prompts=64, rl_eval_n=4, eval_n=8, eval_prompts=128),
+                    rl_eval_every=30, rl_eval_prompts=64, rl_eval_n=4, eval_n=8, eval_prompts=128),
     "quick": dict(rl_steps=2, rl_eval_every=0, eval_n=2, eval_prompts=4),
     # a weak student and a strong teacher (docs/results.md, "The study"): a flaky tool that the student's data
     # retries and the teacher's does not; a student whose data answers 55% of its problems at once, without the
     # tool (11,000 conversations, so that about as many use the tool as the default student's 5,000). Its
-    # teacher is the 3-layer one its tables were made with.
+    # teacher, its unsorted SFT batches and its validation curve every 10 steps are those its tables were made
+    # with.
     "study": dict(out_root="runs-study", seeds="0,1,2,3,4", seed_student_sft=True, tool_failure_rate=0.03,
-                  teacher_model="toy-teacher-small",
+                  teacher_model="toy-teacher-small", sft_micro_batch_size=32, rl_eval_every=10,
                   student_direct_frac=0.55, student_sft_examples=11000, student_retry_frac=0.3,
                   rl_eval_prompts=128, eval_n=16, eval_prompts=256),
 }
@@ -148,18 +165,21 @@ def fingerprint(stage_cfg, inputs: list[str]) -> dict:
             "cpu_kernels": cpu_kernels.describe()}
 
 
-def run_stage(name: str, out_dir: Path, fn, stage_cfg, inputs: list[str], timings: dict):
+def run_stage(name: str, out_dir: Path, fn, stage_cfg, inputs: list[str]) -> dict:
     """Reuse out_dir/final if the same settings, inputs and code made it; resume an interrupted run of the
-    same stage; otherwise run it from the start (the stage itself clears what an earlier run left)."""
+    same stage; otherwise run it from the start (the stage itself clears what an earlier run left). Returns
+    what happened and, when the stage ran, its seconds."""
     want = fingerprint(stage_cfg, inputs)
     record = out_dir / "pipeline_stage.json"
     had = json.loads(record.read_text()) if record.exists() else None
     print(f"\n=== {name} -> {out_dir}")
     if had == want and (out_dir / "final" / "config.json").exists():
-        print(f"=== {name}: reused (made by the same settings, inputs and code)")
-        return
+        what = "reused (made by the same settings, inputs and code)"
+        print(f"=== {name}: {what}")
+        return dict(what=what, seconds=None)
+    what = "ran"
     if had == want and runs.latest_checkpoint(out_dir) is not None:
-        print(f"=== {name}: resuming from {runs.latest_checkpoint(out_dir).name}")
+        what = f"resuming from {runs.latest_checkpoint(out_dir).name}"
         stage_cfg.resume = True
     elif had is not None:
         before, now = had["settings"], want["settings"]
@@ -167,29 +187,41 @@ def run_stage(name: str, out_dir: Path, fn, stage_cfg, inputs: list[str], timing
         why = (f"settings changed ({changed})" if changed else
                "its inputs changed" if had["inputs"] != want["inputs"] else
                "the CPU kernels changed" if had.get("cpu_kernels") != want["cpu_kernels"] else "the code changed")
-        print(f"=== {name}: running again, {why}")
+        what = f"running again, {why}"
+    if what != "ran":
+        print(f"=== {name}: {what}")
     out_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(want, indent=1, default=str) + "\n")
     t0 = time.time()
     fn(stage_cfg)
-    timings[name] = round(time.time() - t0, 1)
-    print(f"=== {name}: {timings[name]:.0f} s")
+    seconds = round(time.time() - t0, 1)
+    print(f"=== {name}: {seconds:.0f} s")
+    return dict(what=what, seconds=seconds)
 
 
-def evaluate_model(name: str, path: str, eval_cfg, benchmarks: dict, cache_dir: Path) -> dict:
+def evaluate_model(name: str, path: str, eval_cfg, cache_dir: Path) -> dict:
     """Test-split metrics of one checkpoint, reused when the same weights were evaluated the same way."""
     want = fingerprint(eval_cfg, [path])
     cache = cache_dir / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".json")
     if cache.exists() and json.loads(cache.read_text())["fingerprint"] == want:
         print(f"  {name}: reused the evaluation of {path}")
-        return json.loads(cache.read_text())["results"]
+        return dict(results=json.loads(cache.read_text())["results"], what="reused", seconds=None)
     t0 = time.time()
     tokenizer = models.load_tokenizer(path)
-    results = evaluate.evaluate_engine(models.load_model(path, device="cpu"),
-                                       tokenizer, benchmarks, eval_cfg)["toy"]
+    results = evaluate.evaluate_engine(models.load_model(path, device="cpu"), tokenizer,
+                                       evaluate.load_benchmarks(eval_cfg), eval_cfg)["toy"]
     cache.write_text(json.dumps({"fingerprint": want, "results": results}, indent=1, default=str))
-    print(f"  {name}: evaluated {path} in {time.time() - t0:.0f} s")
-    return results
+    seconds = round(time.time() - t0, 1)
+    print(f"  {name}: evaluated {path} in {seconds:.0f} s")
+    return dict(results=results, what="evaluated", seconds=seconds)
+
+
+def setup_child(sandbox_kind: str, sandbox_python: str):
+    """What `python pipeline.py` sets up before its stages, done again in each stage's own process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    quiet_libraries()
+    cpu_kernels.configure(cpu_kernels.mode_from_env())  # the parent's pins are in the environment it inherits
+    sandbox.configure(sandbox_kind, python=sandbox_python)
 
 
 # -----------------------------------------------------------------------------
@@ -201,8 +233,10 @@ def main(cfg: Config):
     root = Path(cfg.out_root)
     seeds = [int(s) for s in cfg.seeds.split(",")]
     student_seeds = [] if cfg.teacher_only else seeds  # --teacher_only: no student stage, row or table
-    timings = {}
     sft_sizes = dict(max_steps=3, toy_examples=64, eval_prompts=0) if cfg.quick else {}
+    # below the batch size, each SFT batch is sorted by length before it is cut into micro-batches (sft.py)
+    sft_sizes.update(micro_batch_size=cfg.sft_micro_batch_size,
+                     sort_by_length=cfg.sft_micro_batch_size < sft.Config.batch_size)
     rl_sizes = dict(steps=cfg.rl_steps, eval_every=cfg.rl_eval_every, eval_prompts=cfg.rl_eval_prompts,
                     eval_n=cfg.rl_eval_n, tool_failure_rate=cfg.tool_failure_rate, toy_steps=cfg.toy_steps,
                     max_response_tokens=cfg.max_response_tokens, sandbox=cfg.sandbox,
@@ -210,51 +244,57 @@ def main(cfg: Config):
     if cfg.quick:
         rl_sizes.update(prompts_per_step=2, n_samples=4, eval_prompts=4, eval_n=2)
 
+    # Every stage and every evaluation is a job; a job lists the jobs whose checkpoints it starts from. They run
+    # one after another, or side by side (--workers), in this order of priority: the teacher's chain is the
+    # longest, so it goes first.
+    plan = []
+
+    def stage(name, out, fn, stage_cfg, inputs, after=()):
+        # an SFT stage runs alone with every thread: one thread slows it down 1.8x, an RL stage 1.4x
+        plan.append(jobs.Job(name, run_stage, (name, out, fn, stage_cfg, inputs), out / "stage.log", list(after),
+                             alone=fn is sft.main))
+
     # 1-2. cold-start SFT. The teacher sees clean tool solutions (and, by default, answers given at once
     # without the tool, which its GRPO unlearns); the student's data also shows recoveries from failed tool
     # calls and retries after transient failures, which the teacher never sees: where SOD's step weights
     # matter.
     teacher_sft = str(root / "sft-teacher" / "final")
-    run_stage("sft teacher", root / "sft-teacher", sft.main,
-              sft.Config(model=cfg.teacher_model, toy_recovery_frac=0.0,
-                         toy_direct_frac=cfg.teacher_direct_frac, toy_steps=cfg.toy_steps,
-                         epochs=cfg.teacher_sft_epochs, seed=cfg.teacher_seed,
-                         out_dir=str(root / "sft-teacher"),
-                         **sft_sizes), [], timings)
-    student_sfts = {}
-    for seed in (student_seeds if cfg.seed_student_sft else student_seeds[:1]):
-        out = root / (f"sft-student-s{seed}" if cfg.seed_student_sft else "sft-student")
-        run_stage(f"sft student (seed {seed})" if cfg.seed_student_sft else "sft student", out, sft.main,
-                  sft.Config(model="toy-student", epochs=cfg.student_sft_epochs,
-                             toy_recovery_frac=cfg.student_recovery_frac,
-                             toy_retry_frac=cfg.student_retry_frac, toy_direct_frac=cfg.student_direct_frac,
-                             toy_steps=cfg.toy_steps, seed=seed, out_dir=str(out),
-                             **{"toy_examples": cfg.student_sft_examples, **sft_sizes}), [], timings)
-        student_sfts[seed] = str(out / "final")
+    stage("sft teacher", root / "sft-teacher", sft.main,
+          sft.Config(model=cfg.teacher_model, toy_recovery_frac=0.0, toy_direct_frac=cfg.teacher_direct_frac,
+                     toy_steps=cfg.toy_steps, epochs=cfg.teacher_sft_epochs, seed=cfg.teacher_seed,
+                     out_dir=str(root / "sft-teacher"), **sft_sizes), [])
     # 3. the teacher's RL
     teacher = str(root / "grpo-teacher" / "final")
-    run_stage("grpo teacher", root / "grpo-teacher", grpo.main,
-              grpo.Config(model=teacher_sft, out_dir=str(root / "grpo-teacher"), seed=cfg.teacher_seed,
-                          **rl_sizes), [teacher_sft], timings)
+    stage("grpo teacher", root / "grpo-teacher", grpo.main,
+          grpo.Config(model=teacher_sft, out_dir=str(root / "grpo-teacher"), seed=cfg.teacher_seed, **rl_sizes),
+          [teacher_sft], after=["sft teacher"])
+    student_sfts = {}  # seed -> (checkpoint, the job that makes it)
+    for seed in (student_seeds if cfg.seed_student_sft else student_seeds[:1]):
+        out = root / (f"sft-student-s{seed}" if cfg.seed_student_sft else "sft-student")
+        name = f"sft student (seed {seed})" if cfg.seed_student_sft else "sft student"
+        stage(name, out, sft.main,
+              sft.Config(model="toy-student", epochs=cfg.student_sft_epochs,
+                         toy_recovery_frac=cfg.student_recovery_frac, toy_retry_frac=cfg.student_retry_frac,
+                         toy_direct_frac=cfg.student_direct_frac, toy_steps=cfg.toy_steps, seed=seed,
+                         out_dir=str(out), **{"toy_examples": cfg.student_sft_examples, **sft_sizes}), [])
+        student_sfts[seed] = (str(out / "final"), name)
     # 4. the student, same budget three ways
     students = {}
     for seed in student_seeds:
-        start = student_sfts.get(seed, student_sfts[seeds[0]])
+        start, start_job = student_sfts.get(seed, student_sfts[seeds[0]])
         student_rl = dict(rl_sizes, lr=cfg.student_rl_lr)
         for method in ("grpo", "opd", "sod"):
             out = root / f"{method}-student-s{seed}"
             if method == "grpo":
-                stage_cfg, fn, inputs = grpo.Config(model=start, out_dir=str(out), seed=seed,
-                                                    **student_rl), grpo.main, [start]
+                stage(f"{method} student (seed {seed})", out, grpo.main,
+                      grpo.Config(model=start, out_dir=str(out), seed=seed, **student_rl), [start],
+                      after=[start_job])
             else:
-                stage_cfg = sod_distill.Config(student=start, teacher=teacher, mode=method,
-                                               out_dir=str(out), seed=seed, **student_rl)
-                fn, inputs = sod_distill.main, [start, teacher]
-            run_stage(f"{method} student (seed {seed})", out, fn, stage_cfg, inputs, timings)
-            students.setdefault(method, {})[seed] = str(out / "final")
+                stage(f"{method} student (seed {seed})", out, sod_distill.main,
+                      sod_distill.Config(student=start, teacher=teacher, mode=method, out_dir=str(out), seed=seed,
+                                         **student_rl), [start, teacher], after=[start_job, "grpo teacher"])
+            students.setdefault(method, {})[seed] = (str(out / "final"), f"{method} student (seed {seed})")
     # 5. one evaluation on the test split, same settings for every model
-    print(f"\n=== evaluation -> {root / 'eval'} "
-          f"({cfg.eval_prompts} {cfg.eval_split} problems x {cfg.eval_n} samples)")
     eval_cfg = evaluate.Config(model=[], data="toy" if cfg.eval_split == "test" else "toy:valid",
                                num_prompts=cfg.eval_prompts, n_samples=cfg.eval_n, toy_steps=cfg.toy_steps,
                                max_response_tokens=cfg.max_response_tokens,
@@ -262,17 +302,43 @@ def main(cfg: Config):
                                sandbox_python=cfg.sandbox_python,
                                out_dir=str(root / "eval"), seed=1234)
     (root / "eval").mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    benchmarks = evaluate.load_benchmarks(eval_cfg)
-    evaluated = [("teacher SFT", None, teacher_sft), ("teacher GRPO", None, teacher)]
-    evaluated += [("student SFT", s, student_sfts.get(s, student_sfts[seeds[0]])) for s in student_seeds]
-    evaluated += [(f"student {m.upper()}", s, p) for m, by_seed in students.items()
-                  for s, p in by_seed.items()]
-    results = {}
-    for name, seed, path in evaluated:
+    evaluated = [("teacher SFT", None, teacher_sft, "sft teacher"),
+                 ("teacher GRPO", None, teacher, "grpo teacher")]
+    evaluated += [("student SFT", s, *student_sfts.get(s, student_sfts[seeds[0]])) for s in student_seeds]
+    evaluated += [(f"student {m.upper()}", s, path, job) for m, by_seed in students.items()
+                  for s, (path, job) in by_seed.items()]
+    for name, seed, path, job in evaluated:
         label = name if seed is None else f"{name} (seed {seed})"
-        results.setdefault(name, {})[seed] = evaluate_model(label, path, eval_cfg, benchmarks, root / "eval")
-    timings["evaluation"] = round(time.time() - t0, 1)
+        log_name = label.replace(" ", "_").replace("(", "").replace(")", "")
+        plan.append(jobs.Job(f"evaluate {label}", evaluate_model, (label, path, eval_cfg, root / "eval"),
+                             root / "eval" / f"{log_name}.log", [job]))
+
+    print(f"the final table: {cfg.eval_prompts} {cfg.eval_split} problems x {cfg.eval_n} samples "
+          f"-> {root / 'eval'}")
+    t_start, threads = time.time(), torch.get_num_threads()
+    workers = cfg.workers or (1 if cfg.teacher_only else min(2, threads))  # the teacher alone: one chain
+    print(f"{len(plan)} jobs, {workers} at a time" + (f", {max(1, threads // workers)} thread(s) each"
+                                                     if workers > 1 else ""))
+    timings, t_eval = {}, 0.0
+
+    def done(job, result, seconds):
+        nonlocal t_eval
+        if result["seconds"] is not None and not job.name.startswith("evaluate "):
+            timings[job.name] = result["seconds"]
+        if job.name.startswith("evaluate "):
+            t_eval += result["seconds"] or 0.0
+        if workers > 1:
+            print(f"=== {job.name}: {result['what']} ({seconds:.0f} s)", flush=True)
+
+    finished = jobs.run(plan, workers, max(1, threads // workers), setup=setup_child,
+                        setup_args=(cfg.sandbox, cfg.sandbox_python), on_done=done)
+    timings["evaluation"] = round(t_eval, 1)  # the evaluations' own seconds, added up
+    timings["wall clock"] = round(time.time() - t_start, 1)
+    results = {}
+    for name, seed, path, job in evaluated:
+        label = name if seed is None else f"{name} (seed {seed})"
+        results.setdefault(name, {})[seed] = finished[f"evaluate {label}"]["results"]
+    students = {m: {s: path for s, (path, _) in by_seed.items()} for m, by_seed in students.items()}
     budget = same_budget(root, students) if students else {}  # refuses runs that did not share one budget
     table = results_table(results, cfg.eval_n)
     if len(student_seeds) > 1:

@@ -121,3 +121,23 @@ def test_the_teacher_alone_with_its_own_seed_and_the_kernels_it_ran_on(tmp_path)
                            env=dict(os.environ, OMP_NUM_THREADS="1", SOD_CPU_KERNELS="native"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "=== sft teacher: running again, the CPU kernels changed" in again.stdout
+
+
+def test_two_stages_at_a_time_make_the_checkpoints_and_table_of_one_at_a_time_at_one_thread(tmp_path):
+    # OMP_NUM_THREADS=1: one stage after another, at one thread. Two threads: the SFT stages alone at two
+    # threads, then two stages at a time at one thread each. The same bits.
+    stages = ["sft-teacher", "grpo-teacher", "sft-student", "grpo-student-s0", "opd-student-s0", "sod-student-s0"]
+    made = {}
+    for threads, workers in (("1", 1), ("2", 2)):
+        root = tmp_path / f"threads-{threads}"
+        out = subprocess.run([sys.executable, "pipeline.py", "--quick", "--out_root", str(root)], cwd=REPO,
+                             capture_output=True, text=True, timeout=900,
+                             env=dict(os.environ, OMP_NUM_THREADS=threads))
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        assert f"{workers} at a time" in out.stdout
+        scores = {model: {seed: {k: v for k, v in r.items() if k != "seconds"} for seed, r in by_seed.items()}
+                  for model, by_seed in json.loads((root / "results.json").read_text())["results"].items()}
+        made[threads] = ({s: (root / s / "final" / "model.safetensors").read_bytes() for s in stages}, scores)
+    assert made["2"][0] == made["1"][0]
+    assert made["2"][1] == made["1"][1]  # every score of the table, all but the evaluations' seconds
+    assert (tmp_path / "threads-2" / "grpo-teacher" / "stage.log").read_text().strip()  # each stage's own log

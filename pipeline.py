@@ -108,8 +108,8 @@ class Config:
     sandbox_python: str = arg("", "interpreter of the sandbox (empty: $SOD_SANDBOX_PYTHON, else the trainer's "
                                   "own); the toy's tool code needs the standard library alone")
     workers: int = arg(0, "stages run side by side, each in a process of its own with an equal share of the "
-                          "threads (the same numbers as one at a time; 0: two when torch has two threads or "
-                          "more, else one; 1: one after another in this process)")
+                          "threads, SFT stages alone with all of them (0: two when torch has two threads or "
+                          "more, else one; 1: one after another in this process, at every thread)")
     eval_split: str = arg("test", "split of the final table: test, or valid while choosing settings "
                                   "(the test split is only for final numbers)")
 

@@ -39,10 +39,11 @@ class Job:
 
 def _child(conn, job: Job, threads: int, setup: Callable | None, setup_args: tuple):
     """In the child: send stdout/stderr to the log, set up the process, run the job, send back its result."""
-    parent = os.getppid()  # the fork server, which exits when the scheduler's process does
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: no orphaned stage
-    if os.getppid() != parent:
-        os._exit(1)
+    if sys.platform == "linux":  # the fork server exits with the scheduler's process, and the stage with it
+        parent = os.getppid()
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: no orphaned stage
+        if os.getppid() != parent:
+            os._exit(1)
     job.log.parent.mkdir(parents=True, exist_ok=True)
     out = os.open(job.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush(), sys.stderr.flush()
@@ -73,6 +74,8 @@ def run(jobs: list[Job], workers: int, threads: int, setup: Callable | None = No
         unknown = [a for a in j.after if a not in names[:names.index(j.name)]]
         if unknown:
             raise ValueError(f"job {j.name!r} waits for {unknown}, which are not listed before it")
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows
+        workers = 1
     if workers == 1:  # one after another, in this process, at this process's threads: output to the terminal
         results = {}
         for job in jobs:

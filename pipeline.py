@@ -250,7 +250,7 @@ def main(cfg: Config):
     plan = []
 
     def stage(name, out, fn, stage_cfg, inputs, after=()):
-        # an SFT stage runs alone with every thread: one thread slows it down 1.8x, an RL stage 1.4x
+        # an SFT stage runs alone with every thread: one thread slows it down most (common/jobs.py)
         plan.append(jobs.Job(name, run_stage, (name, out, fn, stage_cfg, inputs), out / "stage.log", list(after),
                              alone=fn is sft.main))
 

@@ -46,8 +46,10 @@ def _child(conn, job: Job, threads: int, setup: Callable | None, setup_args: tup
             os._exit(1)
     job.log.parent.mkdir(parents=True, exist_ok=True)
     out = os.open(job.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    sys.stdout.flush(), sys.stderr.flush()
-    os.dup2(out, 1), os.dup2(out, 2)  # fd level: subprocesses and C libraries write there too
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(out, 1)  # fd level: subprocesses and C libraries write there too
+    os.dup2(out, 2)
     try:
         import torch
         torch.set_num_threads(threads)
@@ -60,7 +62,8 @@ def _child(conn, job: Job, threads: int, setup: Callable | None, setup_args: tup
         traceback.print_exc()
         conn.send(("failed", traceback.format_exc()))
     finally:
-        sys.stdout.flush(), sys.stderr.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def run(jobs: list[Job], workers: int, threads: int, setup: Callable | None = None, setup_args: tuple = (),

@@ -91,7 +91,8 @@ class Config(rollout.RolloutConfig):
     kl_coef: float = arg(0.0, "k3 KL penalty to the starting checkpoint (reference 0: off)")
     # run
     out_dir: str = arg("runs/grpo-teacher", "checkpoints, metrics.jsonl, trajectories.jsonl, final/")
-    eval_every: int = arg(10, "held-out evaluation every N steps (0: only at the end)")
+    eval_every: int = arg(10, "held-out evaluation every N steps (0: only at the end; -1: none, not even "
+                              "--eval_before_train's)")
     eval_before_train: bool = arg(True, "evaluate the starting checkpoint first, logged as step 0 "
                                         "(verl's val_before_train)")
     eval_data: str = arg("toy:valid", "data of the evaluations during training: 'toy:valid' (the toy "
@@ -286,6 +287,10 @@ def report_start_and_end(metrics_path: Path, name: str) -> None:
 
 def check_inputs(cfg, start: str):
     """Everything a run reads, checked before anything is written."""
+    if cfg.eval_every < -1:
+        raise SystemExit(f"--eval_every must be -1 (none), 0 (at the end) or a step count, not {cfg.eval_every}")
+    if cfg.eval_every == -1:
+        reject_unused(cfg, ["eval_data", "eval_prompts", "eval_n"], "with --eval_every -1 (no evaluation)")
     if cfg.data != "toy":
         reject_unused(cfg, ["toy_prompts", "toy_steps"], "with --data other than toy")
         load_rows(cfg.data)
@@ -344,7 +349,7 @@ def train(cfg, start: str, advantages_fn=None, name: str = "grpo"):
     # the KL anchor is the starting checkpoint, also when resuming; frozen models are replicated on every rank
     ref_model = models.load_model(start, device=device).requires_grad_(False) if cfg.kl_coef > 0 else None
     engine = generation_engine(cfg, start, model, d, device, resumed=run.state is not None)
-    if cfg.eval_before_train and run.start_step == 0:  # the starting checkpoint, as step 0
+    if cfg.eval_before_train and cfg.eval_every >= 0 and run.start_step == 0:  # the starting checkpoint: step 0
         row = {"step": 0, **held_out_eval(model, tokenizer, cfg, engine, d)}
         run.log(row)
         log.info("held-out before training: %s", {k: round(v, 4) for k, v in row.items() if "avg@" in k})
@@ -390,7 +395,8 @@ def train(cfg, start: str, advantages_fn=None, name: str = "grpo"):
                 # 6. the generation engine gets the new weights
                 if engine is not model:
                     rollout.push_weights(engine, model, d)
-            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+            if cfg.eval_every >= 0 and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+                                        or step + 1 == cfg.steps):
                 row.update(held_out_eval(model, tokenizer, cfg, engine, d))
             run.log(row)
             if d.main:

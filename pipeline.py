@@ -13,13 +13,16 @@ pipeline.py: the whole toy pipeline in one command, ending with the paper's comp
 Every stage is the stage file's own `main` with its own config: this file only chooses the sizes.
 
 On two cores the stages run two at a time (--workers), each in a process of its own at one thread, with its
-output in its folder's stage.log: the toy's RL stages lose less to the second thread than they gain from a
-second stage beside them (common/jobs.py). The SFT stages, which lose most, run alone with both threads.
-Every RL stage then runs at one thread, as it would with OMP_NUM_THREADS=1, so the weights are the same at one
-thread and at two. --workers 1 runs the stages one after another in this process, at every thread: on some
-CPUs the toy student's RL stages round differently at two threads than at one (docs/results.md).
+output in its folder's stage.log: the toy's stages lose less to the second thread than they gain from a second
+stage beside them (common/jobs.py). The teacher's SFT, which loses most, runs alone with both threads, and
+trains to the same bits at one thread and at two. Every other stage runs at one thread, as it would with
+OMP_NUM_THREADS=1, so the weights are the same at one thread and at two. --workers 1 runs the stages one after
+another in this process, at every thread: there, at two threads, a rollout's sampled tokens can differ from
+one thread's (torch's CPU attention kernel for one generated token rounds by thread count; docs/results.md).
+RL runs are evaluated once, in the final table (--rl_validation: none); the teacher checks (--teacher_only)
+also evaluate the teacher on the validation split before and after its GRPO, and the study every RL run.
 
-Three presets. The default is a short run (one seed, about 16 min on 2 cores). --quick runs every stage for
+Three presets. The default is a short run (one seed, about 15-17 min on 2 cores). --quick runs every stage for
 a handful of steps (a smoke test whose numbers mean nothing). --study asks the paper's question, a weak
 student and a strong teacher: the same task with a tool call failing now and then (3%), a teacher that never
 retries a failed call, a student whose cold-start data answers most problems without the tool and retries
@@ -98,8 +101,12 @@ class Config:
                                "(-1: the preset's)")
     student_rl_lr: float = arg(UNSET_FRACTION, "learning rate of every student RL run, GRPO, OPD and SOD alike "
                                                "(-1: the preset's)")
-    rl_eval_every: int = arg(UNSET, "held-out (validation split) evaluation every N RL steps "
-                                    "(-1: the preset's)")
+    rl_validation: str = arg("", "which RL runs also evaluate on the validation split, at the start, every "
+                                 "--rl_eval_every steps and at the end: none, teacher or all (empty: the "
+                                 "preset's: none, teacher with --teacher_only, all with --study); every model "
+                                 "is evaluated in the final table either way")
+    rl_eval_every: int = arg(UNSET, "validation evaluation every N steps of those RL runs (0: at the start and "
+                                    "the end only; -1: the preset's)")
     rl_eval_prompts: int = arg(UNSET, "validation problems of each evaluation during RL (-1: the preset's)")
     rl_eval_n: int = arg(UNSET, "samples per validation problem during RL (-1: the preset's)")
     eval_n: int = arg(UNSET, "samples per test problem in the final table (-1: the preset's)")
@@ -108,8 +115,8 @@ class Config:
     sandbox_python: str = arg("", "interpreter of the sandbox (empty: $SOD_SANDBOX_PYTHON, else the trainer's "
                                   "own); the toy's tool code needs the standard library alone")
     workers: int = arg(0, "stages run side by side, each in a process of its own with an equal share of the "
-                          "threads, SFT stages alone with all of them (0: two when torch has two threads or "
-                          "more, else one; 1: one after another in this process, at every thread)")
+                          "threads, the teacher's SFT alone with all of them (0: two when torch has two threads "
+                          "or more, else one; 1: one after another in this process, at every thread)")
     eval_split: str = arg("test", "split of the final table: test, or valid while choosing settings "
                                   "(the test split is only for final numbers)")
 
@@ -121,7 +128,8 @@ PRESETS = {  # every field the presets set; a flag given explicitly wins
                     student_sft_examples=5000,
                     student_recovery_frac=0.25, student_retry_frac=0.0, student_direct_frac=0.0,
                     max_response_tokens=320, rl_steps=30, student_rl_lr=5e-5,
-                    rl_eval_every=30, rl_eval_prompts=64, rl_eval_n=4, eval_n=8, eval_prompts=128),
+                    rl_validation="none", rl_eval_every=0, rl_eval_prompts=64, rl_eval_n=4, eval_n=8,
+                    eval_prompts=128),
     "quick": dict(rl_steps=2, rl_eval_every=0, eval_n=2, eval_prompts=4),
     # a weak student and a strong teacher (docs/results.md, "The study"): a flaky tool that the student's data
     # retries and the teacher's does not; a student whose data answers 55% of its problems at once, without the
@@ -129,9 +137,9 @@ PRESETS = {  # every field the presets set; a flag given explicitly wins
     # teacher, its unsorted SFT batches and its validation curve every 10 steps are those its tables were made
     # with.
     "study": dict(out_root="runs-study", seeds="0,1,2,3,4", seed_student_sft=True, tool_failure_rate=0.03,
-                  teacher_model="toy-teacher-small", sft_micro_batch_size=32, rl_eval_every=10,
-                  student_direct_frac=0.55, student_sft_examples=11000, student_retry_frac=0.3,
-                  rl_eval_prompts=128, eval_n=16, eval_prompts=256),
+                  teacher_model="toy-teacher-small", sft_micro_batch_size=32, rl_validation="all",
+                  rl_eval_every=10, rl_eval_prompts=128, student_direct_frac=0.55, student_sft_examples=11000,
+                  student_retry_frac=0.3, eval_n=16, eval_prompts=256),
 }
 
 
@@ -141,13 +149,22 @@ def resolve(cfg: Config) -> Config:
         raise SystemExit("--quick and --study are two different presets: choose one")
     if cfg.eval_split not in ("test", "valid"):  # checked before any stage trains, not after
         raise SystemExit(f"--eval_split must be test or valid, not {cfg.eval_split!r}")
+    if cfg.rl_validation not in ("", "none", "teacher", "all"):
+        raise SystemExit(f"--rl_validation must be none, teacher or all, not {cfg.rl_validation!r}")
     preset = dict(PRESETS["default"],
                   **(PRESETS["quick"] if cfg.quick else PRESETS["study"] if cfg.study else {}))
     unset = {f.name: preset[f.name] for f in fields(cfg)
              if f.name in preset and getattr(cfg, f.name) in (UNSET, UNSET_FRACTION, "")
              and not isinstance(getattr(cfg, f.name), bool)}
     flags = {k: True for k in ("seed_student_sft",) if preset[k] and not getattr(cfg, k)}
-    return replace(cfg, **unset, **flags)
+    if cfg.teacher_only and not cfg.rl_validation:  # the teacher checks report validation before and after GRPO
+        unset["rl_validation"] = "teacher"
+    resolved = replace(cfg, **unset, **flags)
+    given = [f"--{k}" for k in ("rl_eval_every", "rl_eval_prompts", "rl_eval_n") if getattr(cfg, k) != UNSET]
+    if resolved.rl_validation == "none" and given:
+        raise SystemExit(f"{', '.join(given)}: no RL run evaluates on the validation split "
+                         f"(--rl_validation none); add --rl_validation teacher or all")
+    return resolved
 
 
 # -----------------------------------------------------------------------------
@@ -244,15 +261,18 @@ def main(cfg: Config):
     if cfg.quick:
         rl_sizes.update(prompts_per_step=2, n_samples=4, eval_prompts=4, eval_n=2)
 
+    def validated(sizes: dict, on: bool) -> dict:  # off: the run evaluates nothing (grpo.py --eval_every -1)
+        return sizes if on else dict({k: v for k, v in sizes.items() if k not in ("eval_prompts", "eval_n")},
+                                     eval_every=-1)
+
     # Every stage and every evaluation is a job; a job lists the jobs whose checkpoints it starts from. They run
     # one after another, or side by side (--workers), in this order of priority: the teacher's chain is the
     # longest, so it goes first.
     plan = []
 
-    def stage(name, out, fn, stage_cfg, inputs, after=()):
-        # an SFT stage runs alone with every thread: one thread slows it down most (common/jobs.py)
+    def stage(name, out, fn, stage_cfg, inputs, after=(), alone=False):
         plan.append(jobs.Job(name, run_stage, (name, out, fn, stage_cfg, inputs), out / "stage.log", list(after),
-                             alone=fn is sft.main))
+                             alone=alone))
 
     # 1-2. cold-start SFT. The teacher sees clean tool solutions (and, by default, answers given at once
     # without the tool, which its GRPO unlearns); the student's data also shows recoveries from failed tool
@@ -262,11 +282,13 @@ def main(cfg: Config):
     stage("sft teacher", root / "sft-teacher", sft.main,
           sft.Config(model=cfg.teacher_model, toy_recovery_frac=0.0, toy_direct_frac=cfg.teacher_direct_frac,
                      toy_steps=cfg.toy_steps, epochs=cfg.teacher_sft_epochs, seed=cfg.teacher_seed,
-                     out_dir=str(root / "sft-teacher"), **sft_sizes), [])
+                     out_dir=str(root / "sft-teacher"), **sft_sizes), [],
+          alone=True)  # with every thread: one thread slows it down most (common/jobs.py)
     # 3. the teacher's RL
     teacher = str(root / "grpo-teacher" / "final")
     stage("grpo teacher", root / "grpo-teacher", grpo.main,
-          grpo.Config(model=teacher_sft, out_dir=str(root / "grpo-teacher"), seed=cfg.teacher_seed, **rl_sizes),
+          grpo.Config(model=teacher_sft, out_dir=str(root / "grpo-teacher"), seed=cfg.teacher_seed,
+                      **validated(rl_sizes, cfg.rl_validation != "none")),
           [teacher_sft], after=["sft teacher"])
     student_sfts = {}  # seed -> (checkpoint, the job that makes it)
     for seed in (student_seeds if cfg.seed_student_sft else student_seeds[:1]):
@@ -282,7 +304,7 @@ def main(cfg: Config):
     students = {}
     for seed in student_seeds:
         start, start_job = student_sfts.get(seed, student_sfts[seeds[0]])
-        student_rl = dict(rl_sizes, lr=cfg.student_rl_lr)
+        student_rl = dict(validated(rl_sizes, cfg.rl_validation == "all"), lr=cfg.student_rl_lr)
         for method in ("grpo", "opd", "sod"):
             out = root / f"{method}-student-s{seed}"
             if method == "grpo":

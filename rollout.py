@@ -203,7 +203,7 @@ class SampleAtUniforms(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as no_grad, and lighter per op: these tensors never meet autograd
 def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], temperature: float, top_p: float,
                 stop_ids: list[int], pad_id: int, seeds: list[int] | None = None,
                 batch_size: int = 256) -> list[list[int]]:

@@ -1,12 +1,15 @@
 """Run a pipeline's stages side by side: each in a process of its own, with a share of the threads.
 
 The toy's models are tiny, and a second thread helps some stages more than others. Measured on 2 cores (an AMD
-EPYC with AVX2), a stage at one thread beside another, against the same stage alone at two threads: the SFT
-stages took 1.8x as long (the teacher's, 5,034 against 9,208 tokens/s), the RL stages 1.5x to 1.8x (the
-student's GRPO 191 s against 129 s, the teacher's 254 s against 142 s). So two RL stages side by side finish a
-little sooner than one after the other, and an SFT stage is better run alone. A stage at one thread computes
-the same bits beside another stage as alone; at two threads it may round differently (the toy student's RL
-stages do on that CPU: docs/results.md).
+EPYC with AVX2), a stage at one thread beside another, against the same stage alone at two threads: the
+teacher's SFT took 1.8x as long (5,034 against 9,208 tokens/s), the RL stages 1.5x to 1.8x (the student's GRPO
+191 s against 129 s, the teacher's 254 s against 142 s). The student's SFT, alone, ran 1.44x slower at one
+thread than at two (14,748 against 21,215 tokens/s). So two stages side by side finish sooner than one after
+the other, except the teacher's SFT, which is better run alone. A stage at one thread computes the same bits
+beside another stage as alone. At two threads, generation may round differently: torch's CPU attention kernel
+at a single query position (each generated token) gives other bits at one thread and at two, so a rare sample
+of a rollout can change (docs/results.md, "The default pipeline"). Training forwards and backwards over whole
+sequences gave the same bits at one and two threads.
 
 A job names the jobs it must wait for. The scheduler starts ready jobs in the order they were listed, at most
 `workers` at once, except that a job marked `alone` runs by itself with every thread and goes first once it is

@@ -137,14 +137,19 @@ def plot_study(root: Path, seeds: list[int], png: Path):
     ax = axes[0]
     for method, color in (("grpo", "tab:gray"), ("opd", "tab:blue"), ("sod", "tab:red")):
         steps, values = learning_curves(root, method, seeds)                       # [seeds, steps]
-        ax.plot(steps, values.mean(0), marker="o", color=color, label=method.upper())
-        ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.1)
-    sft = values[:, 0]  # every RL run evaluates its starting checkpoint as step 0
-    ax.axhline(sft.mean(), color="black", ls="--", lw=1, label="SFT (start)")
-    ax.axhspan(sft.min(), sft.max(), color="black", alpha=0.06)
+        if steps:
+            ax.plot(steps, values.mean(0), marker="o", color=color, label=method.upper())
+            ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.1)
     ax.set(xlabel="RL step", ylabel="validation avg@n (%)",
            title=f"students, mean over {len(seeds)} seeds (min to max)")
-    ax.legend(loc="lower right")
+    if steps:
+        sft = values[:, 0]  # every RL run evaluates its starting checkpoint as step 0
+        ax.axhline(sft.mean(), color="black", ls="--", lw=1, label="SFT (start)")
+        ax.axhspan(sft.min(), sft.max(), color="black", alpha=0.06)
+        ax.legend(loc="lower right")
+    else:  # the student runs evaluated nothing on the validation split
+        ax.text(0.5, 0.5, "no validation curves\n(pipeline.py --rl_validation all)", ha="center", va="center",
+                transform=ax.transAxes)
     records = [r for s in seeds for r in read_jsonl(root / f"sod-student-s{s}" / "steps.jsonl")]
     for after, style in ((False, "-"), (True, "--")):
         rs = [r for r in records if r["step"] > 1 and r["after_tool_error"] == after]

@@ -115,6 +115,9 @@ def test_the_teacher_alone_with_its_own_seed_and_the_kernels_it_ran_on(tmp_path)
         record = json.loads((tmp_path / stage / "run.json").read_text())
         assert record["config"]["seed"] == 3
         assert record["cpu_kernels"].startswith("avx2 (ATen ")
+    # the teacher checks report the teacher's validation accuracy before and after its GRPO
+    rows = [json.loads(x) for x in (tmp_path / "grpo-teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/toy/avg@2" in rows[0] and "eval/toy/avg@2" in rows[-1]
     # a stage made on other kernels is not reused
     again = subprocess.run([sys.executable, "pipeline.py", "--quick", "--teacher_only", "--teacher_seed", "3",
                             "--out_root", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
@@ -141,3 +144,7 @@ def test_two_stages_at_a_time_make_the_checkpoints_and_table_of_one_at_a_time_at
     assert made["2"][0] == made["1"][0]
     assert made["2"][1] == made["1"][1]  # every score of the table, all but the evaluations' seconds
     assert (tmp_path / "threads-2" / "grpo-teacher" / "stage.log").read_text().strip()  # each stage's own log
+    # the default evaluates every model once, in the final table, and no RL run on the validation split
+    for stage in stages[1:2] + stages[3:]:
+        rows = (tmp_path / "threads-2" / stage / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == 2 and not any("eval/" in row for row in rows)

@@ -84,6 +84,8 @@ class Config:
     teacher_sft_epochs: int = arg(UNSET, "SFT epochs of the teacher (-1: the preset's)")
     teacher_direct_frac: float = arg(UNSET_FRACTION, "fraction of the teacher's SFT data answered without the "
                                                      "tool, which its GRPO unlearns (-1: the preset's)")
+    teacher_retry_frac: float = arg(UNSET_FRACTION, "fraction of the teacher's SFT data that sends a call again "
+                                                    "after a transient tool failure (-1: the preset's)")
     sft_micro_batch_size: int = arg(UNSET, "sequences per forward pass of both SFT stages; below the batch of "
                                            "32, each batch is sorted by length first, to pad less (the same "
                                            "loss, other roundings; -1: the preset's)")
@@ -124,7 +126,7 @@ class Config:
 PRESETS = {  # every field the presets set; a flag given explicitly wins
     "default": dict(out_root="runs", seeds="0", seed_student_sft=False, toy_steps="2-4",
                     tool_failure_rate=0.0, teacher_model="toy-teacher", teacher_sft_epochs=5,
-                    teacher_direct_frac=0.5, sft_micro_batch_size=16, student_sft_epochs=4,
+                    teacher_direct_frac=0.5, teacher_retry_frac=0.0, sft_micro_batch_size=16, student_sft_epochs=4,
                     student_sft_examples=5000,
                     student_recovery_frac=0.25, student_retry_frac=0.0, student_direct_frac=0.0,
                     max_response_tokens=320, rl_steps=30, student_rl_lr=5e-5,
@@ -281,6 +283,7 @@ def main(cfg: Config):
     teacher_sft = str(root / "sft-teacher" / "final")
     stage("sft teacher", root / "sft-teacher", sft.main,
           sft.Config(model=cfg.teacher_model, toy_recovery_frac=0.0, toy_direct_frac=cfg.teacher_direct_frac,
+                     toy_retry_frac=cfg.teacher_retry_frac,
                      toy_steps=cfg.toy_steps, epochs=cfg.teacher_sft_epochs, seed=cfg.teacher_seed,
                      out_dir=str(root / "sft-teacher"), **sft_sizes), [],
           alone=True)  # with every thread: one thread slows it down most (common/jobs.py)

@@ -105,8 +105,9 @@ def test_a_two_seed_pipeline_prints_the_study_tables_and_draws_the_study(tmp_pat
 
 def test_the_teacher_alone_with_its_own_seed_and_the_kernels_it_ran_on(tmp_path):
     # --teacher_only: the teacher's SFT and GRPO with --teacher_seed, evaluated, and nothing of the student
-    out = subprocess.run([sys.executable, "pipeline.py", "--quick", "--teacher_only", "--teacher_seed", "3",
-                          "--out_root", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
+    flags = ["--quick", "--teacher_only", "--teacher_seed", "3", "--teacher_retry_frac", "0.3"]
+    out = subprocess.run([sys.executable, "pipeline.py", *flags, "--out_root", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=900,
                          env=dict(os.environ, OMP_NUM_THREADS="1", SOD_CPU_KERNELS="avx2"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "| teacher GRPO |" in out.stdout and "| student" not in out.stdout
@@ -115,12 +116,13 @@ def test_the_teacher_alone_with_its_own_seed_and_the_kernels_it_ran_on(tmp_path)
         record = json.loads((tmp_path / stage / "run.json").read_text())
         assert record["config"]["seed"] == 3
         assert record["cpu_kernels"].startswith("avx2 (ATen ")
+    assert json.loads((tmp_path / "sft-teacher" / "run.json").read_text())["config"]["toy_retry_frac"] == 0.3
     # the teacher checks report the teacher's validation accuracy before and after its GRPO
     rows = [json.loads(x) for x in (tmp_path / "grpo-teacher" / "metrics.jsonl").read_text().splitlines()]
     assert "eval/toy/avg@2" in rows[0] and "eval/toy/avg@2" in rows[-1]
     # a stage made on other kernels is not reused
-    again = subprocess.run([sys.executable, "pipeline.py", "--quick", "--teacher_only", "--teacher_seed", "3",
-                            "--out_root", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
+    again = subprocess.run([sys.executable, "pipeline.py", *flags, "--out_root", str(tmp_path)], cwd=REPO,
+                           capture_output=True, text=True, timeout=900,
                            env=dict(os.environ, OMP_NUM_THREADS="1", SOD_CPU_KERNELS="native"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "=== sft teacher: running again, the CPU kernels changed" in again.stdout

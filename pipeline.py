@@ -132,7 +132,7 @@ PRESETS = {  # every field the presets set; a flag given explicitly wins
                     max_response_tokens=320, rl_steps=30, student_rl_lr=5e-5,
                     rl_validation="none", rl_eval_every=0, rl_eval_prompts=64, rl_eval_n=4, eval_n=8,
                     eval_prompts=128),
-    "quick": dict(rl_steps=2, rl_eval_every=0, eval_n=2, eval_prompts=4),
+    "quick": dict(rl_steps=2, eval_n=2, eval_prompts=4),
     # a weak student and a strong teacher (docs/results.md, "The study"): a flaky tool that the student's data
     # retries and the teacher's does not; a student whose data answers 55% of its problems at once, without the
     # tool (11,000 conversations, so that about as many use the tool as the default student's 5,000). Its

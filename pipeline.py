@@ -2,6 +2,8 @@
 pipeline.py: the whole toy pipeline in one command, ending with the paper's comparison table.
 
     1. SFT the toy teacher (clean tool use, half direct answers)   sft.py  -> runs/sft-teacher
+       and check its tool calls (a few more epochs if it copies     sft.py  -> runs/sft-teacher-checked
+       them wrong)
     2. SFT the toy student on trajectories that include recoveries  sft.py  -> runs/sft-student
     3. GRPO the teacher with the tool                              grpo.py -> runs/grpo-teacher
     4. the student with the same RL budget, three ways:
@@ -43,6 +45,8 @@ checkpoint; anything else reruns. Each stage says which of the three happened.
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -53,9 +57,12 @@ import evaluate
 import grpo
 import sft
 import sod_distill
+import tools
 from common import cpu_kernels, jobs, models, runs, sandbox
 from common.cli import arg, quiet_libraries, run_script
+from common.data import toy_steps_range
 from common.study import failure_table, plot_study, results_table, same_budget, study_tables, turn_table
+from toy import task
 
 log = logging.getLogger("pipeline")
 UNSET, UNSET_FRACTION = -1, -1.0  # a numeric flag left to the preset
@@ -86,6 +93,15 @@ class Config:
                                                      "tool, which its GRPO unlearns (-1: the preset's)")
     teacher_retry_frac: float = arg(UNSET_FRACTION, "fraction of the teacher's SFT data that sends a call again "
                                                     "after a transient tool failure (-1: the preset's)")
+    teacher_min_call_acc: float = arg(UNSET_FRACTION, "the teacher's SFT must write at least this fraction of "
+                                                      "the tool calls of 256 validation conversations right "
+                                                      "(teacher-forced, sft.call_accuracy); below it, its SFT "
+                                                      "goes on for --teacher_more_epochs, at most twice, and the "
+                                                      "pipeline stops if it still falls short (0: no check; -1: "
+                                                      "the preset's)")
+    teacher_more_epochs: int = arg(UNSET, "epochs of each continuation of the teacher's SFT (-1: the preset's)")
+    teacher_more_lr: float = arg(UNSET_FRACTION, "peak learning rate of each continuation of the teacher's SFT, "
+                                                 "with the same warmup and cosine (-1: the preset's)")
     sft_micro_batch_size: int = arg(UNSET, "sequences per forward pass of both SFT stages; below the batch of "
                                            "32, each batch is sorted by length first, to pad less (the same "
                                            "loss, other roundings; -1: the preset's)")
@@ -126,13 +142,14 @@ class Config:
 PRESETS = {  # every field the presets set; a flag given explicitly wins
     "default": dict(out_root="runs", seeds="0", seed_student_sft=False, toy_steps="2-4",
                     tool_failure_rate=0.0, teacher_model="toy-teacher", teacher_sft_epochs=5,
-                    teacher_direct_frac=0.5, teacher_retry_frac=0.0, sft_micro_batch_size=16, student_sft_epochs=4,
+                    teacher_direct_frac=0.5, teacher_retry_frac=0.0, teacher_min_call_acc=0.98,
+                    teacher_more_epochs=2, teacher_more_lr=1e-3, sft_micro_batch_size=16, student_sft_epochs=4,
                     student_sft_examples=5000,
                     student_recovery_frac=0.25, student_retry_frac=0.0, student_direct_frac=0.0,
                     max_response_tokens=320, rl_steps=30, student_rl_lr=5e-5,
                     rl_validation="none", rl_eval_every=0, rl_eval_prompts=64, rl_eval_n=4, eval_n=8,
                     eval_prompts=128),
-    "quick": dict(rl_steps=2, eval_n=2, eval_prompts=4),
+    "quick": dict(rl_steps=2, eval_n=2, eval_prompts=4, teacher_min_call_acc=0.0),  # 3 SFT steps pass no check
     # a weak student and a strong teacher (docs/results.md, "The study"): a flaky tool that the student's data
     # retries and the teacher's does not; a student whose data answers 55% of its problems at once, without the
     # tool (11,000 conversations, so that about as many use the tool as the default student's 5,000). Its
@@ -218,6 +235,56 @@ def run_stage(name: str, out_dir: Path, fn, stage_cfg, inputs: list[str]) -> dic
     return dict(what=what, seconds=seconds)
 
 
+CHECK_CONVERSATIONS, MAX_MORE = 256, 2  # the teacher's check: validation conversations; continuations at most
+
+
+def sft_teacher_checked(root: Path, stage_cfg, min_call_acc: float, more_epochs: int, more_lr: float) -> dict:
+    """The teacher's SFT, then its check: does it write the tool calls of solved validation conversations
+    right? A teacher that has not learned to copy one part of the problem (one operator, or the constant of
+    one line) gets it right only by chance, and thirty GRPO steps do not teach it (docs/results.md, "The
+    teacher's check"). Below --teacher_min_call_acc the SFT goes on from its last weights for a few more
+    epochs at a lower peak learning rate, with the same data, at most MAX_MORE times; if the teacher still
+    falls short the pipeline stops. A teacher that passes at once is the SFT's own output, untouched. Either
+    way the checkpoint the teacher's GRPO starts from is copied to sft-teacher-checked/, with check.json."""
+    result = run_stage("sft teacher", root / "sft-teacher", sft.main, stage_cfg, [])
+    seconds, what = result["seconds"], [result["what"]]
+    start, checks = root / "sft-teacher" / "final", []
+    held_out = task.held_out_conversations(CHECK_CONVERSATIONS, toy_steps_range(stage_cfg.toy_steps))
+    for more in range(MAX_MORE + 1):
+        if min_call_acc <= 0:
+            break
+        model = models.load_model(str(start), device="cpu")
+        acc = sft.call_accuracy(model, models.load_tokenizer(str(start)), held_out, [tools.TOOL_SCHEMA])
+        checks.append({"checkpoint": str(start), "call_accuracy": acc})
+        print(f"=== the teacher's check: {acc:.3f} of the tool calls of {len(held_out)} validation "
+              f"conversations right (teacher-forced), {'at or above' if acc >= min_call_acc else 'below'} "
+              f"{min_call_acc}")
+        if acc >= min_call_acc:
+            break
+        if more == MAX_MORE:
+            raise SystemExit(f"the teacher's SFT writes only {acc:.3f} of its tool calls right after {MAX_MORE} "
+                             f"continuations (needs {min_call_acc}): a teacher this weak would teach its "
+                             f"mistakes. Try another --teacher_seed or --teacher_model; --teacher_min_call_acc 0 "
+                             f"goes on with it anyway")
+        out = root / f"sft-teacher-more{more + 1}"
+        part = run_stage(f"sft teacher, {more_epochs} more epochs ({more + 1})", out, sft.main,
+                         replace(stage_cfg, model=str(start), epochs=more_epochs, lr=more_lr, out_dir=str(out)),
+                         [str(start)])
+        if part["seconds"] is not None:  # None: reused
+            seconds = (seconds or 0.0) + part["seconds"]
+        what.append(f"{more_epochs} more epochs: {part['what']}")
+        start = out / "final"
+    checked = root / "sft-teacher-checked"  # a copy, made whole before it replaces the last one
+    tmp = root / "sft-teacher-checked.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(start, tmp)
+    (tmp / "check.json").write_text(json.dumps({"min_call_acc": min_call_acc, "checks": checks,
+                                                "start_of_grpo": str(start)}, indent=1) + "\n")
+    shutil.rmtree(checked, ignore_errors=True)
+    os.replace(tmp, checked)
+    return dict(what="; ".join(what), seconds=seconds)
+
+
 def evaluate_model(name: str, path: str, eval_cfg, cache_dir: Path) -> dict:
     """Test-split metrics of one checkpoint, reused when the same weights were evaluated the same way."""
     want = fingerprint(eval_cfg, [path])
@@ -280,13 +347,16 @@ def main(cfg: Config):
     # without the tool, which its GRPO unlearns); the student's data also shows recoveries from failed tool
     # calls and retries after transient failures, which the teacher never sees: where SOD's step weights
     # matter.
-    teacher_sft = str(root / "sft-teacher" / "final")
-    stage("sft teacher", root / "sft-teacher", sft.main,
-          sft.Config(model=cfg.teacher_model, toy_recovery_frac=0.0, toy_direct_frac=cfg.teacher_direct_frac,
-                     toy_retry_frac=cfg.teacher_retry_frac,
-                     toy_steps=cfg.toy_steps, epochs=cfg.teacher_sft_epochs, seed=cfg.teacher_seed,
-                     out_dir=str(root / "sft-teacher"), **sft_sizes), [],
-          alone=True)  # with every thread: one thread slows it down most (common/jobs.py)
+    # The teacher's SFT is checked before its GRPO: see sft_teacher_checked.
+    teacher_sft = str(root / "sft-teacher-checked")
+    teacher_sft_cfg = sft.Config(model=cfg.teacher_model, toy_recovery_frac=0.0,
+                                 toy_direct_frac=cfg.teacher_direct_frac, toy_retry_frac=cfg.teacher_retry_frac,
+                                 toy_steps=cfg.toy_steps, epochs=cfg.teacher_sft_epochs, seed=cfg.teacher_seed,
+                                 out_dir=str(root / "sft-teacher"), **sft_sizes)
+    plan.append(jobs.Job("sft teacher", sft_teacher_checked, (root, teacher_sft_cfg, cfg.teacher_min_call_acc,
+                                                              cfg.teacher_more_epochs, cfg.teacher_more_lr),
+                         root / "sft-teacher" / "stage.log",
+                         alone=True))  # with every thread: one thread slows it down most (common/jobs.py)
     # 3. the teacher's RL
     teacher = str(root / "grpo-teacher" / "final")
     stage("grpo teacher", root / "grpo-teacher", grpo.main,
@@ -374,9 +444,15 @@ def main(cfg: Config):
         table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in student_seeds])
     if cfg.quick:
         table += "\n\n(--quick: a few steps per stage and a tiny evaluation; these numbers mean nothing)"
+    check = json.loads((root / "sft-teacher-checked" / "check.json").read_text())
+    if check["checks"]:
+        accs = " -> ".join(f"{c['call_accuracy']:.3f}" for c in check["checks"])
+        table += (f"\n\nthe teacher's check: {accs} of the tool calls of {CHECK_CONVERSATIONS} validation "
+                  f"conversations right (teacher-forced; {len(check['checks']) - 1} continuation(s) of its SFT)")
     (root / "results.md").write_text(table + "\n")
     (root / "results.json").write_text(json.dumps({"results": results, "timings_s": timings, "seeds": seeds,
-                                                   "config": asdict(cfg), "student_budget": budget},
+                                                   "config": asdict(cfg), "student_budget": budget,
+                                                   "teacher_check": check},
                                                   indent=2))
     print("\n" + table)
     print(f"\nevery student run had the same budget: {budget}")

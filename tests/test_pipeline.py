@@ -111,7 +111,14 @@ def test_the_teacher_alone_with_its_own_seed_and_the_kernels_it_ran_on(tmp_path)
                          env=dict(os.environ, OMP_NUM_THREADS="1", SOD_CPU_KERNELS="avx2"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "| teacher GRPO |" in out.stdout and "| student" not in out.stdout
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["eval", "grpo-teacher", "sft-teacher"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["eval", "grpo-teacher", "sft-teacher",
+                                                                        "sft-teacher-checked"]
+    # --quick checks nothing (three SFT steps pass no check); the teacher's GRPO starts from the SFT's own weights
+    assert json.loads((tmp_path / "sft-teacher-checked" / "check.json").read_text())["checks"] == []
+    assert ((tmp_path / "sft-teacher-checked" / "model.safetensors").read_bytes()
+            == (tmp_path / "sft-teacher" / "final" / "model.safetensors").read_bytes())
+    assert json.loads((tmp_path / "grpo-teacher" / "run.json").read_text())["config"]["model"].endswith(
+        "sft-teacher-checked")
     for stage in ("sft-teacher", "grpo-teacher"):
         record = json.loads((tmp_path / stage / "run.json").read_text())
         assert record["config"]["seed"] == 3
@@ -150,3 +157,20 @@ def test_two_stages_at_a_time_make_the_checkpoints_and_table_of_one_at_a_time_at
     for stage in stages[1:2] + stages[3:]:
         rows = (tmp_path / "threads-2" / stage / "metrics.jsonl").read_text().splitlines()
         assert len(rows) == 2 and not any("eval/" in row for row in rows)
+
+
+def test_a_teacher_that_fails_its_check_trains_on_twice_and_then_stops_the_pipeline(tmp_path):
+    # three SFT steps write no call right: the check asks for more epochs (from the last weights, at the lower
+    # learning rate), twice, then stops before any GRPO, saying what to do
+    out = subprocess.run([sys.executable, "pipeline.py", "--quick", "--teacher_only", "--teacher_min_call_acc",
+                          "0.5", "--out_root", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    said = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "the teacher's SFT writes only 0.000 of its tool calls right after 2 continuations" in said
+    assert "--teacher_min_call_acc 0 goes on with it anyway" in said
+    assert not (tmp_path / "grpo-teacher").exists() and not (tmp_path / "sft-teacher-checked").exists()
+    for k, start in ((1, tmp_path / "sft-teacher" / "final"), (2, tmp_path / "sft-teacher-more1" / "final")):
+        config = json.loads((tmp_path / f"sft-teacher-more{k}" / "run.json").read_text())["config"]
+        assert config["model"] == str(start) and config["epochs"] == 2 and config["lr"] == 1e-3
+        assert config["toy_direct_frac"] == 0.5 and config["seed"] == 0  # the same data as the SFT's

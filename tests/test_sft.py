@@ -240,3 +240,57 @@ def test_a_template_that_drops_tool_calls_stops_sft_before_anything_is_written(t
     assert chat_template.lost_in_rendering(chat_template.render(models.load_tokenizer("toy-student"),
                                                                 row["messages"]), row["messages"]) is None
     assert not (tmp_path / "out").exists()
+
+
+class NextTokenOracle(torch.nn.Module):
+    """A 'model' whose most likely next token is the conversation's own, except where `mistake` changes it:
+    its final hidden state at position t is the one-hot of the token it predicts, its output head the
+    identity."""
+    def __init__(self, vocab_size, mistake=lambda ids: ids):
+        super().__init__()
+        self.head = torch.nn.Linear(vocab_size, vocab_size, bias=False)
+        torch.nn.init.eye_(self.head.weight)
+        self.mistake = mistake
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def hidden(self, input_ids):
+        predicted = self.mistake(torch.roll(input_ids, -1, dims=1))  # position t predicts token t+1
+        return torch.nn.functional.one_hot(predicted, self.head.in_features).float()
+
+
+def test_call_accuracy_counts_the_tool_calls_written_right_and_nothing_else(tok, monkeypatch):
+    monkeypatch.setattr(rollout, "final_hidden_states", lambda model, ids, mask: model.hidden(ids))
+    conversations = task.held_out_conversations(40)
+    calls = [call["function"]["arguments"]["code"] for c in conversations for m in c if m.get("tool_calls")
+             for call in m["tool_calls"]]
+    plus, minus = (tok.convert_tokens_to_ids(tok.tokenize(op))[0] for op in (" + ", " - "))
+    assert tok.tokenize(" + ") == [tok.convert_ids_to_tokens(plus)]  # one token, as in every call
+
+    def accuracy(mistake=lambda ids: ids):
+        return sft.call_accuracy(NextTokenOracle(len(tok), mistake), tok, conversations, [tools.TOOL_SCHEMA],
+                                 batch_size=16)
+
+    assert accuracy() == 1.0
+    # a model that writes " - " for " + ": exactly the calls with a plus are wrong
+    assert accuracy(lambda ids: torch.where(ids == plus, minus, ids)) == pytest.approx(
+        sum(" + " not in c for c in calls) / len(calls))
+    # wrong only where the final answer's digits are (the last assistant turn) or at the first assistant
+    # token (call the tool or answer at once): every call is still right
+    answer_start = tok.convert_tokens_to_ids(tok.tokenize("<think>"))[0]
+    assert accuracy(lambda ids: torch.where(ids == answer_start, plus, ids)) == 1.0
+    header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+
+    def first_call_token_wrong(ids):  # the token after the first assistant header of each row (<tool_call>)
+        ids = ids.clone()              # becomes something else
+        for row in ids:
+            # row is already rolled (entry t is token t + 1), so `at` is the position that predicts the turn's
+            # first token
+            at = next(t for t in range(len(row)) if row[t:t + len(header)].tolist() == header) + len(header)
+            assert row[at] == tok.convert_tokens_to_ids("<tool_call>")
+            row[at] = plus
+        return ids
+    assert accuracy(first_call_token_wrong) == 1.0
+    with pytest.raises(ValueError, match="no tool call"):
+        sft.call_accuracy(NextTokenOracle(len(tok)), tok, [c[:1] + c[-1:] for c in conversations[:2]])

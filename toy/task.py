@@ -119,6 +119,13 @@ def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int =
     return out
 
 
+def held_out_conversations(n: int, steps: tuple[int, int] = (2, 4)) -> list[list[dict]]:
+    """n problems of the validation split, solved with the tool and without a slip: the conversations on which
+    sft.call_accuracy checks a model's tool calls."""
+    rng = random.Random(0)  # drawn from only by recoveries and retries, which these conversations have none of
+    return [sft_conversation(p, rng, recovery=False) for p in problems(n, "valid", 0, *steps)]
+
+
 def rl_rows(n: int, split: str = "train", seed: int = 0, steps: tuple[int, int] = (2, 4)) -> list[dict]:
     """Toy prompts in the RL schema of the real data, with a `hint` column."""
     if split in HELD_OUT:

@@ -250,9 +250,7 @@ def sft_teacher_checked(root: Path, stage_cfg, min_call_acc: float, more_epochs:
     seconds, what = result["seconds"], [result["what"]]
     start, checks = root / "sft-teacher" / "final", []
     held_out = task.held_out_conversations(CHECK_CONVERSATIONS, toy_steps_range(stage_cfg.toy_steps))
-    for more in range(MAX_MORE + 1):
-        if min_call_acc <= 0:
-            break
+    for more in range(MAX_MORE + 1 if min_call_acc > 0 else 0):  # 0: no check, the SFT's own weights
         model = models.load_model(str(start), device="cpu")
         acc = sft.call_accuracy(model, models.load_tokenizer(str(start)), held_out, [tools.TOOL_SCHEMA])
         checks.append({"checkpoint": str(start), "call_accuracy": acc})

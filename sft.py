@@ -55,6 +55,7 @@ cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocas
         --epochs 5 --batch_size 128 --micro_batch_size 4 --lr 1e-5 --max_length 32768 \\
         --grad_checkpointing true
 """
+import itertools
 import json
 import logging
 import math
@@ -303,22 +304,14 @@ def call_accuracy(model, tokenizer, conversations: list[list[dict]], tools_schem
                               for s in range(0, flat.shape[0], chunk_tokens)]).view(hidden.shape[:2])
         hit = (best == input_ids[:, 1:]) | (label_mask == 0)                                 # [b, T-1]
         for row, messages in enumerate(part):
-            mask = label_mask[row].tolist()
             # the assistant spans, in order: span j is the j-th assistant message (tokenize_rendered's cuts)
-            spans, t = [], 0
-            while t < len(mask):
-                if mask[t]:
-                    s = t
-                    while t < len(mask) and mask[t]:
-                        t += 1
-                    spans.append((s, t))
-                else:
-                    t += 1
+            spans = [[t for t, _ in run] for on, run in
+                     itertools.groupby(enumerate(label_mask[row].tolist()), key=lambda x: x[1]) if on]
             turns = [m for m in messages if m["role"] == "assistant"]
-            for j, ((s, e), turn) in enumerate(zip(spans, turns)):
+            for j, (span, turn) in enumerate(zip(spans, turns)):
                 if turn.get("tool_calls"):
                     calls += 1
-                    right += bool(hit[row, s + (j == 0):e].all())
+                    right += bool(hit[row, span[0] + (j == 0):span[-1] + 1].all())
     model.train(was_training)
     if calls == 0:
         raise ValueError("call_accuracy: the conversations hold no tool call")

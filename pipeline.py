@@ -6,7 +6,7 @@ pipeline.py: the whole toy pipeline in one command, ending with the paper's comp
        them wrong)
     2. SFT the toy student on trajectories that include recoveries  sft.py  -> runs/sft-student
     3. GRPO the teacher with the tool                              grpo.py -> runs/grpo-teacher
-    4. the student with the same RL budget, three ways:
+    4. the student with the same RL budget, three ways (10 steps each by default):
          GRPO alone                                                grpo.py        -> runs/grpo-student-s0
          GRPO + uniform on-policy distillation (OPD)               sod_distill.py -> runs/opd-student-s0
          GRPO + step-wise on-policy distillation (SOD)             sod_distill.py -> runs/sod-student-s0
@@ -24,14 +24,14 @@ one thread's (torch's CPU attention kernel for one generated token rounds by thr
 RL runs are evaluated once, in the final table (--rl_validation: none); the teacher checks (--teacher_only)
 also evaluate the teacher on the validation split before and after its GRPO, and the study every RL run.
 
-Three presets. The default is a short run (one seed, about 15-17 min on 2 cores). --quick runs every stage for
-a handful of steps (a smoke test whose numbers mean nothing). --study asks the paper's question, a weak
-student and a strong teacher: the same task with a tool call failing now and then (3%), a teacher that never
-retries a failed call, a student whose cold-start data answers most problems without the tool and retries
-failed calls, five seeds (each with its own student SFT), 256 test problems x 16 samples, a table with
-bootstrap confidence intervals and paired differences, the step divergences of the SOD students, and a
-picture of validation accuracy against RL step (runs-study/study.png). Any flag given explicitly overrides
-its preset value.
+Three presets. The default is a short run (one seed, the teacher's GRPO 30 steps and each student's RL 10, about 14
+min on 2 cores). --quick runs every stage for a handful of steps (a smoke test whose numbers mean nothing). --study
+asks the paper's question, a weak student and a strong teacher: the same task with a tool call failing now and then
+(3%), a teacher that never retries a failed call, a student whose cold-start data answers most problems without the
+tool and retries failed calls, five seeds (each with its own student SFT), 256 test problems x 16 samples, a table
+with bootstrap confidence intervals and paired differences, the step divergences of the SOD students, and a picture
+of validation accuracy against RL step (runs-study/study.png). Any flag given explicitly overrides its preset
+value.
 
 A stage's output is reused only when it was made by the same settings, from the same inputs (the weights of
 the checkpoints it starts from) and by the same code; a stage that was interrupted resumes from its last
@@ -115,8 +115,8 @@ class Config:
                                                      "without the tool (-1: the preset's)")
     max_response_tokens: int = arg(UNSET, "tokens per trajectory, tool tokens included, in RL and evaluation "
                                           "(-1: the preset's)")
-    rl_steps: int = arg(UNSET, "RL steps of every RL run, teacher GRPO and each student run "
-                               "(-1: the preset's)")
+    rl_steps: int = arg(UNSET, "RL steps of each student run, GRPO, OPD and SOD alike (-1: the preset's)")
+    teacher_rl_steps: int = arg(UNSET, "RL steps of the teacher's GRPO (-1: the preset's)")
     student_rl_lr: float = arg(UNSET_FRACTION, "learning rate of every student RL run, GRPO, OPD and SOD alike "
                                                "(-1: the preset's)")
     rl_validation: str = arg("", "which RL runs also evaluate on the validation split, at the start, every "
@@ -146,17 +146,19 @@ PRESETS = {  # every field the presets set; a flag given explicitly wins
                     teacher_more_epochs=2, teacher_more_lr=1e-3, sft_micro_batch_size=16, student_sft_epochs=4,
                     student_sft_examples=5000,
                     student_recovery_frac=0.25, student_retry_frac=0.0, student_direct_frac=0.0,
-                    max_response_tokens=320, rl_steps=30, student_rl_lr=5e-5,
+                    max_response_tokens=320, teacher_rl_steps=30,
+                    rl_steps=10, student_rl_lr=5e-5,  # the students' RL: 10 steps keep the run under 15 minutes
                     rl_validation="none", rl_eval_every=0, rl_eval_prompts=64, rl_eval_n=4, eval_n=8,
                     eval_prompts=128),
-    "quick": dict(rl_steps=2, eval_n=2, eval_prompts=4, teacher_min_call_acc=0.0),  # 3 SFT steps pass no check
+    "quick": dict(rl_steps=2, teacher_rl_steps=2, eval_n=2, eval_prompts=4,
+                  teacher_min_call_acc=0.0),  # three SFT steps pass no check
     # a weak student and a strong teacher (docs/results.md, "The study"): a flaky tool that the student's data
     # retries and the teacher's does not; a student whose data answers 55% of its problems at once, without the
     # tool (11,000 conversations, so that about as many use the tool as the default student's 5,000). Its
     # teacher, its unsorted SFT batches and its validation curve every 10 steps are those its tables were made
-    # with.
+    # with, and its students' RL, 30 steps.
     "study": dict(out_root="runs-study", seeds="0,1,2,3,4", seed_student_sft=True, tool_failure_rate=0.03,
-                  teacher_model="toy-teacher-small", sft_micro_batch_size=32, rl_validation="all",
+                  teacher_model="toy-teacher-small", sft_micro_batch_size=32, rl_steps=30, rl_validation="all",
                   rl_eval_every=10, rl_eval_prompts=128, student_direct_frac=0.55, student_sft_examples=11000,
                   student_retry_frac=0.3, eval_n=16, eval_prompts=256),
 }
@@ -359,7 +361,7 @@ def main(cfg: Config):
     teacher = str(root / "grpo-teacher" / "final")
     stage("grpo teacher", root / "grpo-teacher", grpo.main,
           grpo.Config(model=teacher_sft, out_dir=str(root / "grpo-teacher"), seed=cfg.teacher_seed,
-                      **validated(rl_sizes, cfg.rl_validation != "none")),
+                      **dict(validated(rl_sizes, cfg.rl_validation != "none"), steps=cfg.teacher_rl_steps)),
           [teacher_sft], after=["sft teacher"])
     student_sfts = {}  # seed -> (checkpoint, the job that makes it)
     for seed in (student_seeds if cfg.seed_student_sft else student_seeds[:1]):

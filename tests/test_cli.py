@@ -111,12 +111,21 @@ def test_the_pipeline_reruns_exactly_what_a_changed_flag_affects(tmp_path):
     assert "these numbers mean nothing" in first.stdout
     again = stage_lines(run("pipeline.py", "--quick", "--out_root", tmp_path).stdout)
     assert again and all(what.startswith("reused") for what in again.values()), again
+    # --rl_steps is the students' budget: the teacher's GRPO is reused, every student run trains again
     changed = run("pipeline.py", "--quick", "--out_root", tmp_path, "--rl_steps", 1).stdout
     what = stage_lines(changed)
-    assert what["sft teacher"].startswith("reused") and what["sft student"].startswith("reused")
-    for name in ("grpo teacher", "grpo student (seed 0)", "opd student (seed 0)", "sod student (seed 0)"):
-        assert "running again, settings changed (steps: 2 -> 1)" in changed or "its inputs changed" in changed
-        assert not what[name].startswith("reused"), (name, what[name])
+    for name in ("sft teacher", "sft student", "grpo teacher"):
+        assert what[name].startswith("reused"), (name, what[name])
+    for name in ("grpo student (seed 0)", "opd student (seed 0)", "sod student (seed 0)"):
+        assert f"=== {name}: running again, settings changed (steps: 2 -> 1)" in changed, name
+    # --teacher_rl_steps: the teacher's GRPO trains again, and so do the runs distilled from it, and only they
+    changed = run("pipeline.py", "--quick", "--out_root", tmp_path, "--rl_steps", 1,
+                  "--teacher_rl_steps", 1).stdout
+    what = stage_lines(changed)
+    assert "=== grpo teacher: running again, settings changed (steps: 2 -> 1)" in changed
+    assert what["grpo student (seed 0)"].startswith("reused"), what
+    for name in ("opd student (seed 0)", "sod student (seed 0)"):
+        assert f"=== {name}: running again, its inputs changed" in changed, name
     record = json.loads((tmp_path / "grpo-teacher" / "pipeline_stage.json").read_text())
     assert record["settings"]["steps"] == 1 and record["code_version"] == runs.code_version()
 

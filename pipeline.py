@@ -323,7 +323,7 @@ def main(cfg: Config):
     # below the batch size, each SFT batch is sorted by length before it is cut into micro-batches (sft.py)
     sft_sizes.update(micro_batch_size=cfg.sft_micro_batch_size,
                      sort_by_length=cfg.sft_micro_batch_size < sft.Config.batch_size)
-    rl_sizes = dict(steps=cfg.rl_steps, eval_every=cfg.rl_eval_every, eval_prompts=cfg.rl_eval_prompts,
+    rl_sizes = dict(eval_every=cfg.rl_eval_every, eval_prompts=cfg.rl_eval_prompts,
                     eval_n=cfg.rl_eval_n, tool_failure_rate=cfg.tool_failure_rate, toy_steps=cfg.toy_steps,
                     max_response_tokens=cfg.max_response_tokens, sandbox=cfg.sandbox,
                     sandbox_python=cfg.sandbox_python)
@@ -361,7 +361,7 @@ def main(cfg: Config):
     teacher = str(root / "grpo-teacher" / "final")
     stage("grpo teacher", root / "grpo-teacher", grpo.main,
           grpo.Config(model=teacher_sft, out_dir=str(root / "grpo-teacher"), seed=cfg.teacher_seed,
-                      **dict(validated(rl_sizes, cfg.rl_validation != "none"), steps=cfg.teacher_rl_steps)),
+                      steps=cfg.teacher_rl_steps, **validated(rl_sizes, cfg.rl_validation != "none")),
           [teacher_sft], after=["sft teacher"])
     student_sfts = {}  # seed -> (checkpoint, the job that makes it)
     for seed in (student_seeds if cfg.seed_student_sft else student_seeds[:1]):
@@ -377,7 +377,8 @@ def main(cfg: Config):
     students = {}
     for seed in student_seeds:
         start, start_job = student_sfts.get(seed, student_sfts[seeds[0]])
-        student_rl = dict(validated(rl_sizes, cfg.rl_validation == "all"), lr=cfg.student_rl_lr)
+        student_rl = dict(validated(rl_sizes, cfg.rl_validation == "all"), steps=cfg.rl_steps,
+                          lr=cfg.student_rl_lr)
         for method in ("grpo", "opd", "sod"):
             out = root / f"{method}-student-s{seed}"
             if method == "grpo":

@@ -292,7 +292,8 @@ def main(cfg: Config) -> dict:
         for m in model_paths:
             tokenizer = models.load_tokenizer(m, cfg.chat_template)
             if backend == "vllm":
-                engine = rollout.make_vllm_engine(m, seed=cfg.seed, d=d, kv_cache_gb=cfg.vllm_kv_cache_gb)
+                engine = rollout.make_vllm_engine(m, cfg.max_prompt_tokens + cfg.max_response_tokens,
+                                                  seed=cfg.seed, d=d, kv_cache_gb=cfg.vllm_kv_cache_gb)
             else:
                 engine = models.load_model(m, device=device, seed=cfg.seed)
             all_results[m] = evaluate_engine(engine, tokenizer, benchmarks, cfg, d, gen_file, model_name=m)

@@ -321,7 +321,8 @@ def generation_engine(cfg, start: str, model, d, device: str, resumed: bool):
     """What rolls out: vLLM, or the trained model itself (a plain replica of it when the model is sharded),
     holding the trained weights from the first step on."""
     if rollout.resolve_backend(cfg.backend) == "vllm":
-        engine = rollout.make_vllm_engine(start, seed=cfg.seed + d.rank, d=d, kv_cache_gb=cfg.vllm_kv_cache_gb)
+        engine = rollout.make_vllm_engine(start, cfg.max_prompt_tokens + cfg.max_response_tokens,
+                                          seed=cfg.seed + d.rank, d=d, kv_cache_gb=cfg.vllm_kv_cache_gb)
     else:
         engine = model if d.world == 1 else models.load_model(start, device=device, dtype=torch.float32)
     if engine is not model and (resumed or d.world > 1):

@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import tools
 from common import chat_template, sandbox
@@ -185,22 +185,57 @@ def request_seed(seed: int, index: int, turn: int) -> int:
     return random.Random(f"{seed}:{index}:{turn}").getrandbits(63)
 
 
+def sampling_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[B, V] float64: softmax(logits / T) restricted to the top-p nucleus and renormalised, the distribution
+    a turn is sampled from. The nucleus is the smallest set of most likely tokens whose mass reaches top_p: a
+    token is kept when the tokens ranked above it hold less than top_p (the rule of HF's and vLLM's top-p).
+    float64 because at V = 151,936 a float32 sum of the vocabulary cannot hold a token of probability 1e-8
+    once the mode has been added (float32's spacing near 1 is 6e-8)."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)                          # [B, V]
+    if top_p < 1:
+        sorted_p, order = p.sort(dim=-1, descending=True)
+        above = sorted_p.cumsum(-1) - sorted_p                                        # mass ranked above each
+        p = torch.zeros_like(p).scatter_(-1, order, sorted_p * (above < top_p))
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[B] token ids: row b's token is the first (in id order) whose cumulative probability exceeds
+    u[b] * total. The comparison is strict, so a token of probability 0 is never picked, not even at u = 0."""
+    cdf = p.cumsum(-1)                                                                 # [B, V] float64
+    token = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    last = p.shape[-1] - 1 - (p.flip(-1) > 0).int().argmax(-1)                         # last id with p > 0
+    return torch.minimum(token, last)                          # u * total rounded up to the total: the last one
+
+
+def request_uniforms(seed: int, n: int) -> torch.Tensor:
+    """[n] float64 uniforms in [0, 1) of one request, from a generator of its own. A float32 uniform holds 24
+    bits, so each token would get a multiple of 2^-24 = 6e-8 of probability, far from a token of 1e-8 at a real
+    vocabulary: a second draw fills the next 24 bits (48 in all, 3.6e-15). The first draw alone decides the
+    token unless a CDF boundary falls inside its 2^-24 bucket."""
+    coarse = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+    fine = torch.rand(n, generator=torch.Generator().manual_seed(seed ^ 0x5EED))
+    return coarse.double() + fine.double() * 2.0 ** -24
+
+
 class SampleAtUniforms(LogitsProcessor):
     """Sampling whose randomness belongs to each request. Request r comes with u_r, uniforms drawn from a
     generator seeded by its own seed; its j-th token is the inverse CDF of the temperature / top-p
     distribution at u_r[j]. Handed to greedy `generate`, it leaves one finite score per row: the sample."""
 
-    def __init__(self, uniforms: torch.Tensor, start: int, temperature: float, top_p: float):
+    def __init__(self, uniforms: torch.Tensor, start: int, temperature: float, top_p: float,
+                 rows_at_once: int = 16):
         self.u, self.start = uniforms, start                           # u: [B, max new tokens]
-        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        self.temperature, self.top_p, self.rows = temperature, top_p, rows_at_once
 
     def __call__(self, input_ids, scores):                            # scores: [B, V]
-        for warp in self.warpers:
-            scores = warp(input_ids, scores)
-        cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)         # [B, V]
-        u = self.u[:, input_ids.shape[1] - self.start].unsqueeze(-1)   # [B, 1]
-        token = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+        u = self.u[:, input_ids.shape[1] - self.start]                # [B]
+        # a few rows at a time: the float64 [rows, V] temporaries stay small at a real vocabulary
+        token = torch.cat([inverse_cdf(sampling_distribution(scores[s:s + self.rows], self.temperature,
+                                                             self.top_p), u[s:s + self.rows])
+                           for s in range(0, scores.shape[0], self.rows)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, token.unsqueeze(-1), 0.0)
 
 
 @torch.inference_mode()  # as no_grad, and lighter per op: these tensors never meet autograd
@@ -209,7 +244,8 @@ def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], tem
                 batch_size: int = 256) -> list[list[int]]:
     """Sample one continuation per context, each cut after its first stop token and to its own budget. With
     `seeds` (one per context), context i is sampled from its own generator seeded by seeds[i]; without,
-    from torch's global generator."""
+    from torch's global generator. Either way the draw is `SampleAtUniforms`: the exact inverse CDF of
+    softmax(logits / T) with top-p, in float64 (temperature <= 0: greedy)."""
     device = next(model.parameters()).device
     # similar lengths together: less padding
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
@@ -224,42 +260,50 @@ def generate_hf(model, contexts: list[list[int]], max_new_tokens: list[int], tem
         for row, i in enumerate(idx):  # left padding: generation continues from the right edge
             input_ids[row, width - len(contexts[i]):] = torch.tensor(contexts[i])
             attention_mask[row, width - len(contexts[i]):] = 1
-        sampling = dict(do_sample=not greedy, temperature=None if greedy else temperature,
-                        top_p=None if greedy else top_p)
-        if seeds is not None and not greedy:
-            uniforms = torch.stack([torch.rand(longest, generator=torch.Generator().manual_seed(seeds[i]))
-                                    for i in idx])                     # [B, longest], one generator per request
-            sampling = dict(do_sample=False, logits_processor=LogitsProcessorList(
+        sampling = {}
+        if not greedy:  # greedy `generate` with one finite score per row: the sample of SampleAtUniforms
+            uniforms = (torch.stack([request_uniforms(seeds[i], longest) for i in idx]) if seeds is not None
+                        else torch.rand(len(idx), longest, dtype=torch.float64))         # [B, longest]
+            sampling = dict(logits_processor=LogitsProcessorList(
                 [SampleAtUniforms(uniforms.to(device), width, temperature, top_p)]))
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             max_new_tokens=longest, top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id,
-                             **sampling)
+                             max_new_tokens=longest, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             eos_token_id=stop_ids, pad_token_id=pad_id, **sampling)
         new_tokens = out[:, width:].tolist()
         for row, i in enumerate(idx):
             outputs[i] = _cut_at_stop(new_tokens[row], stop_ids, max_new_tokens[i])
     return outputs
 
 
-def make_vllm_engine(model_path: str, seed: int = 0, d: "Dist | None" = None, kv_cache_gb: float = 4.0,
-                     max_model_len: int | None = None):
+def make_vllm_engine(model_path: str, max_model_len: int, seed: int = 0, d: "Dist | None" = None,
+                     kv_cache_gb: float = 4.0):
     """A colocated, in-process vLLM engine (in-process is what lets us push weights without a disk round
     trip), with an explicit KV-cache budget in GiB, on a GPU or a CPU. Under torchrun every rank holds its own
-    engine (vLLM's external launcher, data parallel: each rank generates for its own prompts)."""
+    engine (vLLM's external launcher, data parallel: each rank generates for its own prompts).
+
+    `max_model_len` is the run's prompt + response budget, as the authors set it (verl's vllm_async_server:
+    prompt_length + response_length = 2,560 + 20,480). Without it vLLM sizes the context from the model's own
+    (Qwen3: 40,960 positions) and refuses to start when one sequence of that length does not fit the KV
+    budget; here a budget too small for one sequence of the run stops first, with the sizes."""
     check_model_path(model_path)
     if model_path in TOY_MODELS:
         raise SystemExit(f"vLLM loads weights from a folder; {model_path!r} is a random toy model: "
                          "run sft.py first")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
+    check_kv_budget(model_path, max_model_len, kv_cache_gb, dtype_bytes=2 if on_gpu else 4)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM's CPU backend lets this legacy variable override kv_cache_memory_bytes: the flag wins
+    inherited = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    if inherited:
+        log.warning("VLLM_CPU_KVCACHE_SPACE=%s from the environment is ignored: the KV cache gets "
+                    "--vllm_kv_cache_gb %g GiB", inherited, kv_cache_gb)
     try:
         from vllm import LLM
     except ImportError as e:
         raise SystemExit("--backend vllm needs vLLM (pip install vllm; "
                          "on CPU: pip install -r requirements-vllm.txt)") from e
     kwargs = dict(model=model_path, seed=seed, dtype="bfloat16" if on_gpu else "float32",
-                  enforce_eager=not on_gpu, enable_prefix_caching=True,
+                  enforce_eager=not on_gpu, enable_prefix_caching=True, max_model_len=max_model_len,
                   kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
     if not on_gpu:
         # vLLM rewinds a seeded request's generator when it discards the token of a chunked prefill, which a CPU
@@ -267,9 +311,34 @@ def make_vllm_engine(model_path: str, seed: int = 0, d: "Dist | None" = None, kv
         kwargs["enable_chunked_prefill"] = False
     if d is not None and d.world > 1:
         kwargs.update(distributed_executor_backend="external_launcher", data_parallel_size=d.world)
-    if max_model_len:
-        kwargs["max_model_len"] = max_model_len
+    log.info("vLLM engine: max_model_len %d, KV cache %g GiB", max_model_len, kv_cache_gb)
     return LLM(**kwargs)
+
+
+def check_kv_budget(model_path: str, max_model_len: int, kv_cache_gb: float, dtype_bytes: int,
+                    block: int = 128):
+    """Stop unless the KV cache of one sequence of max_model_len tokens fits --vllm_kv_cache_gb:
+    layers x KV heads x head_dim x 2 (K and V) x bytes, per token, the length rounded up to whole blocks of
+    `block` tokens (vLLM's CPU block; a GPU's is smaller)."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(model_path)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+    if not layers or not heads:
+        log.warning("%s: no num_hidden_layers / num_attention_heads in its config; the KV budget is left to "
+                    "vLLM to check", model_path)
+        return
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_token = layers * kv_heads * head_dim * 2 * dtype_bytes
+    need = -(-max_model_len // block) * block * per_token
+    if need > kv_cache_gb * 2**30:
+        raise SystemExit(
+            f"{model_path}: one sequence of max_model_len {max_model_len} tokens (the run's prompt + response "
+            f"budget) needs {need / 2**30:.2f} GiB of KV cache ({layers} layers x {kv_heads} KV heads x "
+            f"{head_dim} x 2 x {dtype_bytes} bytes = {per_token / 2**10:.0f} KiB per token), more than "
+            f"--vllm_kv_cache_gb {kv_cache_gb:g}: raise --vllm_kv_cache_gb to at least "
+            f"{need / 2**30:.2f}, or lower --max_prompt_tokens / --max_response_tokens")
 
 
 def push_weights(engine, model, d: "Dist | None" = None):
@@ -391,6 +460,9 @@ def render_prompt_ids(tokenizer, prompt: str | list[dict], tools_schema: list[di
 def render_tool_response_ids(tokenizer, outputs: list[str], junction: str = "template") -> list[int]:
     """Tool outputs as the chat template renders `tool` messages, plus the next generation prompt.
 
+    The tool messages are rendered on their own, so whatever the template writes for an empty conversation (a
+    default system block: Qwen2.5's "You are Qwen, created by Alibaba Cloud. ...") comes first and is taken
+    off, as the authors do (tool_agent_loop.py subtracts the rendering of `[{}]`; nothing, with Qwen3's).
     With junction="template", "\\n" first: the newline that follows the assistant's <|im_end|> in the chat
     template, so a rollout has the template's ids (and SFT's). "reference" leaves it out, as the authors'
     agent loop does (tool_agent_loop.py renders the tool message alone): every turn after the first then
@@ -398,7 +470,28 @@ def render_tool_response_ids(tokenizer, outputs: list[str], junction: str = "tem
     """
     text = tokenizer.apply_chat_template([{"role": "tool", "content": o} for o in outputs],
                                          tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(("\n" if junction == "template" else "") + text, add_special_tokens=False)
+    preamble = empty_conversation_text(tokenizer)
+    if not text.startswith(preamble):
+        raise SystemExit("the chat template renders a tool message without the preamble it renders for an "
+                         f"empty conversation ({preamble[:80]!r}...), so the tool segment cannot be cut out of "
+                         "it: give the stage a template that renders messages one after another (--chat_template)")
+    return tokenizer.encode(("\n" if junction == "template" else "") + text[len(preamble):],
+                            add_special_tokens=False)
+
+
+_PREAMBLES: dict[tuple[int, str], str] = {}
+
+
+def empty_conversation_text(tokenizer) -> str:
+    """What the template renders before any message (the authors' `apply_chat_template([{}])`), once per
+    tokenizer and template. A template that cannot render an empty message renders no preamble here."""
+    key = (id(tokenizer), str(tokenizer.chat_template))
+    if key not in _PREAMBLES:
+        try:
+            _PREAMBLES[key] = tokenizer.apply_chat_template([{}], tokenize=False, add_generation_prompt=False)
+        except Exception:  # jinja2 raises for a template that reads message["role"] strictly
+            _PREAMBLES[key] = ""
+    return _PREAMBLES[key]
 
 
 @dataclass
@@ -479,7 +572,7 @@ class Waiting:
             if self.requests and wait_s is not None:
                 try:
                     await asyncio.wait_for(self.changed.wait(), wait_s)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     return
             else:
                 await self.changed.wait()
@@ -763,7 +856,8 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model, args.chat_template)
     chat_template.check_declares_tool(tokenizer, tools.TOOL_SCHEMA, args.model)
     backend = resolve_backend(args.backend)
-    engine = (make_vllm_engine(args.model, seed=args.seed, kv_cache_gb=args.vllm_kv_cache_gb)
+    engine = (make_vllm_engine(args.model, args.max_prompt_tokens + args.max_response_tokens, seed=args.seed,
+                               kv_cache_gb=args.vllm_kv_cache_gb)
               if backend == "vllm" else load_model(args.model, seed=args.seed))
     prompts = load_prompts(args.data, args.num_prompts, seed=args.seed, wrapper_choice=args.wrapper_choice)
     counts = Counter()

@@ -52,7 +52,7 @@ cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocas
     python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 \\
         --toy_direct_frac 0.5 --epochs 5           # ~3 min
     python sft.py --model Qwen/Qwen3-0.6B --data full_sft_3k_shuffled_v4.parquet --out_dir runs/sft-0.6b \\
-        --epochs 5 --batch_size 128 --micro_batch_size 4 --lr 1e-5 --max_length 32768 \\
+        --epochs 5 --batch_size 128 --micro_batch_size 16 --lr 1e-5 --max_length 32768 \\
         --grad_checkpointing true
 """
 import itertools

@@ -9,7 +9,7 @@ the other, except the teacher's SFT, which is better run alone. A stage at one t
 beside another stage as alone. At two threads, generation may round differently: torch's CPU attention kernel
 at a single query position (each generated token) gives other bits at one thread and at two, so a rare sample
 of a rollout can change (docs/results.md, "The default pipeline"). Training forwards and backwards over whole
-sequences gave the same bits at one and two threads.
+sequences gave the same bits at one and two threads on that AMD EPYC, but not on an Intel Xeon with AVX-512.
 
 A job names the jobs it must wait for. The scheduler starts ready jobs in the order they were listed, at most
 `workers` at once, except that a job marked `alone` runs by itself with every thread and goes first once it is

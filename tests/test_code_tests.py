@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from authors_code import authors_compute_score
+from authors_code import authors_compute_score, convert_function_to_class_method
 from common import code_tests, data
 
 DOUBLE = "n = int(input())\nprint(n * 2)\n"
@@ -120,3 +120,21 @@ def test_the_fixed_grader_calls_a_recursive_function_where_it_stands():
     wrapped = code_tests.score_code(answer(FIB), json.dumps(FIB_TESTS), code_scoring="reference")
     assert wrapped["score"] == 0.0 and wrapped["pred"] == code_tests.as_class_method(FIB, "fib")
     assert "class Solution" in wrapped["pred"] and "def fib(self, n)" in wrapped["pred"]
+
+
+WRAPPING = {
+    "a recursive function": FIB,
+    "self already first": "def add(self, a, b):\n    return a + b\n",
+    "two definitions, the last kept": "def add(a, b):\n    return 0\n\ndef add(a, b):\n    return a + b\n",
+    "code around it, a comment dropped": ("import math\nK = 2  # two\ndef add(a, b):\n    return a + b\n"
+                                          "print(add(1, 2))\n"),
+    "an async def is left alone": "async def add(a, b):\n    return a + b\n",
+    "a method of another class is not top-level": "class A:\n    def add(self, a, b):\n        return 1\n",
+    "keyword-only and defaults": "def add(a, b=1, *args, c, **kw):\n    return a + b\n",
+}
+
+
+@pytest.mark.parametrize("code", WRAPPING.values(), ids=WRAPPING.keys())
+def test_class_wrapping_is_the_authors(code):
+    fn = "fib" if "fib" in code else "add"
+    assert code_tests.as_class_method(code, fn) == convert_function_to_class_method(code, fn)

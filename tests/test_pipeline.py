@@ -158,7 +158,7 @@ def test_two_stages_at_a_time_make_the_rl_checkpoints_and_table_of_one_at_a_time
                   for model, by_seed in json.loads((root / "results.json").read_text())["results"].items()}
         made[threads] = ({s: (root / s / "final" / "model.safetensors").read_bytes() for s in rl_stages},
                          scores, out.stdout)
-    assert all(f"=== {s}: reused" in made["2"][2] for s in sft_stages)
+    assert all(f"=== {s.replace('-', ' ')}: reused" in made["2"][2] for s in sft_stages)
     assert made["2"][0] == made["1"][0]
     assert made["2"][1] == made["1"][1]  # every score of the table, all but the evaluations' seconds
     assert (tmp_path / "threads-2" / "grpo-teacher" / "stage.log").read_text().strip()  # each stage's own log

@@ -331,7 +331,13 @@ def check_kv_budget(model_path: str, max_model_len: int, kv_cache_gb: float, dty
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     per_token = layers * kv_heads * head_dim * 2 * dtype_bytes
-    need = -(-max_model_len // block) * block * per_token
+    blocks = -(-max_model_len // block)
+    # a sliding-window layer keeps at most its window (Gemma, Mistral-style configs); Qwen3's are all full
+    window = getattr(config, "sliding_window", None)
+    sliding = sum(t == "sliding_attention" for t in (getattr(config, "layer_types", None) or []))
+    per_layer = per_token // layers * block                               # one block of one layer
+    held = blocks if not (window and sliding) else min(blocks, -(-window // block) + 1)
+    need = ((layers - sliding) * blocks + sliding * held) * per_layer
     if need > kv_cache_gb * 2**30:
         raise SystemExit(
             f"{model_path}: one sequence of max_model_len {max_model_len} tokens (the run's prompt + response "

@@ -42,7 +42,7 @@ import numpy as np
 
 import rollout
 import tools
-from common import chat_template, dist, models, runs
+from common import chat_template, dist, engines, models, runs
 from common.cli import arg, not_a_flag, run_script
 from common.data import drop_long_prompts, load_prompts
 
@@ -275,7 +275,7 @@ def main(cfg: Config) -> dict:
         chat_template.check_declares_tool(models.load_tokenizer(m, cfg.chat_template), tools.TOOL_SCHEMA, m)
     rollout.check_rollout_settings(cfg)
     rollout.setup_sandbox(cfg, cfg.data)
-    backend = rollout.resolve_backend(cfg.backend)
+    backend = engines.resolve_backend(cfg.backend)
     benchmarks = load_benchmarks(cfg)
     first_tokenizer = models.load_tokenizer(model_paths[0], cfg.chat_template)
     # a benchmark whose every prompt is too long stops here, not later
@@ -292,7 +292,7 @@ def main(cfg: Config) -> dict:
         for m in model_paths:
             tokenizer = models.load_tokenizer(m, cfg.chat_template)
             if backend == "vllm":
-                engine = rollout.make_vllm_engine(m, cfg.max_prompt_tokens + cfg.max_response_tokens,
+                engine = engines.make_vllm_engine(m, cfg.max_prompt_tokens + cfg.max_response_tokens,
                                                   seed=cfg.seed, d=d, kv_cache_gb=cfg.vllm_kv_cache_gb)
             else:
                 engine = models.load_model(m, device=device, seed=cfg.seed)

@@ -56,7 +56,7 @@ import torch
 import evaluate
 import rollout
 import tools
-from common import chat_template, dist, models, runs
+from common import chat_template, dist, engines, models, runs
 from common.cli import arg, reject_unused, run_script
 from common.data import drop_long_prompts, load_prompts, load_rows, write_jsonl
 
@@ -320,13 +320,13 @@ def rollout_groups(model, engine, tokenizer, step_prompts: list[dict], cfg, step
 def generation_engine(cfg, start: str, model, d, device: str, resumed: bool):
     """What rolls out: vLLM, or the trained model itself (a plain replica of it when the model is sharded),
     holding the trained weights from the first step on."""
-    if rollout.resolve_backend(cfg.backend) == "vllm":
-        engine = rollout.make_vllm_engine(start, cfg.max_prompt_tokens + cfg.max_response_tokens,
+    if engines.resolve_backend(cfg.backend) == "vllm":
+        engine = engines.make_vllm_engine(start, cfg.max_prompt_tokens + cfg.max_response_tokens,
                                           seed=cfg.seed + d.rank, d=d, kv_cache_gb=cfg.vllm_kv_cache_gb)
     else:
         engine = model if d.world == 1 else models.load_model(start, device=device, dtype=torch.float32)
     if engine is not model and (resumed or d.world > 1):
-        rollout.push_weights(engine, model, d)
+        engines.push_weights(engine, model, d)
     return engine
 
 
@@ -395,7 +395,7 @@ def train(cfg, start: str, advantages_fn=None, name: str = "grpo"):
                 row["t_train"] = time.time() - t2
                 # 6. the generation engine gets the new weights
                 if engine is not model:
-                    rollout.push_weights(engine, model, d)
+                    engines.push_weights(engine, model, d)
             if cfg.eval_every >= 0 and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0)
                                         or step + 1 == cfg.steps):
                 row.update(held_out_eval(model, tokenizer, cfg, engine, d))

@@ -23,12 +23,11 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 import grpo  # noqa: E402
-import rollout  # noqa: E402
 import sft  # noqa: E402
 import sod_distill  # noqa: E402
-from common import cli, runs  # noqa: E402
+from common import cli, engines, runs  # noqa: E402
 
-real_generate_hf = rollout.generate_hf
+real_generate_hf = engines.generate_hf
 
 
 def generate_each_context_alone(model, contexts, max_new_tokens, temperature, top_p, stop_ids, pad_id,
@@ -46,7 +45,7 @@ def generate_each_context_alone(model, contexts, max_new_tokens, temperature, to
     return out
 
 
-rollout.generate_hf = generate_each_context_alone
+engines.generate_hf = generate_each_context_alone
 
 stop_after = int(os.environ.get("SOD_STOP_AFTER_SAVE", "0"))
 real_save = runs.save_checkpoint

@@ -14,7 +14,7 @@ import torch
 
 import rollout
 import tools
-from common import data, models, sandbox
+from common import data, engines, models, sandbox
 from toy import task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -391,12 +391,12 @@ def test_hf_sampling_with_request_seeds_does_not_depend_on_the_batch(tok, studen
     stop = models.stop_token_ids(tok)
 
     def sample(idx):
-        return rollout.generate_hf(student, [contexts[i] for i in idx], [30] * len(idx), 1.0, 0.9, stop,
+        return engines.generate_hf(student, [contexts[i] for i in idx], [30] * len(idx), 1.0, 0.9, stop,
                                    tok.pad_token_id, seeds=[100 + i for i in idx])
     together = sample([0, 1, 2])
     assert [sample([i])[0] for i in range(3)] == together
     assert sample([2, 0, 1]) == [together[2], together[0], together[1]]
-    other = rollout.generate_hf(student, contexts, [30] * 3, 1.0, 0.9, stop, tok.pad_token_id, seeds=[7, 8, 9])
+    other = engines.generate_hf(student, contexts, [30] * 3, 1.0, 0.9, stop, tok.pad_token_id, seeds=[7, 8, 9])
     assert other != together
 
 # -----------------------------------------------------------------------------
@@ -633,8 +633,8 @@ def test_vllm_stops_on_every_eos_id_and_appends_nothing():
     im_end, endoftext = 7, 9
     sampled = [[1, 2, im_end], [1, endoftext], [1, 2, 3, 4, 5], [4, im_end, 5]]
     llm = _StubLLM(sampled)
-    engine = rollout.VLLMEngine(llm, rollout.RolloutConfig(), [im_end, endoftext])
-    engine.add([rollout.Request([0], budget, seed, k) for k, (budget, seed) in enumerate(zip([8, 8, 3, 8],
+    engine = engines.VLLMEngine(llm, rollout.RolloutConfig(), [im_end, endoftext])
+    engine.add([engines.Request([0], budget, seed, k) for k, (budget, seed) in enumerate(zip([8, 8, 3, 8],
                                                                                               [11, 12, 13, 14]))])
     out = dict(engine.step())   # request k -> its turn
     # a turn keeps the stop token the model sampled, is cut at its budget, and gains no token it did not sample
@@ -655,7 +655,7 @@ def test_hf_generation_stops_on_every_eos_id_of_a_seeded_request(tok, student):
     hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out + logit_bias)
     try:
         contexts = [rollout.render_prompt_ids(tok, f"q{i}") for i in range(16)]
-        outs = rollout.generate_hf(model, contexts, [200] * 16, 1.0, 1.0, [first, second], tok.pad_token_id,
+        outs = engines.generate_hf(model, contexts, [200] * 16, 1.0, 1.0, [first, second], tok.pad_token_id,
                                    seeds=list(range(16)))
     finally:
         hook.remove()
@@ -702,7 +702,7 @@ def peaked_logits(seed: int) -> np.ndarray:
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.6), (1.3, 0.95)])
 def test_hf_sampler_distribution_is_the_softmax_with_top_p_at_qwen3_vocabulary(temperature, top_p):
     logits = np.stack([peaked_logits(0), peaked_logits(1)])
-    ours = rollout.sampling_distribution(torch.from_numpy(logits), temperature, top_p).numpy()
+    ours = engines.sampling_distribution(torch.from_numpy(logits), temperature, top_p).numpy()
     for row in range(2):
         ref = reference_distribution(logits[row], temperature, top_p)
         assert 0.5 * np.abs(ours[row] - ref).sum() < 1e-9
@@ -723,7 +723,7 @@ def test_hf_sampler_picks_each_token_on_its_own_interval_even_a_1e_8_token_after
     tokens = [1000, 5000, 1, V_QWEN3 - 1, *rng.choice(np.flatnonzero(p > 1e-7), 12)]
     u = torch.tensor([interval_midpoint(p, t) for t in tokens] + [0.0], dtype=torch.float64)
     scores = torch.from_numpy(np.tile(logits, (len(u), 1)))
-    sampler = rollout.SampleAtUniforms(u[:, None], start=5, temperature=1.0, top_p=1.0)
+    sampler = engines.SampleAtUniforms(u[:, None], start=5, temperature=1.0, top_p=1.0)
     out = sampler(torch.zeros(len(u), 5, dtype=torch.long), scores)
     picked = out.argmax(-1).tolist()
     assert torch.isfinite(out).sum(-1).tolist() == [1] * len(u)        # one finite score per row: the sample
@@ -736,16 +736,16 @@ def test_hf_sampler_never_picks_a_token_outside_the_nucleus():
     p = reference_distribution(logits, 1.0, 0.6)       # the mode alone holds more than 0.6
     assert np.count_nonzero(p) == 1
     u = torch.tensor([[0.0], [0.5], [1 - 2 ** -48]], dtype=torch.float64)
-    out = rollout.SampleAtUniforms(u, start=1, temperature=1.0, top_p=0.6)(
+    out = engines.SampleAtUniforms(u, start=1, temperature=1.0, top_p=0.6)(
         torch.zeros(3, 1, dtype=torch.long), torch.from_numpy(np.tile(logits, (3, 1))))
     assert out.argmax(-1).tolist() == [1000] * 3
 
 
 def test_request_uniforms_have_more_than_float32_resolution():
-    u = rollout.request_uniforms(7, 4096)
+    u = engines.request_uniforms(7, 4096)
     assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
     assert (u * 2 ** 24 != torch.floor(u * 2 ** 24)).float().mean() > 0.99  # not multiples of 2^-24
-    assert torch.equal(u, rollout.request_uniforms(7, 4096))
+    assert torch.equal(u, engines.request_uniforms(7, 4096))
 
 
 def saved_toy_config(tmp_path, **changes):
@@ -773,7 +773,7 @@ def fake_llm(monkeypatch):
 
 def test_vllm_engine_gets_the_kv_cache_budget_and_the_runs_context(fake_llm, tmp_path):
     model_dir = saved_toy_config(tmp_path, max_position_embeddings=40_960)
-    rollout.make_vllm_engine(str(model_dir), 832, kv_cache_gb=3.0)
+    engines.make_vllm_engine(str(model_dir), 832, kv_cache_gb=3.0)
     assert fake_llm["kv_cache_memory_bytes"] == 3 * 2**30
     assert fake_llm["max_model_len"] == 832        # the run's prompt + response, not the model's 40,960
 
@@ -782,7 +782,7 @@ def test_the_kv_flag_wins_over_an_inherited_environment_variable(fake_llm, tmp_p
     import os
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "9")   # vLLM's CPU backend would let it override the flag
     with caplog.at_level("WARNING", logger="rollout"):
-        rollout.make_vllm_engine(str(saved_toy_config(tmp_path)), 832, kv_cache_gb=1.5)
+        engines.make_vllm_engine(str(saved_toy_config(tmp_path)), 832, kv_cache_gb=1.5)
     assert fake_llm["kv_cache_memory_bytes"] == int(1.5 * 2**30)
     assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
     assert "VLLM_CPU_KVCACHE_SPACE=9" in caplog.text and "--vllm_kv_cache_gb 1.5" in caplog.text
@@ -792,9 +792,9 @@ def test_a_sequence_that_cannot_fit_the_kv_budget_stops_before_vllm_starts(fake_
     # 2 layers x 1 KV head x 32 x 2 x 4 bytes = 512 bytes a token: 64k tokens need 32 MiB
     model_dir = saved_toy_config(tmp_path, max_position_embeddings=1 << 20)
     with pytest.raises(SystemExit) as stop:
-        rollout.make_vllm_engine(str(model_dir), 65_536, kv_cache_gb=0.01)
+        engines.make_vllm_engine(str(model_dir), 65_536, kv_cache_gb=0.01)
     message = str(stop.value)
     assert "--vllm_kv_cache_gb 0.01" in message and "65536" in message and "0.03 GiB" in message
     assert not fake_llm                                               # vLLM was never asked
-    rollout.make_vllm_engine(str(model_dir), 16_384, kv_cache_gb=0.01)   # 8 MiB: fits
+    engines.make_vllm_engine(str(model_dir), 16_384, kv_cache_gb=0.01)   # 8 MiB: fits
     assert fake_llm["max_model_len"] == 16_384

@@ -11,7 +11,7 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm.txt)")
 
 import rollout  # noqa: E402
-from common import data, models  # noqa: E402
+from common import data, engines, models  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def engine_and_model(tmp_path_factory):
     model = models.load_model("toy-student", device="cpu", seed=0)
     model.save_pretrained(path)
     models.load_tokenizer("toy-student").save_pretrained(path)
-    llm = rollout.make_vllm_engine(str(path), max_model_len=1024, seed=0, kv_cache_gb=1)
+    llm = engines.make_vllm_engine(str(path), max_model_len=1024, seed=0, kv_cache_gb=1)
     return llm, models.load_model(str(path), device="cpu"), models.load_tokenizer(str(path))
 
 
@@ -76,7 +76,7 @@ def test_weight_push_makes_vllm_match_the_updated_model(engine_and_model):
     with torch.no_grad():
         after = rollout.token_logprobs(model, x, torch.ones_like(x))[0]
     assert not torch.allclose(vllm_logprobs(llm, ids), after, atol=1e-3)   # vLLM still has the old weights
-    rollout.push_weights(llm, model)
+    engines.push_weights(llm, model)
     pushed = vllm_logprobs(llm, ids)
     assert torch.allclose(pushed, after, atol=1e-4) and not torch.allclose(pushed, before, atol=1e-3)
 
@@ -103,12 +103,12 @@ def test_grpo_step_on_the_vllm_backend(engine_and_model, tmp_path, monkeypatch):
     def make_engine(engine, *args, **kwargs):  # count what the rollouts generate with
         calls.append(engine)
         return real_make_engine(engine, *args, **kwargs)
-    real_make_engine = rollout.make_engine
-    monkeypatch.setattr(rollout, "make_engine", make_engine)
-    monkeypatch.setattr(rollout, "make_vllm_engine", lambda *a, **k: llm)  # one engine per process on CPU
+    real_make_engine = engines.make_engine
+    monkeypatch.setattr(engines, "make_engine", make_engine)
+    monkeypatch.setattr(engines, "make_vllm_engine", lambda *a, **k: llm)  # one engine per process on CPU
     pushed = []
-    real_push = rollout.push_weights
-    monkeypatch.setattr(rollout, "push_weights", lambda e, m, d=None: (pushed.append(1), real_push(e, m, d)))
+    real_push = engines.push_weights
+    monkeypatch.setattr(engines, "push_weights", lambda e, m, d=None: (pushed.append(1), real_push(e, m, d)))
     cfg = grpo.Config(model=str(path), backend="vllm", out_dir=str(tmp_path / "run"), steps=1,
                       prompts_per_step=2, n_samples=2, eval_prompts=2, eval_n=1, max_response_tokens=48,
                       max_turns=3)
@@ -124,7 +124,7 @@ class EngineMade(Exception):
 
 @pytest.mark.parametrize("stage", ["grpo", "sod"])
 def test_the_rl_stages_give_vllm_its_kv_cache_budget(stage, tmp_path, monkeypatch):
-    """--vllm_kv_cache_gb reaches the engine that grpo.py and sod_distill.py build (rollout.make_vllm_engine,
+    """--vllm_kv_cache_gb reaches the engine that grpo.py and sod_distill.py build (engines.make_vllm_engine,
     stubbed: it records its arguments and stops the run)."""
     import grpo
     import sod_distill
@@ -133,7 +133,7 @@ def test_the_rl_stages_give_vllm_its_kv_cache_budget(stage, tmp_path, monkeypatc
     def factory(model_path, max_model_len, **kwargs):
         seen.update(kwargs, model_path=model_path, max_model_len=max_model_len)
         raise EngineMade
-    monkeypatch.setattr(rollout, "make_vllm_engine", factory)
+    monkeypatch.setattr(engines, "make_vllm_engine", factory)
     common = dict(backend="vllm", vllm_kv_cache_gb=2.5, out_dir=str(tmp_path / stage), steps=1,
                   prompts_per_step=2, n_samples=2, toy_prompts=16, seed=3)
     if stage == "grpo":

@@ -6,7 +6,7 @@ Top to bottom:
   1. `RolloutConfig`: the loop's settings, declared once and inherited by every stage that rolls out.
   2. The tool loop, one trajectory at a time (asyncio): each goes generate -> call the tool -> generate at
      its own pace, and the engine batches whatever waits, so nothing waits for the slowest call of a turn
-     (--rollout_schedule sync keeps the turn-by-turn loop, to measure against). Token-in/token-out:
+     (--batch_wait_s inf gives the turn-by-turn loop, to measure against). Token-in/token-out:
         response = [turn_1][tool_1][turn_2][tool_2] ... [turn_K]
         response_mask = 1 on tokens the model generated (its closing <|im_end|> included),
                         0 on tool-response tokens.
@@ -68,11 +68,9 @@ class RolloutConfig:
                                   "(reference 1.0)")
     top_p: float = arg(1.0, "nucleus sampling (reference 1.0 in training, 0.6 in evaluation)")
     # the loop
-    rollout_schedule: str = arg("async", "async: each trajectory at its own pace, the engine batching whatever "
-                                         "waits (as the authors' agent loop) | sync: turn by turn, each turn "
-                                         "waiting for its slowest call (to measure against)")
-    batch_wait_s: float = arg(0.5, "async: waiting requests go to the engine once every running trajectory "
-                                   "waits for generation, or once no request has joined for this long")
+    batch_wait_s: float = arg(0.5, "waiting requests go to the engine once every running trajectory waits for "
+                                   "generation, or once no request has joined for this long (inf: turn by "
+                                   "turn, every batch waiting for the slowest tool call)")
     max_turns: int = arg(16, "assistant turns, and tool responses, per trajectory (reference 16)")
     max_response_tokens: int = arg(320, "tokens per trajectory, tool tokens included (reference 20480)")
     max_prompt_tokens: int = arg(512, "prompts longer than this, measured with the chat template, are "
@@ -122,7 +120,7 @@ CHOICES = {"backend": ("auto", "hf", "vllm"), "autoprint": ("reference", "expres
            "tool_junction": ("template", "reference"), "sandbox": ("warm", "cold"),
            "code_scoring": ("fixed", "reference"), "math_scoring": ("strict", "lenient"),
            "tool_shaping": ("reference", "turns", "none"), "wrapper_choice": ("row", "file"),
-           "dedupe_tool_calls": ("auto", "on", "off"), "rollout_schedule": ("async", "sync")}
+           "dedupe_tool_calls": ("auto", "on", "off")}
 
 
 def check_rollout_settings(cfg):

@@ -18,6 +18,7 @@ common/engines.py: what generates the model's turns for the tool loop (rollout.p
 import asyncio
 import itertools
 import logging
+import math
 import os
 import time
 from typing import NamedTuple
@@ -362,15 +363,15 @@ class Waiting:
 async def serve(engine, waiting: Waiting, cfg):
     """Feed the engine until every trajectory has ended.
 
-    async: the waiting requests go to the engine once every running trajectory waits for generation (with
-    fast tools: all of them, as turn by turn), or once no request has joined for --batch_wait_s while
-    others still wait on the tool. An HF batch runs to its end, then the next one is gathered. vLLM's
-    engine also takes requests while it runs (by the same rule, checked between its steps) and returns each
-    one as it ends: a slow call or a long generation holds its own trajectory only.
-    sync: a batch starts only when every running trajectory waits for it, so every turn waits for the
-    turn's slowest generation and slowest tool call (the turn-synchronous loop, kept to measure against).
+    The waiting requests go to the engine once every running trajectory waits for generation (with fast
+    tools: all of them, as turn by turn), or once no request has joined for --batch_wait_s while others still
+    wait on the tool. An HF batch runs to its end, then the next one is gathered. vLLM's engine also takes
+    requests while it runs (by the same rule, checked between its steps) and returns each one as it ends: a
+    slow call or a long generation holds its own trajectory only. With --batch_wait_s inf a batch starts only
+    when every running trajectory waits for it: every turn waits for the turn's slowest generation and slowest
+    tool call (the turn-synchronous loop, to measure against).
     """
-    wait_s = None if cfg.rollout_schedule == "sync" else cfg.batch_wait_s
+    wait_s = None if math.isinf(cfg.batch_wait_s) else cfg.batch_wait_s
     while waiting.running:
         if not engine.busy():
             await waiting.gather(wait_s)

@@ -1,10 +1,11 @@
 """
-scripts/rollout_speed.py: the two rollout schedules side by side, in one run (docs/speed.md).
+scripts/rollout_speed.py: the rollout loop batching asynchronously against turn by turn, in one run
+(docs/speed.md).
 
 One GRPO step's rollout of the toy (16 prompts x 8 samples, the tool called on every turn, no deduplication:
 every call reaches the sandbox), with the asynchronous loop (each trajectory at its own pace) and the
-turn-synchronous one (--rollout_schedule sync), on the same engine and the same seed, so both sample the
-same trajectories and meet the same slow calls:
+turn-synchronous one (--batch_wait_s inf: every batch waits for every running trajectory), on the same engine
+and the same seed, so both sample the same trajectories and meet the same slow calls:
   - with injected latency: one tool call in 50 sleeps 6 s first (--tool_latency_rate 0.02);
   - without: the loop's own cost, when tools are fast.
 For each: wall-clock seconds (the best of --repeats rounds, in which the schedules take turns), rollout
@@ -48,9 +49,10 @@ def main(args):
     print("| backend | tool latency | turn by turn (s) | asynchronous (s) | speed-up | accuracy, sync / async "
           "| same ids |\n|---|---|---|---|---|---|---|")
     for rate in (args.latency_rate, 0.0):
-        cfgs = {schedule: rollout.RolloutConfig(rollout_schedule=schedule, dedupe_tool_calls="off",
+        cfgs = {schedule: rollout.RolloutConfig(batch_wait_s=wait_s, dedupe_tool_calls="off",
                                                 tool_latency_rate=rate, tool_latency_s=args.latency_s,
-                                                max_response_tokens=320) for schedule in ("sync", "async")}
+                                                max_response_tokens=320)
+                for schedule, wait_s in (("sync", float("inf")), ("async", rollout.RolloutConfig.batch_wait_s))}
         for cfg in cfgs.values():
             rollout.rollout(engine, tokenizer, prompts[:2], 2, cfg, seed=1)   # warm the engine and the sandbox
         row = timed_rollouts(engine, tokenizer, prompts, args.n, cfgs, args.seed, args.repeats)

@@ -277,20 +277,23 @@ def random_policy(tok):
     return engine, batches
 
 
+WAIT = {"turn by turn": float("inf"), "async": 0.5}  # --batch_wait_s: every trajectory, or the default
+
+
 def test_the_schedule_does_not_change_what_is_sampled(tok):
     """Seeded per trajectory and turn, the asynchronous loop gives the turn-synchronous loop's trajectories,
     although slow calls (30% of the turns, 0.3 s) and sandbox failures reorder what is generated when."""
     prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(4)]
     runs = {}
-    for schedule in ("sync", "async"):
+    for schedule in ("turn by turn", "async"):
         engine, batches = random_policy(tok)
-        cfg = rollout.RolloutConfig(rollout_schedule=schedule, tool_latency_rate=0.3, tool_latency_s=0.3,
-                                    tool_failure_rate=0.2, dedupe_tool_calls="off", max_turns=6,
-                                    batch_wait_s=0.1)
+        cfg = rollout.RolloutConfig(batch_wait_s={**WAIT, "async": 0.1}[schedule], tool_latency_rate=0.3,
+                                    tool_latency_s=0.3, tool_failure_rate=0.2, dedupe_tool_calls="off",
+                                    max_turns=6)
         trajs = rollout.rollout(engine, tok, prompts, 4, cfg, seed=5)
         runs[schedule] = ([t.response_ids for t in trajs], [t.log_record() for t in trajs], batches)
-    assert runs["async"][0] == runs["sync"][0] and runs["async"][1] == runs["sync"][1]
-    sync_batches, async_batches = runs["sync"][2], runs["async"][2]
+    assert runs["async"][0] == runs["turn by turn"][0] and runs["async"][1] == runs["turn by turn"][1]
+    sync_batches, async_batches = runs["turn by turn"][2], runs["async"][2]
     assert sorted(map(sorted, sync_batches)) != sorted(map(sorted, async_batches))  # the schedules differed
     assert len(async_batches) > len(sync_batches)
 
@@ -301,7 +304,7 @@ def test_a_slow_call_does_not_hold_the_other_trajectories(tok):
     slow = call_text("import time\\ntime.sleep(3)\\nprint(1)")
     prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(5)]
     sizes = {}
-    for schedule in ("sync", "async"):
+    for schedule in ("turn by turn", "async"):
         seen = []
 
         def engine(contexts, max_new_tokens, sampling, seeds):
@@ -313,11 +316,11 @@ def test_a_slow_call_does_not_hold_the_other_trajectories(tok):
                 reply = (slow if "q0" in text else call_text("print(1)")) if turn == 1 else "\\boxed{1}<|im_end|>"
                 outs.append(tok.encode(reply, add_special_tokens=False))
             return outs
-        trajs = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(rollout_schedule=schedule,
+        trajs = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(batch_wait_s=WAIT[schedule],
                                                                                 tool_timeout=10))
         assert all(t.acc and t.num_tool_calls == 1 for t in trajs)
         sizes[schedule] = seen
-    assert sizes["sync"] == [5, 5]
+    assert sizes["turn by turn"] == [5, 5]
     assert sizes["async"] == [5, 4, 1]
 
 
@@ -355,14 +358,14 @@ def test_a_continuous_engine_takes_whole_turns_and_does_not_wait_for_a_long_gene
     generation runs, the others' next turns join it once no request has come for --batch_wait_s."""
     prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(5)]
     added = {}
-    for name, cfg in {"sync": rollout.RolloutConfig(rollout_schedule="sync"),
+    for name, cfg in {"turn by turn": rollout.RolloutConfig(batch_wait_s=float("inf")),
                       "async": rollout.RolloutConfig(batch_wait_s=0.3),
                       "async, patient": rollout.RolloutConfig(batch_wait_s=60)}.items():
         engine = _SlowFirstTurn(tok)
         trajs = rollout.rollout(engine, tok, prompts, 1, cfg)
         assert all(t.acc and t.num_tool_calls == 1 for t in trajs)
         added[name] = engine.added
-    assert added == {"sync": [5, 5], "async": [5, 4, 1], "async, patient": [5, 5]}
+    assert added == {"turn by turn": [5, 5], "async": [5, 4, 1], "async, patient": [5, 5]}
 
 
 def test_a_batch_holds_its_rows_in_trajectory_order_whatever_call_ended_first(tok):

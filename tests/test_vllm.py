@@ -46,7 +46,7 @@ def test_tool_loop_on_the_vllm_backend(engine_and_model):
                             seed=0)
     assert [t.response_ids for t in trajs] == [t.response_ids for t in again]  # per-request seeds
     turn_by_turn = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(
-        max_response_tokens=48, max_turns=3, rollout_schedule="sync"), seed=0)
+        max_response_tokens=48, max_turns=3, batch_wait_s=float("inf")), seed=0)
     assert [t.response_ids for t in turn_by_turn] == [t.response_ids for t in trajs]  # whatever the schedule
 
 

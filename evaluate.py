@@ -44,7 +44,7 @@ import rollout
 import tools
 from common import chat_template, dist, engines, models, runs
 from common.cli import arg, not_a_flag, run_script
-from common.data import drop_long_prompts, load_prompts
+from common.data import drop_long_prompts
 
 log = logging.getLogger("evaluate")
 MAJ_EXACT_LIMIT = 20_000
@@ -165,10 +165,10 @@ def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
     """{benchmark name: prompts}. The toy split, or one benchmark per file (named by its data_source)."""
     if cfg.data.startswith("toy"):
         split = "eval" if cfg.data == "toy" else cfg.data.split(":")[1]
-        return {"toy": load_prompts(f"toy:{split}", cfg.num_prompts or 256, toy_steps=cfg.toy_steps)}
+        return {"toy": rollout.load_prompts(f"toy:{split}", cfg.num_prompts or 256, toy_steps=cfg.toy_steps)}
     benchmarks = {}
     for path in cfg.data.split(","):
-        prompts = load_prompts(path.strip(), cfg.num_prompts or None, wrapper_choice=cfg.wrapper_choice)
+        prompts = rollout.load_prompts(path.strip(), cfg.num_prompts or None, wrapper_choice=cfg.wrapper_choice)
         benchmarks[prompts[0]["data_source"] or Path(path).stem] = prompts
     return benchmarks
 
@@ -252,7 +252,7 @@ def greedy_accuracy(model, tokenizer, data: str = "toy:valid", num_prompts: int 
                     toy_steps: str = "2-4") -> float:
     """Accuracy with greedy decoding, one sample per problem (sft.py's check at the end, on the validation
     split)."""
-    prompts = load_prompts(data, num_prompts, toy_steps=toy_steps)
+    prompts = rollout.load_prompts(data, num_prompts, toy_steps=toy_steps)
     trajs = rollout.rollout(model, tokenizer, prompts, 1, rollout.RolloutConfig(temperature=0.0))
     return sum(t.acc for t in trajs) / len(trajs)
 

@@ -58,7 +58,7 @@ import rollout
 import tools
 from common import chat_template, dist, engines, models, runs
 from common.cli import arg, reject_unused, run_script
-from common.data import drop_long_prompts, load_prompts, load_rows, write_jsonl
+from common.data import drop_long_prompts, load_rows, write_jsonl
 
 log = logging.getLogger("grpo")
 
@@ -222,7 +222,7 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logp
 def load_rl_prompts(cfg, tokenizer) -> list[dict]:
     """RL prompts, the over-long ones dropped (measured as the reference measures them)."""
     data = "toy:train" if cfg.data == "toy" else cfg.data
-    prompts = load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed,
+    prompts = rollout.load_prompts(data, cfg.toy_prompts if cfg.data == "toy" else None, seed=cfg.seed,
                            toy_steps=cfg.toy_steps, wrapper_choice=cfg.wrapper_choice)
     kept = drop_long_prompts(prompts, tokenizer, cfg.max_prompt_tokens, name=data)
     if len(kept) < cfg.prompts_per_step:

@@ -61,7 +61,6 @@ import sod_distill
 import tools
 from common import cpu_kernels, jobs, models, runs, sandbox
 from common.cli import arg, quiet_libraries, run_script
-from common.data import toy_steps_range
 from common.study import failure_table, plot_study, results_table, same_budget, study_tables, turn_table
 from toy import task
 
@@ -252,7 +251,7 @@ def sft_teacher_checked(root: Path, stage_cfg, min_call_acc: float, more_epochs:
     result = run_stage("sft teacher", root / "sft-teacher", sft.main, stage_cfg, [])
     seconds, what = result["seconds"], [result["what"]]
     start, checks = root / "sft-teacher" / "final", []
-    held_out = task.held_out_conversations(CHECK_CONVERSATIONS, toy_steps_range(stage_cfg.toy_steps))
+    held_out = task.held_out_conversations(CHECK_CONVERSATIONS, task.steps_range(stage_cfg.toy_steps))
     for more in range(MAX_MORE + 1 if min_call_acc > 0 else 0):  # 0: no check, the SFT's own weights
         model = models.load_model(str(start), device="cpu")
         acc = sft.call_accuracy(model, models.load_tokenizer(str(start)), held_out, [tools.TOOL_SCHEMA])

@@ -45,10 +45,11 @@ import torch
 from tqdm import tqdm
 
 import tools
-from common import chat_template, engines, sandbox
+from common import chat_template, data, engines, sandbox
 from common.cli import arg, parse_args, reject_unused
-from common.data import as_messages, load_prompts, write_jsonl
+from common.data import as_messages, write_jsonl
 from common.models import load_model, load_tokenizer, stop_token_ids
+from toy import flaky, task
 
 log = logging.getLogger("rollout")
 
@@ -150,6 +151,17 @@ def setup_sandbox(cfg, *data: str):
             f"Install them into that environment ({isolation.python} -m pip install numpy sympy), point "
             "--sandbox_python at an environment that has them, or use a SandboxFusion server (--sandbox_url); "
             "--sandbox_stdlib_ok runs without them.")
+
+
+def load_prompts(path: str, n: int | None = None, seed: int = 0, toy_steps: str = "2-4",
+                 wrapper_choice: str = "row") -> list[dict]:
+    """The prompts a stage rolls out: "toy[:split]" generates a toy split (train, eval, valid) of problems
+    needing `toy_steps` dependent calls (toy/task.py); anything else is a data file (common/data.py)."""
+    if not path.startswith("toy"):
+        return data.load_prompts(path, n, wrapper_choice)
+    split = path.split(":")[1] if ":" in path else "train"
+    rows = task.rl_rows(n or 256, split=split, seed=seed, steps=task.steps_range(toy_steps))
+    return data.load_prompts(path, n, wrapper_choice, rows=rows)
 
 
 def rollout_settings(cfg, **changes) -> RolloutConfig:
@@ -327,7 +339,10 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
     # identical calls share one answer only where the code is known to be deterministic
     dedupe = cfg.dedupe_tool_calls == "on" or (cfg.dedupe_tool_calls == "auto"
                                                and all(p["data_source"].startswith("toy") for p in prompts))
-    run_tool = tools.tool_runner(cfg, seed, dedupe)  # the tool as cfg sets it up (the sandbox is set up once)
+    run_tool = tools.tool_runner(cfg, dedupe)  # the tool as cfg sets it up (the sandbox is set up once)
+    # the toy's sandbox that fails, or stalls, now and then (--tool_failure_rate, --tool_latency_rate)
+    run_tool = flaky.flaky(flaky.slow(run_tool, cfg.tool_latency_rate, cfg.tool_latency_s, seed),
+                           cfg.tool_failure_rate, seed)
     trajs = []
     for i, p in enumerate(prompts):
         prompt_ids = render_prompt_ids(tokenizer, p["prompt"])

@@ -69,7 +69,7 @@ import rollout
 import tools
 from common import chat_template, dist, models, runs
 from common.cli import arg, reject_unused, run_script
-from common.data import load_rows, toy_steps_range
+from common.data import load_rows
 from toy import task
 
 log = logging.getLogger("sft")
@@ -210,7 +210,7 @@ def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]
     """All rows tokenized; malformed rows are reported with file and row number, then skipped (or fatal)."""
     if cfg.data == "toy":
         rows, name = task.sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, cfg.seed, cfg.toy_retry_frac,
-                                   cfg.toy_direct_frac, toy_steps_range(cfg.toy_steps)), "toy"
+                                   cfg.toy_direct_frac, task.steps_range(cfg.toy_steps)), "toy"
     else:
         rows, name = load_rows(cfg.data), cfg.data
     marks, control = chat_template.markers(tokenizer, cfg.model), chat_template.control_tokens(tokenizer)
@@ -408,7 +408,7 @@ def main(cfg: Config):
         result = evaluate.greedy_accuracy(plain, tokenizer, "toy:valid", cfg.eval_prompts, cfg.toy_steps)
         log.info("greedy accuracy on %d toy validation problems: %.3f", cfg.eval_prompts, result)
         print(f"greedy accuracy on the validation split: {result:.3f}")
-        held_out = task.held_out_conversations(cfg.eval_prompts, toy_steps_range(cfg.toy_steps))
+        held_out = task.held_out_conversations(cfg.eval_prompts, task.steps_range(cfg.toy_steps))
         calls = call_accuracy(plain, tokenizer, held_out, [tools.TOOL_SCHEMA])
         print(f"tool calls right, teacher-forced, on the validation split: {calls:.3f}")
     dist.barrier(d)

@@ -206,12 +206,11 @@ class Reply(NamedTuple):
     sandbox_failure: bool = False   # the sandbox failed, not the code (the toy's flaky sandbox, toy/flaky.py)
 
 
-def tool_runner(cfg, seed: int | None = None, dedupe: bool = False):
+def tool_runner(cfg, dedupe: bool = False):
     """The tool as a rollout calls it, set up by a RolloutConfig: one trajectory's calls of a turn in, one
     Reply out; `key` (trajectory, turn) names the turn. Rollouts call it from many threads at once. With
     `dedupe`, identical calls of one rollout (the n samples of a prompt often write the same code) run once
-    and share the answer: exact only for deterministic code (the authors run every call). The toy's
-    --tool_failure_rate and --tool_latency_rate wrap it in a sandbox that fails, or stalls, now and then."""
+    and share the answer: exact only for deterministic code (the authors run every call)."""
     shared: dict[str, Future] = {}
     lock = threading.Lock()
 
@@ -230,10 +229,6 @@ def tool_runner(cfg, seed: int | None = None, dedupe: bool = False):
         if first:
             answer.set_result(run(calls))  # run_tool_calls returns a text for every call, it never raises
         return Reply(answer.result())
-    if cfg.tool_latency_rate > 0 or cfg.tool_failure_rate > 0:
-        from toy import flaky
-        call = flaky.slow(call, cfg.tool_latency_rate, cfg.tool_latency_s, seed)
-        call = flaky.flaky(call, cfg.tool_failure_rate, seed)
     return call
 
 

@@ -3,10 +3,10 @@ common/data.py: data files and the authors' prompt wrappers.
 
 `load_rows` reads a .jsonl / .json / .parquet file; `wrap_prompt` turns one row into the chat messages the
 authors' dataset builds for it (recipe/demystify/reward.py: CustomRLHFDataset), byte for byte; `load_prompts`
-gives the RL and evaluation prompts of a file or of the toy task; `drop_long_prompts` is the authors'
-filter_overlong_prompts. A prompt is a list of chat messages (the row's own list, with the wrapper's text in
-its user message), rendered with the tool declared by rollout.render_prompt_ids. The toy generator itself
-lives in toy/task.py.
+gives the RL and evaluation prompts of a file (or of rows the toy task generated); `drop_long_prompts` is the
+authors' filter_overlong_prompts. A prompt is a list of chat messages (the row's own list, with the wrapper's
+text in its user message), rendered with the tool declared by rollout.render_prompt_ids. The toy generator
+itself lives in toy/task.py (rollout.load_prompts chooses between the two).
 """
 import json
 import logging
@@ -181,31 +181,15 @@ KNOWN_SOURCES = {"toy_arith", "math_dapo", "mega-science", "AIME2024", "AIME2025
                  "gpqa_diamond"}  # plus any "code"
 
 
-def toy_steps_range(text: str) -> tuple[int, int]:
-    """"2-4" -> (2, 4): how many dependent tool calls a toy problem needs."""
-    try:
-        low, high = (int(x) for x in text.split("-"))
-        assert 1 <= low <= high <= 8
-    except (ValueError, AssertionError):
-        raise SystemExit("--toy_steps must be like 2-4 (from 1 to 8 dependent calls), "
-                         f"not {text!r}") from None
-    return low, high
-
-
-def load_prompts(path: str, n: int | None = None, seed: int = 0, toy_steps: str = "2-4",
-                 wrapper_choice: str = "row") -> list[dict]:
-    """RL / eval prompts as {"prompt" (chat messages), "data_source", "ground_truth", "hint", "id"};
-    "toy[:split]" builds a toy split (train, eval, valid) of problems needing `toy_steps` dependent calls.
-    wrapper_choice "row" wraps each row by its own data_source, "file" every row by the first row's, as the
-    authors' loader does. Malformed rows are skipped and counted by reason (code problems whose tests the
-    authors' grader cannot read among them); rows of a data_source no grader knows are counted and graded as
-    math."""
-    if path.startswith("toy"):
-        from toy import task
-        split = path.split(":")[1] if ":" in path else "train"
-        rows = task.rl_rows(n or 256, split=split, seed=seed, steps=toy_steps_range(toy_steps))
-    else:
-        rows = load_rows(path)
+def load_prompts(path: str, n: int | None = None, wrapper_choice: str = "row",
+                 rows: list | None = None) -> list[dict]:
+    """RL / eval prompts as {"prompt" (chat messages), "data_source", "ground_truth", "hint", "id"}, from the
+    rows of a data file, or from `rows` already in memory (the toy task's, rollout.load_prompts), named `path`
+    in the log. wrapper_choice "row" wraps each row by its own data_source, "file" every row by the first
+    row's, as the authors' loader does. Malformed rows are skipped and counted by reason (code problems whose
+    tests the authors' grader cannot read among them); rows of a data_source no grader knows are counted and
+    graded as math."""
+    rows = load_rows(path) if rows is None else rows
     if wrapper_choice not in ("row", "file"):
         raise ValueError(f"unknown wrapper_choice {wrapper_choice!r}")
     wrapper = None

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rollout  # noqa: E402
-from common import data, engines, models  # noqa: E402
+from common import engines, models  # noqa: E402
 
 
 def timed_rollouts(engine, tokenizer, prompts, n, cfgs, seed, repeats):
@@ -45,7 +45,7 @@ def main(args):
     budget = rollout.RolloutConfig().max_prompt_tokens + rollout.RolloutConfig().max_response_tokens
     engine = (engines.make_vllm_engine(args.model, budget, seed=0, kv_cache_gb=1) if args.backend == "vllm"
               else models.load_model(args.model, device="cpu"))
-    prompts = data.load_prompts("toy:valid", args.prompts, seed=0)
+    prompts = rollout.load_prompts("toy:valid", args.prompts, seed=0)
     print("| backend | tool latency | turn by turn (s) | asynchronous (s) | speed-up | accuracy, sync / async "
           "| same ids |\n|---|---|---|---|---|---|---|")
     for rate in (args.latency_rate, 0.0):

@@ -242,7 +242,7 @@ def test_identical_tool_calls_share_an_answer_only_where_the_code_is_determinist
 
 
 def test_rollout_of_the_toy_student_with_hf_generate(tok, student):
-    prompts = data.load_prompts("toy:eval", 4)
+    prompts = rollout.load_prompts("toy:eval", 4)
     trajs = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), seed=0)
     assert len(trajs) == 8 and all(len(t.response_ids) <= 64 for t in trajs)
     again = rollout.rollout(student, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=64), seed=0)
@@ -500,7 +500,7 @@ def test_wrapper_choice_file_wraps_every_row_as_the_first(tmp_path):
 def test_toy_prompt_ids_are_those_of_its_one_user_message(tok):
     """A toy row has a single user message: its prompt ids are the ones a prompt of that text alone gets."""
     rows = task.rl_rows(16, "eval")
-    prompts = data.load_prompts("toy:eval", 16)
+    prompts = rollout.load_prompts("toy:eval", 16)
     for row, p in zip(rows, prompts):
         (message,) = row["prompt"]
         text = tok.apply_chat_template([{"role": "user", "content": message["content"]}],

@@ -11,7 +11,7 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm.txt)")
 
 import rollout  # noqa: E402
-from common import data, engines, models  # noqa: E402
+from common import engines, models  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def vllm_logprobs(llm, ids):
 
 def test_tool_loop_on_the_vllm_backend(engine_and_model):
     llm, _, tok = engine_and_model
-    prompts = data.load_prompts("toy:eval", 3)
+    prompts = rollout.load_prompts("toy:eval", 3)
     trajs = rollout.rollout(llm, tok, prompts, 2, rollout.RolloutConfig(max_response_tokens=48, max_turns=3),
                             seed=0)
     assert len(trajs) == 6
@@ -54,7 +54,7 @@ def test_a_step_of_seeded_requests_on_a_cpu_engine(engine_and_model):
     """A GRPO step's 16 x 8 seeded requests overflow one scheduler step: on a CPU vLLM would chunk their
     prefills and then fail to rewind a CPU generator ("CPU Generator does not use offset")."""
     llm, _, tok = engine_and_model
-    prompts = data.load_prompts("toy:eval", 16)
+    prompts = rollout.load_prompts("toy:eval", 16)
     trajs = rollout.rollout(llm, tok, prompts, 8, rollout.RolloutConfig(max_response_tokens=24, max_turns=2),
                             seed=0)
     assert len(trajs) == 128 and all(0 < len(t.response_ids) <= 24 for t in trajs)

@@ -31,6 +31,17 @@ SPLIT_SEEDS = {"train": 1, "sft": 2, "eval": 3, "valid": 4}
 HELD_OUT = ("eval", "valid")  # fixed sets (whatever the run's seed), disjoint from every other split
 
 
+def steps_range(text: str) -> tuple[int, int]:
+    """"2-4" -> (2, 4): how many dependent tool calls a toy problem needs (--toy_steps)."""
+    try:
+        low, high = (int(x) for x in text.split("-"))
+        assert 1 <= low <= high <= 8
+    except (ValueError, AssertionError):
+        raise SystemExit("--toy_steps must be like 2-4 (from 1 to 8 dependent calls), "
+                         f"not {text!r}") from None
+    return low, high
+
+
 def apply(op: str, x: int, y: int) -> int:
     return {"+": x + y, "-": x - y, "*": x * y, "%": x % y}[op]
 

@@ -58,8 +58,11 @@ log = logging.getLogger("rollout")
 # 1. The loop's settings
 
 @dataclass
-class RolloutConfig:
-    """The multi-turn tool loop's settings: one declaration, inherited by every stage that rolls out."""
+class RolloutConfig(tools.ToolConfig, tools.RewardConfig, flaky.Faults):
+    """The multi-turn tool loop: generation, the loop and the sandbox.
+
+    Composed with the tool's, the reward's and the toy's faults (tools.py, toy/flaky.py), and inherited by
+    every stage that rolls out: each flag stays one flag, and --help lists it under its own heading."""
     chat_template: str = arg("", "chat template: empty (the model's own), qwen3 (Qwen3's, tool-aware) or a "
                                  ".jinja file; saved with every checkpoint")
     # generation
@@ -84,38 +87,13 @@ class RolloutConfig:
                                          "template (the chat template's newline, as SFT data has it) "
                                          "| reference (none, as the authors' rollouts: use it with their "
                                          "released teacher, docs/deviations.md row 16)")
-    # the tool
+    # the local sandbox, or a SandboxFusion server
     sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) | cold (one per call)")
     sandbox_url: str = arg("", "a SandboxFusion server for tool calls and code tests, not the local sandbox")
     sandbox_python: str = arg("", "interpreter of the local sandbox, its environment mounted read-only inside "
                                   "(empty: $SOD_SANDBOX_PYTHON, else the trainer's own)")
     sandbox_stdlib_ok: bool = arg(False, "run on real data even if the sandbox's Python cannot import numpy or "
                                          "sympy, which SandboxFusion's image has")
-    tool_timeout: float = arg(60.0, "seconds per tool call, also the cap on a call's own `timeout` "
-                                    "(reference 60)")
-    tool_memory_mb: int = arg(2048, "memory per tool call in MB (reference 2048)")
-    max_tool_response_chars: int = arg(256, "tool output shown to the model, cut around the middle "
-                                            "(reference 256)")
-    autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression "
-                                      "(bare expressions only)")
-    dedupe_tool_calls: str = arg("auto", "identical calls of a rollout run once: auto (on for the toy's "
-                                         "arithmetic, off for other data, whose code may be random: the authors "
-                                         "run each call) | on | off")
-    tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently ('no stdout here'), "
-                                        "a toy option")
-    tool_latency_rate: float = arg(0.0, "fraction of tool calls that first sleep --tool_latency_s (a toy option, "
-                                        "to measure how rollouts wait on slow calls)")
-    tool_latency_s: float = arg(6.0, "seconds a slow tool call sleeps (with --tool_latency_rate)")
-    # the reward
-    math_scoring: str = arg("strict", "math and GPQA answers: strict (the reference's exact last box) "
-                                      "| lenient (math-verify's symbolic equivalence)")
-    code_scoring: str = arg("fixed", "code problems: fixed | reference (their </think> split, newline unescaping, "
-                                     "test reading and class Solution wrapping; docs/deviations.md)")
-    tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) "
-                                         "| turns (+0.1 per tool round) | none")
-    overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
-    overlong_penalty: float = arg(1.0, "DAPO overlong penalty factor (reference 1.0)")
-
 
 CHOICES = {"backend": ("auto", "hf", "vllm"), "autoprint": ("reference", "expression"),
            "tool_junction": ("template", "reference"), "sandbox": ("warm", "cold"),

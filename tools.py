@@ -41,9 +41,11 @@ import re
 import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from common import sandbox
+from common.cli import arg
 from common.code_tests import score_code
 
 TOOL_NAME = "code_interpreter"
@@ -198,6 +200,35 @@ def run_tool_calls(calls: list[dict], timeout: float = 60.0, memory_mb: int = 20
         return []
     with ThreadPoolExecutor(min(len(calls), 32)) as pool:  # 32 = the reference's num_workers
         return list(pool.map(answer, calls))
+
+
+@dataclass
+class ToolConfig:
+    """The code-interpreter tool: what a call may use, and what the model sees of it."""
+    tool_timeout: float = arg(60.0, "seconds per tool call, also the cap on a call's own `timeout` "
+                                    "(reference 60)")
+    tool_memory_mb: int = arg(2048, "memory per tool call in MB (reference 2048)")
+    max_tool_response_chars: int = arg(256, "tool output shown to the model, cut around the middle "
+                                            "(reference 256)")
+    autoprint: str = arg("reference", "tool auto-print of the last line: reference (any line) | expression "
+                                      "(bare expressions only)")
+    dedupe_tool_calls: str = arg("auto", "identical calls of a rollout run once: auto (on for the toy's "
+                                         "arithmetic, off for other data, whose code may be random: the authors "
+                                         "run each call) | on | off")
+
+
+@dataclass
+class RewardConfig:
+    """The reward: how an answer is graded, and how a wrong or overlong one is shaped."""
+    math_scoring: str = arg("strict", "math and GPQA answers: strict (the reference's exact last box) "
+                                      "| lenient (math-verify's symbolic equivalence)")
+    code_scoring: str = arg("fixed", "code problems: fixed | reference (their </think> split, newline unescaping, "
+                                     "test reading and class Solution wrapping; docs/deviations.md)")
+    tool_shaping: str = arg("reference", "wrong-answer shaping: reference (-1.1) "
+                                         "| turns (+0.1 per tool round) | none")
+    overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
+    overlong_penalty: float = arg(1.0, "DAPO overlong penalty factor (reference 1.0)")
+
 
 
 class Reply(NamedTuple):

@@ -35,24 +35,40 @@ def parse_bool(text: str) -> bool:
     return value[text.lower()]
 
 
+def declared_by(cls) -> dict[str, type]:
+    """Each field's topic: the class that first declares it (a stage's config inherits the small configs of
+    the loop, the tool, the reward, the toy's faults, ...; a subclass may change a default, not the topic)."""
+    owner = {}
+    for klass in reversed(cls.__mro__):
+        for name in getattr(klass, "__annotations__", {}):
+            owner.setdefault(name, klass)
+    return owner
+
+
 def parse_args(cls, argv=None):
-    """Dataclass -> argparse flags, one per field. A bool is `--flag`, `--no-flag` or `--flag true|false`."""
+    """Dataclass -> argparse flags, one per field, listed by `--help` under the heading of the config that
+    declares it (the stage's own first). A bool is `--flag`, `--no-flag` or `--flag true|false`."""
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
+    owner, groups = declared_by(cls), {}
+    for klass in [cls, *(k for k in cls.__mro__[1:] if k in owner.values())]:
+        title = (klass.__doc__ or "").strip().split("\n")[0].rstrip(".") if klass is not cls else "this stage"
+        groups[klass] = parser.add_argument_group(title if klass is cls else f"{title} ({klass.__name__})")
     for f in fields(cls):
         if not f.metadata.get("flag", True):
             continue
+        group = groups[owner[f.name]]
         default = f.default if f.default_factory is MISSING else f.default_factory()
         text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help strings with %
         if default != "" and "default" not in text:
             text += f" (default: {default})".replace("%", "%%")
         if isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", nargs="?", const=True, default=default, type=parse_bool,
-                                metavar="true|false", help=text)
-            parser.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+            group.add_argument(f"--{f.name}", nargs="?", const=True, default=default, type=parse_bool,
+                               metavar="true|false", help=text)
+            group.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         elif isinstance(default, list):
-            parser.add_argument(f"--{f.name}", nargs="+", default=default, help=text)
+            group.add_argument(f"--{f.name}", nargs="+", default=default, help=text)
         else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=default, help=text)
+            group.add_argument(f"--{f.name}", type=type(default), default=default, help=text)
     return cls(**vars(parser.parse_args(argv)))
 
 

@@ -37,6 +37,19 @@ def test_help_lists_only_the_flags_a_stage_accepts():
     assert refused.returncode != 0 and "--model" in refused.stderr
 
 
+def test_help_groups_each_flag_under_the_config_that_declares_it():
+    out = run("sod_distill.py", "--help").stdout
+    headings = [line for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    sections = {h: out.split(h, 1)[1].split("\n\n", 1)[0] for h in headings}
+
+    def section_of(flag):
+        (heading,) = [h for h, text in sections.items() if f"  --{flag} " in text or f"  --{flag}\n" in text]
+        return heading
+    assert "(Faults)" in section_of("tool_failure_rate") and "(ToolConfig)" in section_of("tool_timeout")
+    assert "(RewardConfig)" in section_of("overlong_buffer") and "(RolloutConfig)" in section_of("max_turns")
+    assert section_of("delta") == "this stage:" and "(Config)" in section_of("kl_coef")
+
+
 def test_boolean_flags_work_bare_negated_or_with_a_value():
     from dataclasses import dataclass
 

@@ -10,8 +10,20 @@ the rollout's seed and the turn's key alone, so it does not depend on the order 
 """
 import random
 import time
+from dataclasses import dataclass
 
 import tools
+from common.cli import arg
+
+
+@dataclass
+class Faults:
+    """The toy's flaky sandbox: transient failures and stalls of tool calls (toy options)."""
+    tool_failure_rate: float = arg(0.0, "fraction of tool calls that fail transiently ('no stdout here'), "
+                                        "a toy option")
+    tool_latency_rate: float = arg(0.0, "fraction of tool calls that first sleep --tool_latency_s (a toy option, "
+                                        "to measure how rollouts wait on slow calls)")
+    tool_latency_s: float = arg(6.0, "seconds a slow tool call sleeps (with --tool_latency_rate)")
 
 
 def draw(seed: int | None, what: str, key) -> float:

@@ -160,31 +160,32 @@ def kl_penalty(logprobs, ref_logprobs, response_mask, num_tokens: float):
 # Pieces of the RL step
 
 @torch.no_grad()
-def batched_logprobs(model, batch: dict, micro_batch_size: int, temperature: float,
+def batched_logprobs(model, batch: rollout.Batch, micro_batch_size: int, temperature: float,
                      with_entropy: bool = False, forward_passes: int | None = None):
     """token_logprobs over a batch in micro-batches, no grad: [B, T-1] (and the [B, T-1] entropies if asked).
     A sharded model must run `forward_passes` forwards on every rank: the extra ones run on row 0 and are
     dropped."""
-    B = batch["input_ids"].shape[0]
+    B = batch.input_ids.shape[0]
     count = forward_passes or dist.n_micro_batches(B, micro_batch_size)
     parts = []
     for rows in dist.micro_batches(list(range(B)), micro_batch_size, count):
-        out = rollout.token_logprobs(model, batch["input_ids"][rows or [0]],
-                                     batch["attention_mask"][rows or [0]], temperature,
+        out = rollout.token_logprobs(model, batch.input_ids[rows or [0]],
+                                     batch.attention_mask[rows or [0]], temperature,
                                      with_entropy=with_entropy)
         if rows:
             parts.append(out)
-    if with_entropy:
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if with_entropy:  # (logprobs, entropy) pairs
+        logprobs, entropy = zip(*parts)
+        return torch.cat(logprobs), torch.cat(entropy)
     return torch.cat(parts)
 
 
-def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logprobs, minibatches, cfg, d,
+def ppo_update(model, optimizer, batch: rollout.Batch, advantages, old_logprobs, ref_logprobs, minibatches, cfg, d,
                health) -> dict:
     """cfg.ppo_epochs passes of one optimizer step per mini-batch. advantages, old_logprobs: [B, T-1] of this
     rank's rows. minibatches: per mini-batch (this rank's rows, the mini-batch's token count over all ranks,
     forward passes)."""
-    mask = batch["response_mask"]
+    mask = batch.response_mask
     stats, extremes = Counter(), {}
     n_updates = 0
     for _ in range(cfg.ppo_epochs):
@@ -193,8 +194,8 @@ def ppo_update(model, optimizer, batch: dict, advantages, old_logprobs, ref_logp
             for micro in dist.micro_batches(rows, cfg.micro_batch_size, passes):
                 idx = torch.as_tensor(micro or rows[:1])
                 m = mask[idx] * bool(micro)   # an empty turn of a short rank: a forward with nothing to learn
-                logprobs = rollout.token_logprobs(model, batch["input_ids"][idx],
-                                                  batch["attention_mask"][idx], cfg.temperature)  # [b, T-1]
+                logprobs = rollout.token_logprobs(model, batch.input_ids[idx],
+                                                  batch.attention_mask[idx], cfg.temperature)  # [b, T-1]
                 loss, st = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m,
                                        cfg.clip_low, cfg.clip_high, cfg.clip_c, num_tokens=mb_tokens)
                 if ref_logprobs is not None:
@@ -372,9 +373,8 @@ def train(cfg, start: str, advantages_fn=None, name: str = "grpo"):
                 local, passes, layout = dist.minibatch_layout([sum(trajs[i].response_mask) for i in keep],
                                                               cfg.mini_batches, cfg.micro_batch_size, d)
                 kept = [trajs[keep[i]] for i in local]
-                batch = dict(rollout.pad_trajectories(kept, tokenizer.pad_token_id, device),
-                             forward_passes=passes, positions=local)
-                mask = batch["response_mask"]                                            # [b, T-1]
+                batch = rollout.pad_trajectories(kept, tokenizer.pad_token_id, device, positions=local)
+                mask = batch.response_mask                                            # [b, T-1]
                 # 4. old log-probs of the sampled tokens (no grad), at the sampling temperature
                 t1 = time.time()
                 old_logprobs, entropy = batched_logprobs(model, batch, cfg.micro_batch_size, cfg.temperature,

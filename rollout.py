@@ -408,12 +408,25 @@ def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device
     return input_ids.to(device), attention_mask.to(device), token_mask[:, 1:].to(device)
 
 
-def pad_trajectories(trajs: list[Trajectory], pad_id: int, device="cpu") -> dict:
-    """An RL batch: response_mask[b, t] = 1 iff token t+1 is a model-generated response token."""
+@dataclass
+class Batch:
+    """An RL batch: [B, T] input_ids and attention_mask (right-padded), and response_mask [B, T-1] in label
+    space (1 iff token t+1 is one the model generated). `positions`: each row's place among the step's
+    trajectories, where a rank holds only some of them."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    positions: list[int] = field(default_factory=list)
+
+
+def pad_trajectories(trajs: list[Trajectory], pad_id: int, device="cpu", positions: list[int] | None = None
+                     ) -> Batch:
+    """The trajectories as one Batch, rows in the order given."""
     input_ids, attention_mask, response_mask = pad_batch(
         [t.prompt_ids + t.response_ids for t in trajs],
         [[0] * len(t.prompt_ids) + t.response_mask for t in trajs], pad_id, device)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    return Batch(input_ids, attention_mask, response_mask, list(range(len(trajs))) if positions is None
+                 else positions)
 
 
 def _chunk_logprobs(lm_head, hidden, labels, temperature, with_entropy=False):

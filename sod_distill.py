@@ -168,9 +168,9 @@ def teacher_logprobs_for(teacher, tokenizer, trajs, batch, prompts, cfg) -> torc
     for t in teacher_trajs:
         t.prompt_ids = rollout.render_prompt_ids(tokenizer,
                                                  privileged_prompt(prompts[t.prompt_index], cfg.mode))
-    tb = rollout.pad_trajectories(teacher_trajs, tokenizer.pad_token_id, batch["input_ids"].device)
+    tb = rollout.pad_trajectories(teacher_trajs, tokenizer.pad_token_id, batch.input_ids.device)
     lp = grpo.batched_logprobs(teacher, tb, cfg.micro_batch_size, cfg.temperature)
-    out = torch.zeros_like(batch["response_mask"])
+    out = torch.zeros_like(batch.response_mask)
     # move each response's slice to the student's positions
     for b, (s, t) in enumerate(zip(trajs, teacher_trajs)):
         n = len(s.response_ids)
@@ -295,19 +295,19 @@ def main(cfg: Config):
         """What SOD adds to the GRPO step: the teacher's log-probs of the same tokens, and the weighted
         signal. Writes the step's per-turn records to steps.jsonl and returns their summary."""
         nonlocal teacher
-        device, home = batch["input_ids"].device, "cpu" if cfg.teacher_offload else batch["input_ids"].device
+        device, home = batch.input_ids.device, "cpu" if cfg.teacher_offload else batch.input_ids.device
         if teacher is None:
             # bf16 on GPU, fp32 on CPU
             teacher = models.load_model(teacher_path, device=home).requires_grad_(False)
         teacher.to(device)
         teacher_lp = teacher_logprobs_for(teacher, tokenizer, trajs, batch, step_prompts, cfg)  # l^T [B, T-1]
         teacher.to(home)
-        mask = batch["response_mask"]                                                          # [B, T-1]
+        mask = batch.response_mask                                                          # [B, T-1]
         advantages, r, w, d, step_id = distill_advantages(cfg.mode, grpo_adv, old_logprobs, teacher_lp,
                                                           mask, cfg)
         records = step_records(trajs, step_id, d, w, r, rl_step)
         for rec in records:  # this rank's row -> its position among the step's kept trajectories
-            rec["traj"] = batch["positions"][rec["traj"]]
+            rec["traj"] = batch.positions[rec["traj"]]
         records = sorted((rec for part in dist.all_gather(records, ranks) for rec in part),
                          key=lambda rec: (rec["traj"], rec["step"]))
         if ranks.main:

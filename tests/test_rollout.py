@@ -253,7 +253,7 @@ def test_pad_trajectories_puts_the_mask_in_label_space(tok):
     t = rollout.Trajectory(prompt_ids=[5, 6, 7], response_ids=[8, 9, 10, 11], response_mask=[1, 1, 0, 1])
     batch = rollout.pad_trajectories([t], tok.pad_token_id)
     # label position p-1 predicts token p: response token j sits at position 3 + j
-    assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 0, 1]]
+    assert batch.response_mask.tolist() == [[0, 0, 1, 1, 0, 1]]
 
 
 

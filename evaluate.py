@@ -169,7 +169,7 @@ def load_benchmarks(cfg: Config) -> dict[str, list[dict]]:
     benchmarks = {}
     for path in cfg.data.split(","):
         prompts = rollout.load_prompts(path.strip(), cfg.num_prompts or None, wrapper_choice=cfg.wrapper_choice)
-        benchmarks[prompts[0]["data_source"] or Path(path).stem] = prompts
+        benchmarks[prompts[0].data_source or Path(path).stem] = prompts
     return benchmarks
 
 
@@ -221,7 +221,7 @@ def evaluate_engine(engine, tokenizer, benchmarks: dict, cfg: Config, d=None, ge
             by_problem[s.problem].append((s.pred, s.acc))
             if generations_file is not None:
                 generations_file.write(json.dumps({
-                    "model": model_name, "benchmark": name, "problem_id": prompts[s.problem]["id"],
+                    "model": model_name, "benchmark": name, "problem_id": prompts[s.problem].id,
                     "sample": s.sample, "text": s.text, "pred": s.pred, "acc": s.acc, "turns": s.turns,
                     "tool_calls": s.tool_calls, "tool_errors": s.tool_errors, "stop_reason": s.stop_reason},
                     default=str) + "\n")

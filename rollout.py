@@ -304,7 +304,7 @@ async def run_trajectory(t: Trajectory, index: int, waiting: engines.Waiting, ca
         waiting.finished()
 
 
-def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, seed: int | None = None,
+def rollout(engine, tokenizer, prompts: list[data.Prompt], n: int, cfg: RolloutConfig, seed: int | None = None,
             counts: Counter | None = None, progress: bool = False, first_prompt: int = 0) -> list[Trajectory]:
     """n trajectories per prompt, each going generate -> call the tool -> generate at its own pace while the
     engine batches whatever is waiting (`serve`). Sampling follows cfg.temperature and cfg.top_p, with a
@@ -316,16 +316,16 @@ def rollout(engine, tokenizer, prompts: list[dict], n: int, cfg: RolloutConfig, 
     stop_ids, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
     # identical calls share one answer only where the code is known to be deterministic
     dedupe = cfg.dedupe_tool_calls == "on" or (cfg.dedupe_tool_calls == "auto"
-                                               and all(p["data_source"].startswith("toy") for p in prompts))
+                                               and all(p.data_source.startswith("toy") for p in prompts))
     run_tool = tools.tool_runner(cfg, dedupe)  # the tool as cfg sets it up (the sandbox is set up once)
     # the toy's sandbox that fails, or stalls, now and then (--tool_failure_rate, --tool_latency_rate)
     run_tool = flaky.flaky(flaky.slow(run_tool, cfg.tool_latency_rate, cfg.tool_latency_s, seed),
                            cfg.tool_failure_rate, seed)
     trajs = []
     for i, p in enumerate(prompts):
-        prompt_ids = render_prompt_ids(tokenizer, p["prompt"])
-        trajs += [Trajectory(prompt_ids=prompt_ids, prompt_index=first_prompt + i, data_source=p["data_source"],
-                             ground_truth=p["ground_truth"])
+        prompt_ids = render_prompt_ids(tokenizer, p.prompt)
+        trajs += [Trajectory(prompt_ids=prompt_ids, prompt_index=first_prompt + i, data_source=p.data_source,
+                             ground_truth=p.ground_truth)
                   for _ in range(n)]
 
     async def roll() -> None:

@@ -62,7 +62,7 @@ import grpo
 import rollout
 from common import dist, models
 from common.cli import arg, not_a_flag, run_script
-from common.data import as_messages, with_user_text, write_jsonl
+from common.data import Prompt, as_messages, with_user_text, write_jsonl
 
 log = logging.getLogger("sod")
 MODES = ("sod", "opd", "gated", "opsd_gt", "opsd_hint")
@@ -146,16 +146,16 @@ def distill_advantages(mode: str, grpo_adv, student_logprobs, teacher_logprobs, 
 # -----------------------------------------------------------------------------
 # The teacher's view: the same response ids, behind the student's prompt or a privileged one
 
-def privileged_prompt(prompt: dict, mode: str) -> list[dict]:
+def privileged_prompt(prompt: Prompt, mode: str) -> list[dict]:
     """The prompt's messages, with extra text at the end of its user message for the opsd_* teachers (an
     inferred definition, see the docstring)."""
     if mode == "opsd_gt":
-        extra = f"\n(The correct final answer is {prompt['ground_truth']}.)"
-    elif not prompt.get("hint"):
+        extra = f"\n(The correct final answer is {prompt.ground_truth}.)"
+    elif not prompt.hint:
         raise SystemExit("--mode opsd_hint needs a `hint` column in the data rows (the toy rows carry one)")
     else:
-        extra = f"\n(Hint: {prompt['hint']}.)"
-    return with_user_text(as_messages(prompt["prompt"]), lambda text: text + extra)
+        extra = f"\n(Hint: {prompt.hint}.)"
+    return with_user_text(as_messages(prompt.prompt), lambda text: text + extra)
 
 
 @torch.no_grad()

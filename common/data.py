@@ -11,6 +11,7 @@ itself lives in toy/task.py (rollout.load_prompts chooses between the two).
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.code_tests import check_code_tests, read_code_tests
@@ -181,9 +182,19 @@ KNOWN_SOURCES = {"toy_arith", "math_dapo", "mega-science", "AIME2024", "AIME2025
                  "gpqa_diamond"}  # plus any "code"
 
 
+@dataclass
+class Prompt:
+    """One RL or evaluation problem, as the stages pass it around."""
+    prompt: list[dict] | str    # the chat messages, the wrapper's text in the user message (a string: one message)
+    data_source: str            # which grader and prompt wrapper: toy_arith, math_dapo, livecodebench, ...
+    ground_truth: object        # the answer, or a code problem's tests
+    hint: str | None = None     # a privileged hint for the teacher (--mode opsd_hint)
+    id: object = None           # the row's id, or its index in the file
+
+
 def load_prompts(path: str, n: int | None = None, wrapper_choice: str = "row",
                  rows: list | None = None) -> list[dict]:
-    """RL / eval prompts as {"prompt" (chat messages), "data_source", "ground_truth", "hint", "id"}, from the
+    """RL / eval prompts (`Prompt`s), from the
     rows of a data file, or from `rows` already in memory (the toy task's, rollout.load_prompts), named `path`
     in the log. wrapper_choice "row" wraps each row by its own data_source, "file" every row by the first
     row's, as the authors' loader does. Malformed rows are skipped and counted by reason (code problems whose
@@ -215,8 +226,7 @@ def load_prompts(path: str, n: int | None = None, wrapper_choice: str = "row",
             continue
         if source not in KNOWN_SOURCES and "code" not in source.lower():
             unknown[source] += 1
-        out.append({"prompt": messages, "data_source": source, "ground_truth": truth, "hint": row.get("hint"),
-                    "id": row.get("id", i)})
+        out.append(Prompt(messages, source, truth, row.get("hint"), row.get("id", i)))
     if bad:
         log.warning("%s: skipped %d malformed rows (%s)", path, sum(bad.values()),
                     "; ".join(f"{count} x {why}" for why, count in bad.most_common()))
@@ -234,7 +244,7 @@ def drop_long_prompts(prompts: list[dict], tokenizer, max_tokens: int, name: str
     """The reference's filter_overlong_prompts: the prompt's messages rendered by the chat template with the
     generation prompt, *without* the tools block, must fit in max_tokens."""
     def length(p):
-        text = tokenizer.apply_chat_template(as_messages(p["prompt"]), tokenize=False,
+        text = tokenizer.apply_chat_template(as_messages(p.prompt), tokenize=False,
                                              add_generation_prompt=True)
         return len(tokenizer.encode(text, add_special_tokens=False))
     kept = [p for p in prompts if length(p) <= max_tokens]

@@ -44,14 +44,14 @@ def test_a_livecodebench_row_with_literal_eval_tests_is_loaded_and_graded_as_the
     path = tmp_path / "lcb.jsonl"
     path.write_text(json.dumps(row) + "\n")
     (p,) = data.load_prompts(str(path))
-    (message,) = p["prompt"]
+    (message,) = p.prompt
     # map_lcb shows str() of the stored tests: the strings themselves
     assert ("Input:" + truth["inputs"] + "\nOutput:\n" + truth["outputs"]) in message["content"]
     for code in (DOUBLE, WRONG_AT_3, "print(int(input())\n"):
-        theirs = authors_compute_score(answer(code), p["ground_truth"])
+        theirs = authors_compute_score(answer(code), p.ground_truth)
         for mode in ("fixed", "reference"):
-            assert code_tests.score_code(answer(code), p["ground_truth"], code_scoring=mode) == theirs
-    assert code_tests.score_code(answer(WRONG_AT_3), p["ground_truth"])["score"] == pytest.approx(2 / 3)
+            assert code_tests.score_code(answer(code), p.ground_truth, code_scoring=mode) == theirs
+    assert code_tests.score_code(answer(WRONG_AT_3), p.ground_truth)["score"] == pytest.approx(2 / 3)
 
 
 FORMS = [("a dict of lists", STDIN), ("a JSON string", json.dumps(STDIN)), ("a Python literal", str(STDIN)),

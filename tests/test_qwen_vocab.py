@@ -28,7 +28,7 @@ import rollout  # noqa: E402
 import sft  # noqa: E402
 import sod_distill  # noqa: E402
 import tools  # noqa: E402
-from common import models  # noqa: E402
+from common import data, models  # noqa: E402
 from toy import task  # noqa: E402
 
 HEADER = "<|im_start|>assistant\n"
@@ -147,7 +147,7 @@ def replay(tok, turn_texts):
 def rollout_of(tok, messages, **changes):
     """Replay the assistant turns of `messages` through rollout.rollout (tools run in the sandbox)."""
     user = next(m["content"] for m in messages if m["role"] == "user")
-    prompts = [{"prompt": user, "data_source": "toy_arith", "ground_truth": "40"}]
+    prompts = [data.Prompt(user, "toy_arith", "40")]
     engine = replay(tok, assistant_texts(messages))
     (t,) = rollout.rollout(engine, tok, prompts, 1,
                            rollout.RolloutConfig(max_response_tokens=10_000, **changes))
@@ -344,7 +344,7 @@ def test_newline_first_content_sft_ids_equal_a_rollout_of_the_turn(tok):
     own: SFT trains on the rollout's ids, not on the template's whole-text ids."""
     messages = newline_first_conversation()
     ids, mask = sft.tokenize_conversation(tok, messages, [tools.TOOL_SCHEMA])
-    prompts = [{"prompt": messages[0]["content"], "data_source": "toy_arith", "ground_truth": "36"}]
+    prompts = [data.Prompt(messages[0]["content"], "toy_arith", "36")]
     (t,) = rollout.rollout(replay(tok, assistant_texts(messages)), tok, prompts, 1,
                            rollout.RolloutConfig(max_response_tokens=10_000))
     assert t.prompt_ids + t.response_ids == ids[:-1]

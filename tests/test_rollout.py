@@ -179,7 +179,7 @@ def call_text(code):
 
 def test_tool_loop_builds_response_and_mask(tok):
     engine, calls = scripted(tok, [call_text("print(6 * 7)"), "The answer is \\boxed{42}.<|im_end|>"])
-    prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "42"}]
+    prompts = [data.Prompt("q", "toy_arith", "42")]
     (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_response_tokens=200))
     assert (t.acc and t.reward == 1.0 and t.num_turns == 4 and t.num_tool_calls == 1
             and t.stop_reason == "answer")
@@ -192,7 +192,7 @@ def test_tool_loop_builds_response_and_mask(tok):
 
 def test_generation_is_batched_across_trajectories(tok):
     engine, calls = scripted(tok, [call_text("print(1)"), call_text("print(2)"), "done \\boxed{2}<|im_end|>"])
-    prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "2"} for i in range(8)]
+    prompts = [data.Prompt(f"q{i}", "toy_arith", "2") for i in range(8)]
     trajs = rollout.rollout(engine, tok, prompts, 4, rollout.RolloutConfig(max_response_tokens=300,
                                                                            batch_wait_s=60))
     assert len(trajs) == 32 and calls["batches"] == 3   # with fast tools, one generate call per turn
@@ -201,7 +201,7 @@ def test_generation_is_batched_across_trajectories(tok):
 
 def test_max_turns_stops_the_loop(tok):
     engine, _ = scripted(tok, [call_text("print(1)")])
-    prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "1"}]
+    prompts = [data.Prompt("q", "toy_arith", "1")]
     (t,) = rollout.rollout(engine, tok, prompts, 1,
                            rollout.RolloutConfig(max_turns=3, max_response_tokens=2000))
     assert len(t.steps) == 3 and t.num_tool_calls == 2 and t.stop_reason == "max_turns"
@@ -210,7 +210,7 @@ def test_max_turns_stops_the_loop(tok):
 
 def test_token_budget_counts_tool_tokens_and_never_ends_on_a_tool_segment(tok):
     engine, _ = scripted(tok, [call_text("print(123456789)")])
-    prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "1"}]
+    prompts = [data.Prompt("q", "toy_arith", "1")]
     (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(max_response_tokens=100))
     assert len(t.response_ids) <= 100 and t.stop_reason == "length" and t.response_mask[-1] == 1
 
@@ -218,7 +218,7 @@ def test_token_budget_counts_tool_tokens_and_never_ends_on_a_tool_segment(tok):
 def test_malformed_and_unknown_tool_calls_follow_the_reference(tok):
     bad_json = "<tool_call>\n{not json}\n</tool_call><|im_end|>"
     engine, _ = scripted(tok, [bad_json])
-    prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "1"}]
+    prompts = [data.Prompt("q", "toy_arith", "1")]
     counts = Counter()
     (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(), counts=counts)
     assert t.stop_reason == "answer" and counts["tool_calls_dropped"] == 1   # no valid call: the episode ends
@@ -235,7 +235,7 @@ def test_identical_tool_calls_share_an_answer_only_where_the_code_is_determinist
     """auto: the toy's arithmetic runs once per distinct call of a turn; other data runs every call, as the
     authors do (here: four samples sending the same unseeded random draw)."""
     engine, _ = scripted(tok, [call_text("print(__import__('random').random())"), "\\boxed{1}<|im_end|>"])
-    prompts = [{"prompt": "q", "data_source": source, "ground_truth": "1"}]
+    prompts = [data.Prompt("q", source, "1")]
     trajs = rollout.rollout(engine, tok, prompts, 4, rollout.RolloutConfig(dedupe_tool_calls=dedupe))
     outputs = {tok.decode([i for i, m in zip(t.response_ids, t.response_mask) if m == 0]) for t in trajs}
     assert len(outputs) == (1 if shared else 4)
@@ -283,7 +283,7 @@ WAIT = {"turn by turn": float("inf"), "async": 0.5}  # --batch_wait_s: every tra
 def test_the_schedule_does_not_change_what_is_sampled(tok):
     """Seeded per trajectory and turn, the asynchronous loop gives the turn-synchronous loop's trajectories,
     although slow calls (30% of the turns, 0.3 s) and sandbox failures reorder what is generated when."""
-    prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(4)]
+    prompts = [data.Prompt(f"q{i}", "toy_arith", "1") for i in range(4)]
     runs = {}
     for schedule in ("turn by turn", "async"):
         engine, batches = random_policy(tok)
@@ -302,7 +302,7 @@ def test_a_slow_call_does_not_hold_the_other_trajectories(tok):
     """One trajectory's call sleeps 3 s: asynchronously the four others go on without it (a batch of four
     turns while it sleeps); turn by turn, every batch waits for all five."""
     slow = call_text("import time\\ntime.sleep(3)\\nprint(1)")
-    prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(5)]
+    prompts = [data.Prompt(f"q{i}", "toy_arith", "1") for i in range(5)]
     sizes = {}
     for schedule in ("turn by turn", "async"):
         seen = []
@@ -356,7 +356,7 @@ class _SlowFirstTurn:
 def test_a_continuous_engine_takes_whole_turns_and_does_not_wait_for_a_long_generation(tok):
     """With fast tools a continuous engine is sent what the turn-by-turn loop would batch; while one long
     generation runs, the others' next turns join it once no request has come for --batch_wait_s."""
-    prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(5)]
+    prompts = [data.Prompt(f"q{i}", "toy_arith", "1") for i in range(5)]
     added = {}
     for name, cfg in {"turn by turn": rollout.RolloutConfig(batch_wait_s=float("inf")),
                       "async": rollout.RolloutConfig(batch_wait_s=0.3),
@@ -371,7 +371,7 @@ def test_a_continuous_engine_takes_whole_turns_and_does_not_wait_for_a_long_gene
 def test_a_batch_holds_its_rows_in_trajectory_order_whatever_call_ended_first(tok):
     """The first trajectories' calls end last; the next batch still lists the trajectories in their order,
     so a row's place in the matrix products (and so its floats) does not depend on the tool's timing."""
-    prompts = [{"prompt": f"q{i}", "data_source": "toy_arith", "ground_truth": "1"} for i in range(4)]
+    prompts = [data.Prompt(f"q{i}", "toy_arith", "1") for i in range(4)]
     orders = []
 
     def engine(contexts, max_new_tokens, sampling, seeds):
@@ -471,9 +471,9 @@ def test_prompts_keep_their_messages_and_the_wrapper_edits_the_user_message(tok)
     assert "You are a careful solver." in text and json.dumps(tools.TOOL_SCHEMA, ensure_ascii=False) in text
     assert text.endswith("<|im_start|>user\nWhat is 1+1?" + data.NOUNITS_A + "<|im_end|>\n<|im_start|>assistant\n")
     # the length filter measures the whole list, as the authors' filter_overlong_prompts does
-    alone = {"prompt": messages[1:]}
+    alone = data.Prompt(messages[1:], "math_dapo", "2")
     length = len(tok.encode(tok.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True)))
-    assert data.drop_long_prompts([alone, {"prompt": messages}], tok, length) == [alone]
+    assert data.drop_long_prompts([alone, data.Prompt(messages, "math_dapo", "2")], tok, length) == [alone]
 
 
 def test_wrapper_choice_file_wraps_every_row_as_the_first(tmp_path):
@@ -485,15 +485,15 @@ def test_wrapper_choice_file_wraps_every_row_as_the_first(tmp_path):
              "reward_model": {"ground_truth": "2"}}]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(map(json.dumps, rows)))
-    by_row = [user_text(p["prompt"]) for p in data.load_prompts(str(path))]
+    by_row = [user_text(p.prompt) for p in data.load_prompts(str(path))]
     assert by_row == ["M" + data.NOUNITS_A, "C" + data.AGENT + data.CODE_SUFFIX,
                       data.MATH1 + "O" + data.MATH2 + data.AGENT + data.ANSFMT + data.NOUNITS_B]
     by_file = data.load_prompts(str(path), wrapper_choice="file")
-    assert [user_text(p["prompt"]) for p in by_file] == ["M" + data.NOUNITS_A, "C" + data.NOUNITS_A,
+    assert [user_text(p.prompt) for p in by_file] == ["M" + data.NOUNITS_A, "C" + data.NOUNITS_A,
                                                           "O" + data.NOUNITS_A]
-    assert [p["data_source"] for p in by_file] == ["math_dapo", "skywork_code", "other"]  # graders per row
+    assert [p.data_source for p in by_file] == ["math_dapo", "skywork_code", "other"]  # graders per row
     path.write_text("\n".join(map(json.dumps, rows[::-1])))  # the first row now selects map_fn_skywork
-    assert ([user_text(p["prompt"]) for p in data.load_prompts(str(path), wrapper_choice="file")]
+    assert ([user_text(p.prompt) for p in data.load_prompts(str(path), wrapper_choice="file")]
             == by_row[::-1][:2] + [data.MATH1 + "M" + data.MATH2 + data.AGENT + data.ANSFMT + data.NOUNITS_B])
 
 
@@ -505,8 +505,8 @@ def test_toy_prompt_ids_are_those_of_its_one_user_message(tok):
         (message,) = row["prompt"]
         text = tok.apply_chat_template([{"role": "user", "content": message["content"]}],
                                        tools=[tools.TOOL_SCHEMA], tokenize=False, add_generation_prompt=True)
-        assert rollout.render_prompt_ids(tok, p["prompt"]) == tok.encode(text, add_special_tokens=False)
-        assert rollout.render_prompt_ids(tok, p["prompt"]) == rollout.render_prompt_ids(tok, message["content"])
+        assert rollout.render_prompt_ids(tok, p.prompt) == tok.encode(text, add_special_tokens=False)
+        assert rollout.render_prompt_ids(tok, p.prompt) == rollout.render_prompt_ids(tok, message["content"])
 
 
 def test_toy_splits_are_disjoint_and_seeded():
@@ -558,17 +558,17 @@ def test_parquet_files_in_the_real_schemas_load(tmp_path):
                    "reward_model": {"ground_truth": "2"}, "extra_info": {"index": 0},
                    "ability": "math"}]).to_parquet(rl)
     (p,) = data.load_prompts(str(rl))
-    assert p["prompt"] == [{"role": "user", "content": "What is 1+1?" + data.NOUNITS_A}]
-    assert p["ground_truth"] == "2"
+    assert p.prompt == [{"role": "user", "content": "What is 1+1?" + data.NOUNITS_A}]
+    assert p.ground_truth == "2"
     aime = tmp_path / "aime.parquet"
     pd.DataFrame([{"Problem": "Find x.", "Answer": 204, "data_source": "AIME2024"}]).to_parquet(aime)
     (p,) = data.load_prompts(str(aime))
-    assert p["ground_truth"] == "204" and p["data_source"] == "AIME2024"
+    assert p.ground_truth == "204" and p.data_source == "AIME2024"
 
 
 def test_transient_tool_failures_show_the_reference_failure_text(tok):
     engine, _ = scripted(tok, [call_text("print(6 * 7)"), "\\boxed{42}<|im_end|>"])
-    prompts = [{"prompt": "q", "data_source": "toy_arith", "ground_truth": "42"}]
+    prompts = [data.Prompt("q", "toy_arith", "42")]
     (t,) = rollout.rollout(engine, tok, prompts, 1, rollout.RolloutConfig(tool_failure_rate=1.0), seed=0)
     assert "<tool_response>\nno stdout here\n</tool_response>" in tok.decode(t.response_ids)
     assert t.num_tool_errors == 1

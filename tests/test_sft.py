@@ -10,7 +10,7 @@ from test_rollout import conversation
 import rollout
 import sft
 import tools
-from common import chat_template, models
+from common import chat_template, data, models
 from toy import task
 
 
@@ -70,7 +70,7 @@ def test_sft_ids_equal_a_rollout_of_the_same_turns(tok):
         return [turns[k]]
 
     prompt = row["messages"][0]["content"]
-    (t,) = rollout.rollout(replay, tok, [{"prompt": prompt, "data_source": "toy_arith", "ground_truth": "0"}],
+    (t,) = rollout.rollout(replay, tok, [data.Prompt(prompt, "toy_arith", "0")],
                            1, rollout.RolloutConfig(max_response_tokens=10_000))
     assert t.prompt_ids + t.response_ids == ids[:-1]   # SFT keeps the template's final "\n"
     assert [0] * len(t.prompt_ids) + t.response_mask == mask[:-1]

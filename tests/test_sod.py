@@ -10,6 +10,7 @@ import authors_code
 import grpo
 import sft
 import sod_distill
+from common import data
 from rollout import Turn
 from sod_distill import distill_advantages, step_divergence, step_index, step_weights
 
@@ -219,9 +220,9 @@ def test_flags_a_mode_would_ignore_are_rejected(flags, message):
 
 def test_opsd_teachers_read_the_privileged_text_at_the_end_of_the_user_message():
     system = {"role": "system", "content": "S"}
-    prompt = {"prompt": [system, {"role": "user", "content": "Q"}], "ground_truth": "7", "hint": "add first"}
+    prompt = data.Prompt([system, {"role": "user", "content": "Q"}], "toy_arith", "7", hint="add first")
     assert sod_distill.privileged_prompt(prompt, "opsd_gt") == [
         system, {"role": "user", "content": "Q\n(The correct final answer is 7.)"}]
     hinted = sod_distill.privileged_prompt(prompt, "opsd_hint")
     assert hinted[1] == {"role": "user", "content": "Q\n(Hint: add first.)"}
-    assert prompt["prompt"][1]["content"] == "Q"
+    assert prompt.prompt[1]["content"] == "Q"

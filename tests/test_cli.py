@@ -91,6 +91,7 @@ def test_a_missing_default_checkpoint_says_which_command_makes_it(tmp_path, monk
         models.check_model_path("runs/grpo-teacher/final")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_leaves_no_sandbox_behind(tmp_path):
     # long enough (400 steps) that the interrupt always lands before the end
     args = ["sft.py", "--toy_examples", "200", "--epochs", "50", "--max_steps", "400", "--eval_prompts", "0",
@@ -119,6 +120,7 @@ def stage_lines(stdout: str) -> dict:
     return {name: what for name, what in (line.split(": ", 1) for line in lines)}
 
 
+@pytest.mark.slow
 def test_the_pipeline_reruns_exactly_what_a_changed_flag_affects(tmp_path):
     first = run("pipeline.py", "--quick", "--out_root", tmp_path)
     assert "these numbers mean nothing" in first.stdout

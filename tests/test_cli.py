@@ -146,8 +146,8 @@ def test_the_pipeline_reruns_exactly_what_a_changed_flag_affects(tmp_path):
 
 
 def test_every_preset_names_a_built_in_teacher_and_each_toy_teacher_outgrows_the_student():
-    import pipeline
-    named = {preset["teacher_model"] for preset in pipeline.PRESETS.values() if "teacher_model" in preset}
+    from common.presets import PRESETS
+    named = {preset["teacher_model"] for preset in PRESETS.values() if "teacher_model" in preset}
     assert named and named <= set(models.TOY_MODELS), named
     built = {name: models.load_model(name, device="cpu") for name in models.TOY_MODELS}
     size = {name: sum(p.numel() for p in model.parameters()) for name, model in built.items()}

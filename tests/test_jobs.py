@@ -1,11 +1,14 @@
 """Jobs side by side (common/jobs.py): each waits for the jobs it lists, at most `workers` run at once, their
-results come back, and one failure stops the others with the end of its log."""
+results come back, and one failure stops the others with the end of its log. And the stages those jobs run
+(common/stages.py): reused, resumed or run again, and saying which."""
 import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from common import jobs
+from common import jobs, stages
 
 
 def stamp(path, seconds, value):
@@ -76,3 +79,46 @@ def test_a_job_that_waits_for_a_later_or_unknown_job_is_refused(tmp_path):
             jobs.Job("second", stamp, (tmp_path / "s.json", 0.0, 2), tmp_path / "s.log")]
     with pytest.raises(ValueError, match="not listed before it"):
         jobs.run(plan, workers=2, threads=1)
+
+
+@dataclass
+class ToyStageConfig:
+    steps: int = 2
+    out_dir: str = ""
+    resume: bool = False
+
+
+def toy_stage(cfg: ToyStageConfig):
+    """A stage: writes its final checkpoint, and counts its runs."""
+    final = Path(cfg.out_dir) / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "config.json").write_text("{}")
+    runs = Path(cfg.out_dir) / "runs.txt"
+    runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
+
+
+def test_a_stage_is_reused_only_when_the_same_settings_inputs_and_code_made_it(tmp_path):
+    out, start = tmp_path / "stage", tmp_path / "start"
+    start.mkdir()
+    (start / "model.safetensors").write_bytes(b"weights")
+
+    def run(steps=2):
+        return stages.run_stage("toy", out, toy_stage, ToyStageConfig(steps, str(out)), [str(start)])
+    assert run().what == "ran"
+    again = run()
+    assert again.what == "reused (made by the same settings, inputs and code)" and again.seconds is None
+    assert run(steps=3).what == "running again, settings changed (steps: 2 -> 3)"
+    (start / "model.safetensors").write_bytes(b"other weights")
+    assert run(steps=3).what == "running again, its inputs changed"
+    assert (out / "runs.txt").read_text() == "xxx"  # the reused run did not run
+
+
+def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path):
+    out = tmp_path / "stage"
+    cfg = ToyStageConfig(out_dir=str(out))
+    out.mkdir()
+    (out / "pipeline_stage.json").write_text(json.dumps(stages.fingerprint(cfg, [])))
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "trainer_state.pt").write_bytes(b"")  # complete, and no final/ yet
+    assert stages.run_stage("toy", out, toy_stage, cfg, []).what == "resuming from checkpoint-1"
+    assert cfg.resume

@@ -60,7 +60,7 @@ import torch
 
 import grpo
 import rollout
-from common import dist, models
+from common import dist, models, study
 from common.cli import arg, not_a_flag, run_script
 from common.data import Prompt, as_messages, with_user_text, write_jsonl
 
@@ -257,11 +257,8 @@ def plot_steps(metrics_path: Path, png_path: Path):
         axes[0].plot(ks, [r[f"w_mean/step{k}"] for k in ks], marker="o", color=color,
                      label=f"RL step {r['step']}")
         axes[1].plot(ks, [r[f"d_mean/step{k}"] for k in ks], marker="o", color=color)
-    axes[0].set(xlabel="assistant turn k", ylabel="mean w_k", title="step weights")
-    axes[1].set(xlabel="assistant turn k", ylabel="mean d_k = mean |l_S - l_T|", title="step divergence")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    study.finish_step_axes(fig, axes[0], axes[1], png_path)
     plt.close(fig)
 
 

@@ -160,12 +160,17 @@ def plot_study(root: Path, seeds: list[int], png: Path):
         for ax, key in ((axes[1], "w"), (axes[2], "d")):
             ax.plot(ks, [np.mean([r[key] for r in rs if r["step"] == k]) for k in ks], style, marker="o",
                     color="tab:red", label=label)
-    axes[1].set(xlabel="assistant turn k", ylabel="mean w_k", title="SOD step weights")
-    axes[2].set(xlabel="assistant turn k", ylabel="mean d_k = mean |l_S - l_T|", title="SOD step divergence")
     axes[1].legend(fontsize=8)
+    finish_step_axes(fig, axes[1], axes[2], png, title="SOD step")
+    plt.close(fig)
+
+
+def finish_step_axes(fig, ax_w, ax_d, png: Path, title: str = "step"):
+    """Label the axes of w_k and d_k against the assistant turn k, and write the figure."""
+    ax_w.set(xlabel="assistant turn k", ylabel="mean w_k", title=f"{title} weights")
+    ax_d.set(xlabel="assistant turn k", ylabel="mean d_k = mean |l_S - l_T|", title=f"{title} divergence")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 def same_budget(root: Path, students: dict) -> dict:

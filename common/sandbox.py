@@ -3,41 +3,53 @@ common/sandbox.py: the local sandbox that runs model-written Python, where the r
 and the switch to a SandboxFusion server (common/sandbox_fusion.py). One entry point, run_python; the kind of
 sandbox is set once per process with configure(kind, url, python), warm by default.
 
-Its isolation level is probed once, on first use, and logged in one line:
-  - full: new pid, network, mount and IPC namespaces, a read-only root filesystem, private tmpfs /tmp (the
-    working directory) and /dev/shm, the interpreter's environment shown read-only at its own paths (see
-    below), and an unprivileged uid leased from a pool, so that RLIMIT_NPROC bounds a fork bomb per sandbox.
-    Two ways to get there:
+Its isolation level is probed once, on first use, and logged in one line that names each layer that holds and
+each that does not, with the reason:
+  - full: new pid, network, mount and IPC namespaces; a root of its own, read-only, that shows only what the
+    interpreter needs (/usr, the dynamic loader's cache, the interpreter's environment at its own paths,
+    /dev/null, /dev/urandom and their kin, the namespace's /proc) and private tmpfs /tmp (the working
+    directory) and /dev/shm, so no socket file or world-writable folder of the host; an unprivileged uid
+    leased from a pool; a seccomp filter (common/sandbox_worker.py: no keyring, no new user namespace, no
+    mount, ptrace, bpf or perf events); memory and process limits per call in a cgroup that count every page
+    and process the call holds, memfds and tmpfs included (common/sandbox_cgroup.py). Two ways to get there:
       warm (default): a pool of workers already inside the namespaces, each a Python interpreter that
         forks a fresh child per call (a zygote, as Chrome starts its renderers: common/sandbox_worker.py); the
-        child enters a mount and IPC namespace of its own with fresh /tmp and /dev/shm, drops to the worker's
-        uid, takes its own rlimits and timeout, and runs the code; afterwards everything in the worker's
-        namespace is killed;
+        child enters a mount and IPC namespace of its own with fresh /tmp and /dev/shm and the uid's cgroup,
+        drops to the worker's uid, takes its own rlimits, filter and timeout, and runs the code; afterwards
+        everything in the worker's namespace is killed;
       cold: new namespaces and a new interpreter for every call (the fallback, and --sandbox cold).
-  - uid: no namespaces, but the unprivileged uid (needs root); every process of that uid is killed after.
+  - uid: no namespaces, but the unprivileged uid and its cgroup (needs root); every process of that uid is
+    killed after.
   - basic: a plain child process.
 At every level: its own session and process group, an environment holding only PATH, HOME, LANG and
-PYTHONIOENCODING, rlimits on address space, CPU time, processes, file size and core dumps, a parent-death
-signal (no sandbox outlives the trainer), output written to files capped by RLIMIT_FSIZE and read back
-only up to max_output_bytes. A call returns within about timeout + 2 s whatever the code does.
+PYTHONIOENCODING, rlimits on address space, CPU time, processes, file size, open files and core dumps, a
+parent-death signal (no sandbox outlives the trainer), output written to files capped by RLIMIT_FSIZE and
+read back only up to max_output_bytes. A call returns within about timeout + 2 s whatever the code does.
+A layer that cannot be had is named in the isolation line and the rest hold: without libseccomp.so.2 no
+filter; without a cgroup (not root, or a hierarchy not delegated to us) memory is bounded per process by
+RLIMIT_AS only; without root there is no uid and no namespace (the basic level). User namespaces are never
+needed: as root the sandbox creates its namespaces directly, so a host that refuses them (AppArmor, as on
+Ubuntu 24.04) changes nothing.
 The interpreter is configure()'s `python` (--sandbox_python), else $SOD_SANDBOX_PYTHON, else this one, the
 trainer's: the model's code gets the packages of that environment, as the authors' tool gets those of
-SandboxFusion's image (numpy, sympy, ...). At the full level the mount namespace shows that environment (its
-prefixes and sys.path folders) read-only at the same paths, wherever it lives: a folder the unprivileged uid
-could not reach (inside a home of mode 700, or under the host's /tmp) is bind-mounted inside a tmpfs that
-covers the topmost folder the uid cannot traverse, so nothing else of that folder becomes visible
-(common/sandbox_worker.py). The other levels cannot mount: the uid level runs the trainer's interpreter only
-if the uid can read it, else /usr/bin/python3 (standard library only); the basic level runs it as the
-trainer's own user. The isolation line names the interpreter and which of numpy, sympy, scipy, pandas and
-networkx it can import; a stage on real data stops when numpy or sympy is missing (rollout.setup_sandbox).
+SandboxFusion's image (numpy, sympy, ...). At the full level the root shows that environment (its prefixes
+and sys.path folders) read-only at the same paths, wherever it lives (inside a home of mode 700, or under the
+host's /tmp): the folders on the way to it are empty folders of the new root, so nothing else of them shows.
+The other levels cannot mount: the uid level runs the trainer's interpreter only if the uid can read it, else
+/usr/bin/python3 (standard library only); the basic level runs it as the trainer's own user. The isolation
+line names the interpreter and which of numpy, sympy, scipy, pandas and networkx it can import; a stage on
+real data stops when numpy or sympy is missing (rollout.setup_sandbox).
 
-What it does NOT protect against: kernel exploits and container escapes, CPU and cache side channels,
-reading world-readable host files (the repository, /etc, the interpreter's environment), using up the host's
-CPU for the duration of the timeout, and, in the uid and basic levels, network access and writes to
-world-writable host directories; in the basic level also processes that setsid() away and survive, and
-reading other processes' environments. The warm path's children share the worker's hash seed and pid
-namespace (pids grow from call to call). For untrusted code at scale run a real SandboxFusion service
-(--sandbox_url).
+The uid leases are flocks on files in LOCK_DIR, a folder of root's with mode 700 outside shared temporary
+space, checked before use and opened without following symlinks or truncating: nobody else can lay them.
+
+What it does NOT protect against: kernel exploits through the system calls the filter allows, CPU and cache
+side channels, reading the world-readable files of /usr and of the interpreter's environment, using up the
+host's CPU for the duration of the timeout, and, in the uid and basic levels, network access, host socket
+files, the keyring and writes to world-writable host directories; in the basic level also processes that
+setsid() away and survive, reading other processes' environments, and memory past RLIMIT_AS. The warm path's
+children share the worker's hash seed and pid namespace (pids grow from call to call). For untrusted code at
+scale run a real SandboxFusion service (--sandbox_url).
 """
 import contextlib
 import ctypes
@@ -59,18 +71,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import sandbox_fusion
+from common import sandbox_cgroup, sandbox_fusion
 
 logger = logging.getLogger("sandbox")
 
 SANDBOX_UIDS = range(60001, 60001 + 128)  # one uid per running sandbox: RLIMIT_NPROC counts per uid
 MAX_PROCESSES = 64  # RLIMIT_NPROC, only enforced once the uid is unprivileged (root ignores it)
 MAX_FILE_BYTES = 16 * 2**20  # RLIMIT_FSIZE: bounds stdout/stderr files and anything written
+MAX_OPEN_FILES = 256  # RLIMIT_NOFILE: the sandbox's own, not whatever the trainer inherited
+# The uid leases: a root-owned folder of mode 700 outside shared temporary space, where nobody else can lay
+# a symlink or hold a lock (/run is root's and cleared at boot, as a lease should be).
+LOCK_DIR = "/run/sod_sandbox" if os.path.isdir("/run") else "/var/lib/sod_sandbox"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 SANDBOX_ENV = {"PATH": SAFE_PATH, "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
 PACKAGES = ("numpy", "sympy", "scipy", "pandas", "networkx")  # of SandboxFusion's image: the isolation line
 # says which the sandbox's interpreter can import
-PRIVATE_DIRS = ("/tmp", "/dev/shm")  # a fresh tmpfs in every full sandbox: the host's files there are hidden
+# What the full sandbox's root shows of the host besides the interpreter's environment, read-only: programs
+# and shared libraries, and the dynamic loader's cache (a symlink among them, /lib -> usr/lib, is repeated)
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache",
+                "/etc/localtime")
 
 _kind, _url, _python = "warm", "", ""  # set by configure
 
@@ -105,6 +124,7 @@ def _rlimits(timeout, memory_mb):
               (resource.RLIMIT_CPU, cpu, cpu + 1),
               (resource.RLIMIT_NPROC, MAX_PROCESSES, MAX_PROCESSES),
               (resource.RLIMIT_FSIZE, MAX_FILE_BYTES, MAX_FILE_BYTES),
+              (resource.RLIMIT_NOFILE, MAX_OPEN_FILES, MAX_OPEN_FILES),
               (resource.RLIMIT_CORE, 0, 0)]
     limits = []
     for res, soft, hard in wanted:
@@ -148,25 +168,48 @@ def _kill_processes_of(uid):
 _uid_rng = random.Random()  # our own: drawing from the global one would shift a seeded training run
 
 
+def _lock_folder() -> int:
+    """A descriptor of LOCK_DIR, made if missing, after checking that it is a folder (not a symlink) of
+    root's with mode 700: a folder someone else laid could hold symlinks named like the lock files, or locks
+    held forever."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(LOCK_DIR, 0o700)
+    fd = os.open(LOCK_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    info = os.fstat(fd)
+    if info.st_uid != 0 or stat.S_IMODE(info.st_mode) != 0o700:
+        os.close(fd)
+        raise OSError(f"the sandbox's lock folder {LOCK_DIR} must be a folder of root's, mode 700; it is "
+                      f"uid {info.st_uid}'s, mode {stat.S_IMODE(info.st_mode):o}: remove it and start again")
+    return fd
+
+
 def _lease_uid() -> tuple:
     """(lock file, uid): an unprivileged uid used by no other running sandbox, in this process or any other,
-    until the lock file is closed. The lease is an flock on a file per uid in the temporary directory, so
-    every program using this module on the machine must share that directory."""
-    lock_dir = os.path.join(tempfile.gettempdir(), "sod_sandbox_uids")
-    os.makedirs(lock_dir, exist_ok=True)
-    first = _uid_rng.randrange(len(SANDBOX_UIDS))  # spread threads over the pool
-    while True:
-        for k in range(len(SANDBOX_UIDS)):
-            uid = SANDBOX_UIDS[(first + k) % len(SANDBOX_UIDS)]
-            lock = open(os.path.join(lock_dir, str(uid)), "w")
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                lock.close()
-                continue
-            _kill_processes_of(uid)  # leftovers of a host that died mid-run
-            return lock, uid
-        time.sleep(0.05)  # every uid is busy
+    until the lock file is closed. The lease is an flock on a file per uid in LOCK_DIR, opened without
+    following a symlink and never truncated."""
+    folder = _lock_folder()
+    try:
+        first = _uid_rng.randrange(len(SANDBOX_UIDS))  # spread threads over the pool
+        while True:
+            for k in range(len(SANDBOX_UIDS)):
+                uid = SANDBOX_UIDS[(first + k) % len(SANDBOX_UIDS)]
+                lock = os.fdopen(os.open(str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                                         | os.O_CLOEXEC, 0o600, dir_fd=folder), "rb", buffering=0)
+                try:
+                    if not stat.S_ISREG(os.fstat(lock.fileno()).st_mode):
+                        raise OSError(f"{LOCK_DIR}/{uid} is not a regular file")
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    lock.close()
+                    continue
+                except BaseException:
+                    lock.close()
+                    raise
+                _kill_processes_of(uid)  # leftovers of a host that died mid-run
+                return lock, uid
+            time.sleep(0.05)  # every uid is busy
+    finally:
+        os.close(folder)
 
 
 @contextlib.contextmanager
@@ -197,6 +240,10 @@ def _sweep_stale_folders():
     for name in os.listdir(root):
         parts = name.split("_")
         if name.startswith("sod_sandbox_") and len(parts) >= 4 and parts[2].isdigit():
+            with contextlib.suppress(OSError):  # only a folder of ours: another user may name one so
+                info = os.lstat(os.path.join(root, name))
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                    continue
             try:
                 os.kill(int(parts[2]), 0)
             except ProcessLookupError:
@@ -221,44 +268,34 @@ def _read_capped(f, max_bytes):
 
 
 # -----------------------------------------------------------------------------
-# The interpreter's environment, shown inside the full sandbox
+# The full sandbox's root: what the interpreter needs, and nothing else of the host
 
 @dataclass(frozen=True)
-class EnvironmentMounts:
-    """What a full sandbox mounts to show its interpreter's environment (common/sandbox_worker.py mounts it)."""
-    dirs: tuple = ()   # folders bind-mounted read-only at their own paths
-    masks: tuple = ()  # a tmpfs over each topmost folder above them that the unprivileged uid cannot traverse
+class View:
+    """What a full sandbox's root shows of the host (common/sandbox_worker.py builds it)."""
+    binds: tuple = ()  # folders and files bound read-only at their own paths
+    links: tuple = ()  # (path, target): symlinks of SYSTEM_PATHS, repeated as they are on the host
 
     def as_json(self) -> str:
-        return json.dumps({"dirs": list(self.dirs), "masks": list(self.masks)})
+        return json.dumps({"binds": list(self.binds), "links": [list(link) for link in self.links]})
 
 
 def _inside(path, folder):
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def _environment_mounts(folders) -> EnvironmentMounts:
-    """The mounts that show `folders` to the unprivileged uid, read-only at their own paths, and nothing else of
-    the folders around them. A folder the uid reaches on its own needs none. One below a folder the uid cannot
-    traverse (no execute bit for others: a home of mode 700) is bound inside a tmpfs that covers the topmost
-    such folder, its mask; one under /tmp or /dev/shm, which the sandbox's fresh tmpfs hides, is bound inside
-    that tmpfs. Either way the path to it holds nothing but the folders on the way."""
-    folders = sorted({os.path.normpath(f) for f in folders if os.path.isabs(f) and os.path.isdir(f)})
-    tops = []
-    for folder in folders:  # sorted: a folder comes before what it holds
-        if not any(_inside(folder, top) for top in tops):
-            tops.append(folder)
-    dirs, masks = [], []
-    for folder in tops:
-        parts = folder.split("/")[1:-1]
-        parents = ["/" + "/".join(parts[:k]) for k in range(1, len(parts) + 1)]
-        blocked = [p for p in parents if not any(_inside(p, d) for d in PRIVATE_DIRS)
-                   and not os.stat(p).st_mode & stat.S_IXOTH]
-        if blocked or any(_inside(folder, d) for d in PRIVATE_DIRS):
-            dirs.append(folder)
-        if blocked and blocked[0] not in masks:
-            masks.append(blocked[0])
-    return EnvironmentMounts(tuple(dirs), tuple(masks))
+def _view(folders) -> View:
+    """The root that shows SYSTEM_PATHS and the interpreter's `folders` read-only at their own paths: each
+    topmost one is bound, the folders on the way to it are made empty (so nothing else of a home or of the
+    host's /tmp shows), and a symlink of SYSTEM_PATHS is repeated as a symlink."""
+    links = tuple((path, os.readlink(path)) for path in SYSTEM_PATHS if os.path.islink(path))
+    wanted = {path for path in SYSTEM_PATHS if os.path.exists(path) and not os.path.islink(path)}
+    wanted |= {os.path.normpath(f) for f in folders if os.path.isabs(f) and os.path.isdir(f) and f != "/"}
+    binds = []
+    for path in sorted(wanted):  # sorted: a folder comes before what it holds
+        if not any(_inside(path, bound) for bound in binds):
+            binds.append(path)
+    return View(tuple(binds), links)
 
 
 # What an interpreter says of itself, run on the host as the trainer's user: its version and prefix (the
@@ -283,29 +320,42 @@ def _describe(python):
 # -----------------------------------------------------------------------------
 # The cold path: a new interpreter in new namespaces per call
 #
-# What runs inside the namespaces as root, on both paths, is common/sandbox_worker.py: here it mounts the call's
-# view (fresh /tmp and /dev/shm, the interpreter's environment, a read-only root), drops to the uid and execs
-# the interpreter on the code. It is passed to `python -c` as text: the unprivileged uid may be unable to read
-# the repository (it may live under /root, mode 700).
+# What runs inside the namespaces as root, on both paths, is common/sandbox_worker.py: here it builds the call's
+# root (the View, fresh /tmp and /dev/shm), drops to the uid, installs the seccomp filter and execs the
+# interpreter on the code. It is passed to `python -c` as text: the unprivileged uid may be unable to read the
+# repository (it may live under /root, mode 700). The host puts the call in its uid's cgroup first.
 _IN_SANDBOX = Path(__file__).with_name("sandbox_worker.py").read_text(encoding="utf-8")
 
 
-def _sandbox_command(level, python, uid, code_path, mounts):
+def _sandbox_command(level, python, uid, code_path, view):
     # No -I for the code: the environment is already scrubbed, -I would make python
     # ignore PYTHONIOENCODING, and it would drop the script's directory from sys.path,
     # which code that writes a helper module and imports it relies on. (The root
     # process before it, which execs it, is started with -I -S -B: it needs no site.)
     if level == "full":
         return ["unshare", "--pid", "--fork", "--kill-child", "--net", "--mount", "--ipc", "--mount-proc",
-                python, "-I", "-S", "-B", "-c", _IN_SANDBOX, "cold", code_path, str(uid), mounts.as_json()]
+                python, "-I", "-S", "-B", "-c", _IN_SANDBOX, "cold", code_path, str(uid), view.as_json()]
     if level == "uid":
         return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
                 "--pdeathsig", "KILL", "--", python, "main.py"]
     return [python, "main.py"]
 
 
-def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python,
-              mounts=EnvironmentMounts()) -> dict:
+def _call_cgroup(stack, cgroups, uid, memory_mb) -> list:
+    """Descriptors of the uid's cgroup.procs files (closed with `stack`), its limits set for this call; none
+    where there is no cgroup."""
+    if not cgroups.version:
+        return []
+    folders = sandbox_cgroup.folders_of(cgroups, uid)
+    sandbox_cgroup.set_limits(cgroups, folders, memory_mb, MAX_PROCESSES)
+    fds = sandbox_cgroup.open_procs(folders)
+    for fd in fds:
+        stack.callback(os.close, fd)
+    return fds
+
+
+def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python, view=View(),
+              cgroups=sandbox_cgroup.Cgroups()) -> dict:
     # mode 700: root (and, at level uid, the uid)
     host_dir = tempfile.mkdtemp(prefix=f"sod_sandbox_{os.getpid()}_")
     try:
@@ -318,16 +368,18 @@ def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python,
                 os.chown(host_dir, uid, uid)  # it is the working directory
             env = dict(SANDBOX_ENV, HOME="/tmp" if level == "full" else host_dir)
             limits = _rlimits(timeout, memory_mb)
-
             host_pid = os.getpid()
-
-            def in_child():  # runs between fork and exec: plain syscalls only, no locks
-                _set_parent_death_signal(host_pid)
-                for res, values in limits:
-                    resource.setrlimit(res, values)
-
             try:
-                proc = subprocess.Popen(_sandbox_command(level, python, uid, code_path, mounts),
+                cgroup_procs = _call_cgroup(stack, cgroups, uid, memory_mb) if uid is not None else []
+
+                def in_child():  # runs between fork and exec: plain syscalls only, no locks
+                    _set_parent_death_signal(host_pid)
+                    for res, values in limits:
+                        resource.setrlimit(res, values)
+                    for fd in cgroup_procs:
+                        os.write(fd, b"0")  # into the uid's cgroup: unshare, the worker and the code
+
+                proc = subprocess.Popen(_sandbox_command(level, python, uid, code_path, view),
                                         stdin=stdin_file, stdout=out, stderr=err, cwd=host_dir, env=env,
                                         start_new_session=True, preexec_fn=in_child)
             except (OSError, subprocess.SubprocessError) as e:
@@ -363,43 +415,42 @@ def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python,
 # The warm path: a pool of sandboxed interpreters that fork a fresh child per call
 #
 # Starting an interpreter inside fresh namespaces costs ~12-15 ms of CPU per call, most of a toy RL step.
-# A warm worker pays it once: `unshare` builds the pid, network and mount namespaces and a read-only root, and
-# inside them a Python "zygote" (root in the namespace, its pid 1) waits for requests on a socket. Each call
-# then gets a child forked from the zygote, so from an interpreter that has already started. Before it runs
-# the model's code the child enters a mount namespace of its own with fresh tmpfs /tmp and /dev/shm (its
-# private scratch space, gone with it) and the interpreter's environment mounted as on the cold path, drops to
-# the worker's unprivileged uid, takes its own rlimits and a parent-death signal, closes every inherited
-# descriptor and receives a scrubbed environment. Nothing of one call is left for the next: the zygote never
-# runs model code, kills everything in the namespace after each call (kill(-1) from pid 1) and forks the next
-# child from the same clean state. A worker dies with its host: the zygote exits when the host's end of the
-# socket closes, which the kernel does when the host dies.
+# A warm worker pays it once: `unshare` builds the pid, network, mount and IPC namespaces, and inside them a
+# Python "zygote" (root in the namespace, its pid 1) builds the sandbox's root (the View) and waits for
+# requests on a socket. Each call then gets a child forked from the zygote, so from an interpreter that has
+# already started. Before it runs the model's code the child enters a mount and IPC namespace of its own with
+# fresh tmpfs /tmp and /dev/shm (its private scratch space, gone with it), moves into the worker's cgroup (the
+# uid's, whose limits the host sets for each call), drops to the worker's unprivileged uid, takes its own
+# rlimits and a parent-death signal, installs the seccomp filter, closes every inherited descriptor and
+# receives a scrubbed environment. Nothing of one call is left for the next: the zygote never runs model code,
+# kills everything in the namespace after each call (kill(-1) from pid 1) and forks the next child from the
+# same clean state. A worker dies with its host: the zygote exits when the host's end of the socket closes,
+# which the kernel does when the host dies.
 #
 # The zygote is common/sandbox_worker.py (_IN_SANDBOX, as on the cold path).
 
-# Runs as root inside the new namespaces: the root filesystem read-only, then the zygote
-# (pid 1 of the namespace).
-_WORKER_SCRIPT = """
-set -e
-mount -o remount,bind,ro /
-cd /
-exec "$@"
-"""
-
 
 class _Worker:
-    """One warm sandbox: the unshare process, the zygote at the other end of `sock`, and the uid it runs code
-    as."""
+    """One warm sandbox: the unshare process, the zygote at the other end of `sock`, the uid it runs code as
+    and that uid's cgroup."""
 
-    def __init__(self, python: str, mounts: EnvironmentMounts, uid: int, lease):
+    def __init__(self, python: str, view: View, cgroups: sandbox_cgroup.Cgroups, uid: int, lease):
         host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.uid, self.lease, self.sock = uid, lease, host_end
-        self.proc = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--kill-child", "--net", "--mount", "--mount-proc", "sh", "-c",
-             _WORKER_SCRIPT, "worker", python, "-c", _IN_SANDBOX, "warm", str(worker_end.fileno()), str(uid),
-             mounts.as_json()],
-            pass_fds=[worker_end.fileno()], env=SANDBOX_ENV, cwd="/", start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        worker_end.close()
+        self.uid, self.lease, self.sock, self.cgroups = uid, lease, host_end, cgroups
+        self.folders = sandbox_cgroup.folders_of(cgroups, uid) if cgroups.version else ()
+        self.memory_mb = None  # the limit the cgroup holds now
+        procs = sandbox_cgroup.open_procs(self.folders)
+        try:
+            self.proc = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "--kill-child", "--net", "--mount", "--ipc", "--mount-proc",
+                 python, "-c", _IN_SANDBOX, "warm", str(worker_end.fileno()), str(uid), view.as_json(),
+                 json.dumps(procs)],
+                pass_fds=[worker_end.fileno(), *procs], env=SANDBOX_ENV, cwd="/", start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        finally:
+            worker_end.close()
+            for fd in procs:
+                os.close(fd)
         self.sock.settimeout(15.0)
         try:
             ready = self.sock.recv(16)
@@ -410,6 +461,9 @@ class _Worker:
             raise OSError(f"the warm sandbox did not start: {self.proc.stderr.read().decode()[-300:]}")
 
     def run(self, code: str, stdin_file, out, err, timeout: float, memory_mb: int) -> dict:
+        if self.folders and memory_mb != self.memory_mb:
+            sandbox_cgroup.set_limits(self.cgroups, self.folders, memory_mb, MAX_PROCESSES)
+            self.memory_mb = memory_mb
         with _scratch_file() as code_file:
             code_file.write(code.encode("utf-8", errors="surrogatepass"))
             code_file.seek(0)
@@ -434,8 +488,8 @@ class _Worker:
 class _WarmPool:
     """Warm workers, started when needed, at most `size`; a dead or stuck worker is replaced."""
 
-    def __init__(self, python: str, mounts: EnvironmentMounts, size: int):
-        self.python, self.mounts, self.size = python, mounts, size
+    def __init__(self, python: str, view: View, size: int, cgroups=sandbox_cgroup.Cgroups()):
+        self.python, self.view, self.cgroups, self.size = python, view, cgroups, size
         self.idle, self.count = [], 0
         self.lock = threading.Condition()
 
@@ -469,7 +523,7 @@ class _WarmPool:
         try:
             lease, uid = _lease_uid()
             try:
-                return _Worker(self.python, self.mounts, uid, lease)
+                return _Worker(self.python, self.view, self.cgroups, uid, lease)
             except BaseException:
                 lease.close()
                 raise
@@ -498,10 +552,12 @@ class _WarmPool:
 @dataclass(frozen=True)
 class Isolation:
     """What the local sandbox is: probed once, logged in one line."""
-    level: str                 # full, uid or basic
-    python: str                # the interpreter of every call
-    mounts: EnvironmentMounts  # how the full level shows that interpreter's environment
-    packages: tuple            # those of PACKAGES that code in the sandbox can import
+    level: str       # full, uid or basic
+    python: str      # the interpreter of every call
+    view: View       # what the full level's root shows: the host's programs, libraries, that interpreter
+    packages: tuple  # those of PACKAGES that code in the sandbox can import
+    seccomp: bool = False  # the probe's code ran under the seccomp filter
+    cgroups: sandbox_cgroup.Cgroups = sandbox_cgroup.Cgroups()  # where the calls' cgroups live, if anywhere
 
 
 _isolation = None
@@ -527,16 +583,18 @@ def missing_packages(names=("numpy", "sympy")) -> list:
 
 
 # Run inside the sandbox: its answer must match what the host's run of the same interpreter says
-# (_SELF_DESCRIPTION), and it names the packages the code can import.
+# (_SELF_DESCRIPTION), and it names the packages the code can import and its seccomp mode (2: a filter).
 _SANDBOX_PROBE = ("import importlib.util, json, sys\n"
                   f"found = [name for name in {PACKAGES!r} if importlib.util.find_spec(name)]\n"
-                  "print(json.dumps([sys.version, sys.prefix, found]))")
+                  "mode = [line.split()[1] for line in open('/proc/self/status') if line.startswith('Seccomp:')]\n"
+                  "print(json.dumps([sys.version, sys.prefix, found, mode == ['2']]))")
 
 
-def _probe(level, python, mounts):
-    """[version, prefix, importable packages] as `python` says them inside the sandbox; None if it fails."""
+def _probe(level, python, view, cgroups=sandbox_cgroup.Cgroups()):
+    """[version, prefix, importable packages, seccomp filter on] as `python` says them inside the sandbox;
+    None if it fails."""
     with _scratch_file() as stdin_file, _scratch_file() as out, _scratch_file() as err:
-        result = _run_cold(_SANDBOX_PROBE, stdin_file, out, err, 10.0, 1024, level, python, mounts)
+        result = _run_cold(_SANDBOX_PROBE, stdin_file, out, err, 10.0, 1024, level, python, view, cgroups)
         stdout = _read_capped(out, 8192)
     if result["status"] != "finished" or result["returncode"] != 0:
         return None
@@ -557,6 +615,7 @@ def _probe_isolation() -> Isolation:
         levels = ["full", "uid"] if shutil.which("unshare") else ["uid"]
         if not shutil.which("unshare"):
             notes.append("no namespaces (unshare is missing)")
+    cgroups = sandbox_cgroup.probe() if levels else sandbox_cgroup.Cgroups(note="no cgroup (it needs root)")
     # A uid that cannot read an interpreter's directory may still start it, only to
     # load another python's libraries (seen here: pyenv's 3.11.7 running Debian's
     # 3.11.2 stdlib), so the probe compares what it finds with the host's answer.
@@ -570,31 +629,38 @@ def _probe_isolation() -> Isolation:
                     notes.append(f"{python} does not run")
                 continue
             version, prefix, folders = described[python]
-            mounts = _environment_mounts(folders) if level == "full" else EnvironmentMounts()
-            found = _probe(level, python, mounts)
+            view = _view(folders) if level == "full" else View()
+            found = _probe(level, python, view, cgroups)
             if found is not None and found[:2] == [version, prefix]:
-                return _logged(Isolation(level, python, mounts, tuple(found[2])), notes)
+                return _logged(Isolation(level, python, view, tuple(found[2]), found[3], cgroups), notes)
             if python not in [n.split(" ")[0] for n in notes]:
                 notes.append(f"{python} is not usable by the sandbox's unprivileged uid, " + (
                     "even with its environment mounted (are its files readable by others?)" if level == "full"
                     else "it lives where that uid cannot read"))
-    found = _probe("basic", pythons[0], EnvironmentMounts())
-    return _logged(Isolation("basic", pythons[0], EnvironmentMounts(), tuple(found[2]) if found else ()),
-                   notes)
+    found = _probe("basic", pythons[0], View())
+    return _logged(Isolation("basic", pythons[0], View(), tuple(found[2]) if found else ()), notes)
 
 
 def _logged(isolation: Isolation, notes: list) -> Isolation:
-    level, mounts = isolation.level, isolation.mounts
-    what = {"full": "pid, network, mount and IPC namespaces, read-only root, private /tmp, unprivileged uid",
-            "uid": "unprivileged uid only", "basic": "own process group, rlimits, scrubbed environment"}[level]
-    shown = ""
-    if mounts.dirs:
-        shown = f", its environment mounted read-only: {', '.join(mounts.dirs)}" + (
-            f" (inside a tmpfs over {', '.join(mounts.masks)})" if mounts.masks else "")
+    """The isolation line: each layer that holds, and each that does not with the reason."""
+    level, view, cgroups = isolation.level, isolation.view, isolation.cgroups
+    layers = {"full": ["pid, network, mount and IPC namespaces",
+                       f"a read-only root of {', '.join(view.binds)}, /dev/null, /dev/urandom and a fresh /tmp",
+                       "unprivileged uid"],
+              "uid": ["no namespaces: the host's files, sockets and network", "unprivileged uid"],
+              "basic": ["no namespaces", "no uid of its own", "own process group, scrubbed environment"]}[level]
+    if level == "full":
+        layers.append("seccomp filter" if isolation.seccomp else
+                      "no seccomp filter (libseccomp.so.2 could not be loaded): keyring, user namespaces, "
+                      "ptrace, bpf and perf events are open")
+    if level != "basic":
+        layers.append(f"memory and process limits per call in a cgroup {cgroups.version}" if cgroups.version
+                      else f"{cgroups.note}: memory limited per process (RLIMIT_AS) only")
+    layers.append(f"rlimits (address space, CPU, processes, file size, {MAX_OPEN_FILES} open files)")
     missing = [name for name in PACKAGES if name not in isolation.packages]
-    (logger.info if level == "full" else logger.warning)(
-        "sandbox isolation: %s (%s), python %s%s; importable: %s; missing: %s%s", level, what, isolation.python,
-        shown, ", ".join(isolation.packages) or "none", ", ".join(missing) or "none",
+    (logger.info if level == "full" and isolation.seccomp and cgroups.version else logger.warning)(
+        "sandbox isolation: %s (%s), python %s; importable: %s; missing: %s%s", level, "; ".join(layers),
+        isolation.python, ", ".join(isolation.packages) or "none", ", ".join(missing) or "none",
         f" ({'; '.join(notes)})" if notes else "")
     return isolation
 
@@ -605,8 +671,8 @@ def _warm_workers():
     isolation = sandbox_isolation()
     with _sandbox_lock:
         if _warm_pool is None and isolation.level == "full":
-            _warm_pool = _WarmPool(isolation.python, isolation.mounts,
-                                   size=min(32, max(4, 2 * (os.cpu_count() or 1))))
+            _warm_pool = _WarmPool(isolation.python, isolation.view,
+                                   size=min(32, max(4, 2 * (os.cpu_count() or 1))), cgroups=isolation.cgroups)
         return _warm_pool if isolation.level == "full" else None
 
 
@@ -628,7 +694,7 @@ def run_python(code: str, stdin: str = "", timeout: float = 60.0, memory_mb: int
         result = pool.run(code, stdin_file, out, err, timeout, memory_mb) if pool is not None else None
         if result is None:
             result = _run_cold(code, stdin_file, out, err, timeout, memory_mb, isolation.level,
-                               isolation.python, isolation.mounts)
+                               isolation.python, isolation.view, isolation.cgroups)
         return dict(result, stdout=_read_capped(out, max_output_bytes),
                     stderr=_read_capped(err, max_output_bytes))
 

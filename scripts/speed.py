@@ -7,7 +7,8 @@ scripts/speed.py: the speed claims of docs/speed.md, each measured side by side 
      per-sample log included (tests/authors_code.py; their code is not copied into this repository). With
      --authors_repo, their own two functions are read from a checkout of github.com/YoungZ365/SOD and timed as
      well, so the ratio against their function is printed next to the ratio against the re-typing.
-  2. The sandbox: a tool call alone and 64 at once, on the warm path and on the cold path.
+  2. The sandbox: a tool call alone and 64 at once, on the warm path and on the cold path; a call alone taking
+     turns with a bare interpreter start (`python -I -S -c pass`), the yardstick of docs/sandbox.md.
   3. The tool calls of a turn: 64 at once against one after another.
   4. SFT steps of the toy teacher on its pipeline data (batches of 32): one micro-batch of 32 against the same
      batch sorted by length and cut in two (sft.py --sort_by_length), the two settings taking turns.
@@ -20,6 +21,8 @@ machine slows every number; the ratios of one run are the figures to read.
 """
 import argparse
 import ast
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,19 +113,25 @@ def bench_sandbox(alone: int, burst: int, repeats: int):
     if sandbox.sandbox_isolation().level != "full":
         print("sandbox: the warm path needs full isolation (root and unshare); skipped")
         return
-    figures = {}
+    figures, bare = {}, []
     for kind in ("warm", "cold"):
         sandbox.configure(kind=kind)
         tools.execute_code("print(57 * 26)")  # the warm pool starts its first worker
-        one, _ = best_of(1, lambda: [tools.execute_code("print(57 * 26)") for _ in range(alone)])
+        ones = []
+        for _ in range(alone):  # taking turns with a bare interpreter start: a slow spell hits both
+            bare.append(best_of(1, lambda: subprocess.run([sys.executable, "-I", "-S", "-c", "pass"]))[0])
+            ones.append(best_of(1, lambda: tools.execute_code("print(57 * 26)"))[0])
         batch = calls([f"print(57 * {i})" for i in range(burst)])
         tools.run_tool_calls(batch)  # ... and the rest of its workers on the first burst
         at_once, answers = best_of(repeats, lambda: tools.run_tool_calls(batch))
         assert answers == [f"{57 * i}\n" for i in range(burst)]
-        figures[kind] = (one / alone, at_once)
+        figures[kind] = (statistics.median(ones), at_once)
     (warm_one, warm_burst), (cold_one, cold_burst) = figures["warm"], figures["cold"]
-    print(f"sandbox, a call alone: warm {warm_one * 1e3:.1f} ms, cold {cold_one * 1e3:.1f} ms "
-          f"({cold_one / warm_one:.1f}x); {burst} at once: warm {warm_burst:.2f} s, cold {cold_burst:.2f} s "
+    start = statistics.median(bare)
+    print(f"sandbox, a call alone (median): warm {warm_one * 1e3:.1f} ms, cold {cold_one * 1e3:.1f} ms "
+          f"({cold_one / warm_one:.1f}x), a bare `python -I -S -c pass` {start * 1e3:.1f} ms (warm "
+          f"{warm_one / start:.2f} of it, cold {cold_one / start:.1f}x); "
+          f"{burst} at once: warm {warm_burst:.2f} s, cold {cold_burst:.2f} s "
           f"({cold_burst / warm_burst:.1f}x)")
 
 

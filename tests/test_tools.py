@@ -157,10 +157,10 @@ def test_fallback_levels_run_code_and_kill_it_on_timeout(level, monkeypatch):
     python = sys.executable
     if level == "uid":  # without mounts: an interpreter that the unprivileged uid can read where it lies
         python = next((p for p in (sys.executable, "/usr/bin/python3")
-                       if sandbox._probe("uid", p, sandbox.EnvironmentMounts()) is not None), None)
+                       if sandbox._probe("uid", p, sandbox.View()) is not None), None)
         if python is None:
             pytest.skip("no interpreter here that the unprivileged uid can read")
-    monkeypatch.setattr(sandbox, "_isolation", sandbox.Isolation(level, python, sandbox.EnvironmentMounts(), ()))
+    monkeypatch.setattr(sandbox, "_isolation", sandbox.Isolation(level, python, sandbox.View(), ()))
     assert tools.execute_code("6 * 7") == "42\n"
     marker = unique_marker()
     assert run_hostile(name_self(marker) + "import os\nif os.fork() == 0:\n    os.setsid()\n"
@@ -303,41 +303,38 @@ def test_a_private_venv_runs_as_the_trainer_with_its_packages_and_nothing_beside
 
 
 @needs_full_isolation
-def test_a_mask_shows_nothing_but_the_way_to_the_environment(sandbox_kind):
-    mounts = sandbox.sandbox_isolation().mounts
-    if not mounts.masks:
-        pytest.skip("the trainer's environment is reachable without a mask here")
-    expected = "".join(f"{sorted({d[len(m):].split('/')[1] for d in mounts.dirs if d.startswith(m + '/')})}\n"
-                       for m in mounts.masks)
-    code = "import os\n" + "".join(f"print(sorted(os.listdir({m!r})))\n" for m in mounts.masks)
+def test_the_way_to_the_environment_shows_nothing_else(sandbox_kind):
+    """Each folder on the way to a bound one (/root on the way to pyenv's /root/.pyenv/versions/3.11.7) holds
+    only the next folder on that way; neither they nor what is bound can be written."""
+    view = sandbox.sandbox_isolation().view
+    binds, shown = view.binds, view.binds + tuple(path for path, _ in view.links)
+    ways = sorted({"/".join(b.split("/")[:k]) for b in binds for k in range(2, b.count("/") + 1)} - set(binds))
+    if not ways:
+        pytest.skip("every bound folder sits at the top of the root here")
+    expected = "".join(f"{sorted({b[len(w):].split('/')[1] for b in shown if b.startswith(w + '/')})}\n"
+                       for w in ways)
+    code = "import os\n" + "".join(f"print(sorted(os.listdir({w!r})))\n" for w in ways)
     assert run_hostile(code, max_output_chars=0) == expected
-    for folder in mounts.masks + mounts.dirs:
+    for folder in ways + [b for b in binds if os.path.isdir(b)]:
         text = run_hostile(f"open({folder + '/sod_written'!r}, 'w')")
         assert "Read-only file system" in text or "Permission denied" in text
 
 
-def test_environment_mounts_bind_only_what_the_uid_cannot_reach(monkeypatch):
-    monkeypatch.setattr(sandbox, "PRIVATE_DIRS", ("/dev/shm",))  # here /tmp is a host folder like any other
+def test_the_view_binds_the_topmost_folders_and_repeats_the_system_symlinks(monkeypatch):
     root = Path(tempfile.mkdtemp(prefix="sod_layout_"))
     try:
-        root.chmod(0o755)
-        for folder in ["opt/env/lib", "home/alice/venv/lib/site-packages", "home/bob/.pyenv/versions/3.11/bin"]:
+        for folder in ["usr/lib", "opt/env/lib", "home/alice/venv/lib/site-packages"]:
             (root / folder).mkdir(parents=True)
-        (root / "home").chmod(0o700)
-        mounts = sandbox._environment_mounts(
-            [str(root / "opt/env"), str(root / "opt/env/lib"), str(root / "home/alice/venv"),
-             str(root / "home/alice/venv/lib/site-packages"), str(root / "home/bob/.pyenv/versions/3.11"),
-             str(root / "home/bob/.pyenv/versions/3.11/bin"), str(root / "missing"), ""])
-        assert mounts == sandbox.EnvironmentMounts(
-            dirs=(str(root / "home/alice/venv"), str(root / "home/bob/.pyenv/versions/3.11")),
-            masks=(str(root / "home"),))
+        (root / "lib").symlink_to("usr/lib")
+        monkeypatch.setattr(sandbox, "SYSTEM_PATHS", (str(root / "usr"), str(root / "lib"), str(root / "none")))
+        view = sandbox._view([str(root / "opt/env"), str(root / "opt/env/lib"), str(root / "usr/lib"),
+                              str(root / "home/alice/venv/lib/site-packages"), str(root / "home/alice/venv"),
+                              str(root / "missing"), "", "/"])
+        assert view == sandbox.View(
+            binds=(str(root / "home/alice/venv"), str(root / "opt/env"), str(root / "usr")),
+            links=((str(root / "lib"), "usr/lib"),))
     finally:
-        (root / "home").chmod(0o755)
         shutil.rmtree(root)
-    monkeypatch.undo()
-    # under /tmp or /dev/shm, hidden by the sandbox's fresh tmpfs: bound inside it, with no mask
-    assert (sandbox._environment_mounts(["/tmp", "/dev/shm"])
-            == sandbox.EnvironmentMounts(dirs=("/dev/shm", "/tmp"), masks=()))
 
 
 def test_sandbox_python_chooses_the_interpreter_and_real_data_needs_numpy_and_sympy(private_folder, monkeypatch):
@@ -730,7 +727,7 @@ def one_worker(monkeypatch):
     if LEVEL != "full":
         pytest.skip(f"the warm path needs full isolation, not {LEVEL}")
     isolation = sandbox.sandbox_isolation()
-    pool = sandbox._WarmPool(isolation.python, isolation.mounts, size=1)
+    pool = sandbox._WarmPool(isolation.python, isolation.view, size=1, cgroups=isolation.cgroups)
     monkeypatch.setattr(sandbox, "_warm_pool", pool)
     yield pool
     pool.close()
@@ -765,7 +762,7 @@ def test_no_state_reaches_the_next_call_on_the_same_worker(one_worker):
     assert first["stdout"].startswith("left"), first
     fresh = sandbox.run_python(LOOK_FOR_STATE, timeout=5)
     # /tmp holds the code, and the way to the interpreter's environment if that lives under the host's /tmp
-    in_tmp = {"/tmp/" + d.split("/")[2] for d in sandbox.sandbox_isolation().mounts.dirs if d.startswith("/tmp/")}
+    in_tmp = {"/tmp/" + d.split("/")[2] for d in sandbox.sandbox_isolation().view.binds if d.startswith("/tmp/")}
     assert fresh["stdout"] == (f"False False /tmp None False False False {sorted({'/tmp/main.py', *in_tmp})} "
                                "['0', '1', '2', '3']\n"), fresh
     assert live_processes_with(marker) == []

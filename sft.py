@@ -12,6 +12,14 @@ and its closing <|im_end|>. System/tool-declaration tokens, user turns, tool res
 `<|im_start|>assistant\\n` headers get m_t = 0. Gradient accumulation divides by the token count of
 the whole batch, so micro-batching does not change the loss.
 
+Memory is bounded by a token budget, not by luck. Each micro-batch runs as forward passes of at most
+--max_forward_tokens padded tokens (rows x padded length), each pass's loss divided by the token count of the
+batch (or, with --loss_agg micro, of its whole micro-batch), so the cut changes neither the loss nor the
+gradient. The log-probs come from rollout.token_logprobs, as in RL: the vocabulary projection runs in
+checkpointed chunks, never [B, T, V] logits. The default budget, 2^25 / (layers x hidden size) tokens, is about
+5 GB of float32 activations: 1941 tokens for SmolLM2-135M (3 rows of 512), 65536 or more for the toy models,
+whose micro-batches of up to 32 rows of 512 it never cuts.
+
 Train as you roll out. A conversation is rendered with the real Qwen3 chat template and cut at
 the assistant spans; each piece is tokenized on its own, exactly as rollout.py builds a rollout
 (prompt encoded once, model tokens appended, tool responses encoded as a segment), so the ids equal
@@ -96,7 +104,14 @@ class Config:
     epochs: int = arg(4, "passes over the data (reference 5)")
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1: epochs decide)")
     batch_size: int = arg(32, "sequences per optimizer step (reference 128)")
-    micro_batch_size: int = arg(32, "sequences per forward pass (gradient accumulation fills the batch)")
+    micro_batch_size: int = arg(32, "sequences per micro-batch, the group that --loss_agg micro takes a token "
+                                    "mean over (gradient accumulation fills the batch)")
+    max_forward_tokens: int = arg(0, "token budget of one forward pass: a micro-batch runs as forward passes of "
+                                     "at most this many padded tokens (rows x padded length), with the same "
+                                     "loss and gradient; a row longer than the budget runs alone. 0: 2^25 / "
+                                     "(layers x hidden size), about 5 GB of activations (1941 tokens for "
+                                     "SmolLM2-135M; 65536 or more for the toy models, whose micro-batches are "
+                                     "never cut)")
     sort_by_length: bool = arg(False, "sort each optimizer batch by length before cutting it into "
                                       "micro-batches: less padding, the same examples and the same loss "
                                       "(--loss_agg batch only); needs micro_batch_size < batch_size")
@@ -253,17 +268,34 @@ def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]
     return examples
 
 
-def micro_batch_loss(logprobs, label_mask, loss_agg: str, batch_tokens: int, parts: int):
-    """This micro-batch's share of the optimizer batch's loss; the shares of all micro-batches of all ranks
-    add up to the loss. logprobs, label_mask: [b, T-1].
-      batch: its summed NLL over the label tokens of the whole batch (one token mean over the batch);
-      micro: its own token mean over `parts`, the number of micro-batches on all ranks (the reference's
-             fsdp_sft_trainer: a token mean per micro-batch and rank, divided by the micro-batch count, the
-             gradients averaged over ranks)."""
+def micro_batch_loss(logprobs, label_mask, loss_agg: str, batch_tokens: int, parts: int,
+                     micro_tokens: int | None = None):
+    """The share of the optimizer batch's loss of some rows of a micro-batch (all of them, or those of one
+    forward pass); the shares of all forward passes of all micro-batches of all ranks add up to the loss.
+    logprobs, label_mask: [b, T-1].
+      batch: their summed NLL over the label tokens of the whole batch (one token mean over the batch);
+      micro: their summed NLL over the label tokens of their whole micro-batch (`micro_tokens`; default: those
+             of label_mask, the micro-batch in one forward pass), divided by `parts`, the number of
+             micro-batches on all ranks (the reference's fsdp_sft_trainer: a token mean per micro-batch and
+             rank, divided by the micro-batch count, the gradients averaged over ranks)."""
     nll = -(logprobs * label_mask).sum()
     if loss_agg == "micro":
-        return nll / label_mask.sum().clamp(min=1) / parts
+        # NOTE: a micro-batch cut into several forward passes divides each by the token count of the whole
+        # micro-batch, not of its own rows: the parts add up to the micro-batch's token mean
+        tokens = label_mask.sum().clamp(min=1) if micro_tokens is None else max(1, micro_tokens)
+        return nll / tokens / parts
     return nll / batch_tokens
+
+
+# A forward pass under autograd keeps about 150 bytes per token, layer and hidden unit for its backward pass
+# (measured on CPU in float32: SmolLM2-135M, 30 layers of 576, holds 2.5 MB a token at 512 tokens a row).
+# 2^25 units is about 5 GB whatever the model's size.
+FORWARD_UNITS = 2**25
+
+
+def forward_token_budget(config) -> int:
+    """The default --max_forward_tokens: padded tokens per forward pass that hold about 5 GB of activations."""
+    return max(1, FORWARD_UNITS // (config.num_hidden_layers * config.hidden_size))
 
 
 def collate(batch, pad_id, device):
@@ -343,6 +375,9 @@ def main(cfg: Config):
                              "(the held-out check is the toy's)")
     if cfg.loss_agg not in ("batch", "micro"):
         raise SystemExit(f"--loss_agg must be batch or micro, not {cfg.loss_agg!r}")
+    if cfg.max_forward_tokens < 0:
+        raise SystemExit(f"--max_forward_tokens must be 0 (from the model's size) or more, "
+                         f"not {cfg.max_forward_tokens}")
     if cfg.sort_by_length and cfg.loss_agg != "batch":  # micro: which rows share a micro-batch changes the loss
         raise SystemExit("--sort_by_length keeps the loss only with --loss_agg batch (with micro, the token "
                          "mean of each micro-batch depends on which rows it holds)")
@@ -359,6 +394,8 @@ def main(cfg: Config):
     log.info("%d examples, %d trained tokens, %d steps", len(examples), n_tokens, total_steps)
 
     model = models.load_model(cfg.model, device=device, dtype=torch.float32, seed=cfg.seed)  # fp32 master
+    forward_tokens = cfg.max_forward_tokens or forward_token_budget(model.config)
+    log.info("at most %d padded tokens per forward pass", forward_tokens)
     run = runs.start_run(cfg, model, d, device, grad_checkpointing=cfg.grad_checkpointing,
                          make_optimizer=lambda params: torch.optim.AdamW(
                              params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay))
@@ -381,17 +418,27 @@ def main(cfg: Config):
                 mine = sorted(mine, key=lambda example: len(example[0]))
             t0 = time.time()
             loss_sum = 0.0
-            n_micro = dist.n_micro_batches(-(-len(batch) // d.world), cfg.micro_batch_size)
+            largest_share = -(-len(batch) // d.world)
+            n_micro = dist.n_micro_batches(largest_share, cfg.micro_batch_size)
+            # Memory is bounded by the token budget: each micro-batch runs as forward passes of `per_forward`
+            # rows, and rows x padded length <= rows x the batch's longest row <= the budget. The longest row
+            # of the whole batch, not of this rank's rows, so that every rank runs the same number of forward
+            # passes (under FSDP each is a collective). The toy's micro-batches are never cut.
+            per_forward = max(1, forward_tokens // max(len(ids) for ids, _ in batch))
+            n_forward = dist.n_micro_batches(min(largest_share, cfg.micro_batch_size), per_forward)
             for rows in dist.micro_batches(list(range(len(mine))), cfg.micro_batch_size, n_micro):
-                # an empty turn still runs a forward
-                part = [mine[i] for i in rows] or [(batch[0][0][:2], [0, 0])]
-                input_ids, attention_mask, label_mask = collate(part, tokenizer.pad_token_id, device)
-                # [b, T-1], bf16 autocast on GPU
-                logprobs = rollout.token_logprobs(model, input_ids, attention_mask)
-                loss = micro_batch_loss(logprobs, label_mask, cfg.loss_agg, batch_tokens, n_micro * d.world)
-                # FSDP averages gradients over ranks: x world makes the average a sum
-                (loss * d.world).backward()
-                loss_sum += loss.item()
+                micro = [mine[i] for i in rows]
+                micro_tokens = sum(sum(m[1:]) for _, m in micro)  # label tokens of the micro-batch
+                for chunk in dist.micro_batches(micro, per_forward, n_forward):
+                    part = chunk or [(batch[0][0][:2], [0, 0])]   # an empty turn still runs a forward
+                    input_ids, attention_mask, label_mask = collate(part, tokenizer.pad_token_id, device)
+                    # [b, T-1], bf16 autocast on GPU
+                    logprobs = rollout.token_logprobs(model, input_ids, attention_mask)
+                    loss = micro_batch_loss(logprobs, label_mask, cfg.loss_agg, batch_tokens, n_micro * d.world,
+                                            micro_tokens)
+                    # FSDP averages gradients over ranks: x world makes the average a sum
+                    (loss * d.world).backward()
+                    loss_sum += loss.item()
             grad_norm = runs.optimizer_step(optimizer, model, cfg.grad_clip, run.health)
             scheduler.step()
             stats = dist.all_sum({"loss": loss_sum}, d)

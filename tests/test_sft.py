@@ -10,7 +10,7 @@ from test_rollout import conversation
 import rollout
 import sft
 import tools
-from common import chat_template, data, models
+from common import chat_template, data, models, runs
 from toy import task
 
 
@@ -143,6 +143,51 @@ def test_sorting_a_batch_by_length_keeps_its_loss_and_gradient(tmp_path):
         sft.main(replace(cfg, sort_by_length=True, loss_agg="micro"))
     with pytest.raises(SystemExit, match="changes nothing"):  # one micro-batch: nothing to sort into
         sft.main(replace(cfg, sort_by_length=True, micro_batch_size=16))
+
+
+@pytest.mark.parametrize("loss_agg", ["batch", "micro"])
+def test_a_token_budget_cuts_micro_batches_into_forward_passes_with_the_same_loss_and_gradient(
+        tmp_path, monkeypatch, loss_agg):
+    # one step of two micro-batches of 8, run whole and then under a budget of 3 rows of the longest: the loss
+    # and every gradient agree to float rounding (with micro, each forward pass is divided by the token count
+    # of its whole micro-batch; its own rows' count would move both), and no forward pass exceeds the budget
+    shapes, grads = [], []
+    real_logprobs, real_step = rollout.token_logprobs, runs.optimizer_step
+
+    def counted_logprobs(model, input_ids, attention_mask, **kw):
+        shapes.append(tuple(input_ids.shape))                     # (rows, padded length)
+        return real_logprobs(model, input_ids, attention_mask, **kw)
+
+    def captured_step(optimizer, model, *args, **kw):
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        return real_step(optimizer, model, *args, **kw)
+
+    monkeypatch.setattr(rollout, "token_logprobs", counted_logprobs)
+    monkeypatch.setattr(runs, "optimizer_step", captured_step)
+    cfg = sft.Config(max_steps=1, toy_examples=48, batch_size=16, micro_batch_size=8, loss_agg=loss_agg,
+                     eval_prompts=0, device="cpu", out_dir=str(tmp_path / "whole"))
+    sft.main(cfg)
+    assert [rows for rows, _ in shapes] == [8, 8]                  # the default budget cuts no toy micro-batch
+    budget = 3 * max(length for _, length in shapes)               # 3 rows of the batch's longest a pass
+    shapes.clear()
+    sft.main(replace(cfg, max_forward_tokens=budget, out_dir=str(tmp_path / "cut")))
+    assert [rows for rows, _ in shapes] == [3, 3, 2, 3, 3, 2]
+    assert all(rows * length <= budget for rows, length in shapes)
+    whole, cut = (json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+                  for name in ("whole", "cut"))
+    assert cut["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item()), name
+    with pytest.raises(SystemExit, match="--max_forward_tokens must be"):
+        sft.main(replace(cfg, max_forward_tokens=-1))
+
+
+def test_the_default_token_budget_never_cuts_a_toy_micro_batch():
+    # micro-batches of up to 32 rows of max_length 512, as sft.py's and pipeline.py's toy runs have: one forward
+    # pass each, so the toy's numbers do not move by a bit
+    from transformers import AutoConfig
+    for name, path in models.TOY_MODELS.items():
+        assert sft.forward_token_budget(AutoConfig.from_pretrained(str(path))) >= 32 * 512, name
 
 
 @pytest.mark.parametrize("row, problem", [

@@ -92,12 +92,6 @@ def qwen3_params(name: str) -> int:
     return layers * per_layer + QWEN3_COMMON["vocab_size"] * hidden + hidden
 
 
-def kv_bytes_per_token(name: str, bytes_per_value: int = 4) -> int:
-    """vLLM's KV cache per token: K and V of every layer (fp32 on a CPU)."""
-    _, layers, _, _ = SHAPES[name]
-    return layers * 2 * QWEN3_COMMON["num_key_value_heads"] * QWEN3_COMMON["head_dim"] * bytes_per_value
-
-
 # -----------------------------------------------------------------------------
 # What shrinks, and to what. Everything else of the README's commands runs as written.
 
@@ -105,7 +99,7 @@ STEPS = 1                  # RL steps (README 470) and SFT epochs (README 5): on
 SFT_ROWS = 4               # SFT conversations, one optimizer batch (README: 3,000 rows, batches of 128)
 PROMPTS_PER_STEP = 4       # README 64: our four RL rows, one of each kind, all in the step
 N_SAMPLES = 2              # samples per prompt (README 16 in training, 32 in evaluation): still a group
-MAX_LENGTH = 1024          # SFT tokens per conversation (README 32768); our conversations hold 300-500
+MAX_LENGTH = 1024          # SFT tokens per conversation (README 32768); our conversations hold 200-300
 MAX_RESPONSE_TOKENS = 64   # README 20480: a random model never stops early, so every sample takes all of them
 KV_CACHE_GB = 1            # vLLM's KV budget of the RL stages (default 4 GiB): 4,498 fp32 tokens at 0.6B's
 #                            shape, 1.7 sequences of 2,560 + 64 tokens; the 3 GiB saved keep SOD under 24 GB
@@ -114,7 +108,7 @@ KV_CACHE_GB = 1            # vLLM's KV budget of the RL stages (default 4 GiB): 
 # gradients live from a backward to its optimizer step), vLLM's fp32 copy (4), the teacher in fp32 (4:
 # models.load_model loads every model in fp32 on a CPU) and the KV cache; plus what parameter counts leave out,
 # 5.8 GB measured on grpo.py here (its peak, 22.0 GB, less the 16.2 GB it counts): the activations of a PPO
-# micro-batch (2 x ~360 tokens, no gradient checkpointing in the RL stages), the libraries (torch and vLLM,
+# micro-batch (2 x ~340 tokens, no gradient checkpointing in the RL stages), the libraries (torch and vLLM,
 # about 3 GB resident) and memory the allocator keeps
 MEMORY_MARGIN_GB = 5.8
 HEADROOM_GB = 1.0          # left to the system and the other programs of the machine

@@ -274,7 +274,7 @@ def main(cfg: Config) -> dict:
         models.check_model_path(m)
         chat_template.check_declares_tool(models.load_tokenizer(m, cfg.chat_template), tools.TOOL_SCHEMA, m)
     rollout.check_rollout_settings(cfg)
-    rollout.setup_sandbox(cfg, cfg.data)
+    tools.setup_sandbox(cfg, cfg.data)
     backend = engines.resolve_backend(cfg.backend)
     benchmarks = load_benchmarks(cfg)
     first_tokenizer = models.load_tokenizer(model_paths[0], cfg.chat_template)

@@ -339,7 +339,7 @@ def train(cfg, start: str, advantages_fn=None, name: str = "grpo"):
     trajs, batch, old_logprobs, grpo_adv, step) returns the per-token advantages [B, T-1] that PPO optimises
     and a dict of metrics for the step's row. Without it this is GRPO: A_{i,t} = A_i m_t."""
     check_inputs(cfg, start)
-    rollout.setup_sandbox(cfg, cfg.data, cfg.eval_data)
+    tools.setup_sandbox(cfg, cfg.data, cfg.eval_data)
     d, device = dist.init_processes(cfg.device)  # torchrun: one process per GPU (or CPU rank)
     tokenizer = models.load_tokenizer(start, cfg.chat_template)
     chat_template.check_declares_tool(tokenizer, tools.TOOL_SCHEMA, start)  # before anything is written

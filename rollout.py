@@ -35,7 +35,6 @@ The toy default runs on a CPU with nothing downloaded:
 import asyncio
 import logging
 import random
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -45,8 +44,8 @@ import torch
 from tqdm import tqdm
 
 import tools
-from common import chat_template, data, engines, sandbox
-from common.cli import arg, parse_args, reject_unused
+from common import chat_template, data, engines
+from common.cli import arg, parse_args
 from common.data import as_messages, write_jsonl
 from common.models import load_model, load_tokenizer, stop_token_ids
 from toy import flaky, task
@@ -58,11 +57,11 @@ log = logging.getLogger("rollout")
 # 1. The loop's settings
 
 @dataclass
-class RolloutConfig(tools.ToolConfig, tools.RewardConfig, flaky.Faults):
-    """The multi-turn tool loop: generation, the loop and the sandbox.
+class RolloutConfig(tools.ToolConfig, tools.SandboxConfig, tools.RewardConfig, flaky.Faults):
+    """The multi-turn tool loop: generation and the loop.
 
-    Composed with the tool's, the reward's and the toy's faults (tools.py, toy/flaky.py), and inherited by
-    every stage that rolls out: each flag stays one flag, and --help lists it under its own heading."""
+    Composed with the tool's, the sandbox's, the reward's and the toy's faults (tools.py, toy/flaky.py), and
+    inherited by every stage that rolls out: each flag stays one flag, and --help lists it under its heading."""
     chat_template: str = arg("", "chat template: empty (the model's own), qwen3 (Qwen3's, tool-aware) or a "
                                  ".jinja file; saved with every checkpoint")
     # generation
@@ -87,13 +86,6 @@ class RolloutConfig(tools.ToolConfig, tools.RewardConfig, flaky.Faults):
                                          "template (the chat template's newline, as SFT data has it) "
                                          "| reference (none, as the authors' rollouts: use it with their "
                                          "released teacher, docs/deviations.md row 16)")
-    # the local sandbox, or a SandboxFusion server
-    sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) | cold (one per call)")
-    sandbox_url: str = arg("", "a SandboxFusion server for tool calls and code tests, not the local sandbox")
-    sandbox_python: str = arg("", "interpreter of the local sandbox, its environment mounted read-only inside "
-                                  "(empty: $SOD_SANDBOX_PYTHON, else the trainer's own)")
-    sandbox_stdlib_ok: bool = arg(False, "run on real data even if the sandbox's Python cannot import numpy or "
-                                         "sympy, which SandboxFusion's image has")
 
 CHOICES = {"backend": ("auto", "hf", "vllm"), "autoprint": ("reference", "expression"),
            "tool_junction": ("template", "reference"), "sandbox": ("warm", "cold"),
@@ -107,28 +99,6 @@ def check_rollout_settings(cfg):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {' | '.join(allowed)}, not {getattr(cfg, name)!r}")
-    if cfg.sandbox_python and not shutil.which(cfg.sandbox_python):
-        raise SystemExit(f"--sandbox_python {cfg.sandbox_python!r} is not an executable")
-
-
-def setup_sandbox(cfg, *data: str):
-    """The sandbox of this process's tool calls and code tests, set up once at a stage's start. On real data
-    (anything but the toy, which needs the standard library alone) the model's code expects the packages of
-    SandboxFusion's image: a local sandbox whose Python cannot import numpy or sympy stops the run here."""
-    if cfg.sandbox_url:
-        reject_unused(cfg, ["sandbox_python", "sandbox_stdlib_ok"], "with --sandbox_url (its image decides)")
-    sandbox.configure(cfg.sandbox, cfg.sandbox_url, python=cfg.sandbox_python)
-    if cfg.sandbox_stdlib_ok or all(d.startswith("toy") for d in data):
-        return
-    missing = sandbox.missing_packages(("numpy", "sympy"))
-    if missing:
-        isolation = sandbox.sandbox_isolation()
-        raise SystemExit(
-            f"the sandbox runs {isolation.python} (isolation {isolation.level}), which cannot import "
-            f"{' and '.join(missing)}; tool calls on real data expect them (SandboxFusion's image has them). "
-            f"Install them into that environment ({isolation.python} -m pip install numpy sympy), point "
-            "--sandbox_python at an environment that has them, or use a SandboxFusion server (--sandbox_url); "
-            "--sandbox_stdlib_ok runs without them.")
 
 
 def load_prompts(path: str, n: int | None = None, seed: int = 0, toy_steps: str = "2-4",
@@ -280,8 +250,8 @@ async def run_trajectory(t: Trajectory, index: int, waiting: engines.Waiting, ca
                 return _finish(t, "answer", cfg)
             calls = calls[:cfg.max_tool_calls_per_turn]
             first = calls[0]
-            t.turns[-1].tool_call = (first["arguments"].get("code") if isinstance(first["arguments"], dict)
-                                     else first)
+            t.turns[-1].tool_call = (first.arguments.get("code") if isinstance(first.arguments, dict)
+                                     else first._asdict())
             reply = await call_tool(calls, (index, assistant_turns))    # a tools.Reply
             failed = any(tools.tool_call_failed(x) for x in reply.texts)
             t.num_tool_calls += len(calls)
@@ -378,7 +348,7 @@ def score_trajectory(t: Trajectory, tokenizer, cfg: RolloutConfig):
     result = tools.compute_score(t.data_source, t.text, t.ground_truth, {"num_turns": t.num_turns},
                                  tool_shaping=cfg.tool_shaping, lenient_math=cfg.math_scoring == "lenient",
                                  code_scoring=cfg.code_scoring)
-    t.score, t.acc, t.pred = float(result["score"]), bool(result["acc"]), result["pred"] or ""
+    t.score, t.acc, t.pred = float(result.score), bool(result.acc), result.pred or ""
     t.reward = t.score + overlong_penalty(len(t.response_ids), cfg.max_response_tokens,
                                           cfg.overlong_buffer, cfg.overlong_penalty)
 
@@ -510,7 +480,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(Args)
     check_rollout_settings(args)
-    setup_sandbox(args, args.data)
+    tools.setup_sandbox(args, args.data)
     tokenizer = load_tokenizer(args.model, args.chat_template)
     chat_template.check_declares_tool(tokenizer, tools.TOOL_SCHEMA, args.model)
     backend = engines.resolve_backend(args.backend)

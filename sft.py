@@ -64,7 +64,6 @@ cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocas
         --grad_checkpointing true
 """
 import itertools
-import json
 import logging
 import math
 import time
@@ -77,7 +76,7 @@ import rollout
 import tools
 from common import chat_template, dist, models, runs
 from common.cli import arg, reject_unused, run_script
-from common.data import load_rows
+from common.data import check_conversation, load_rows
 from toy import task
 
 log = logging.getLogger("sft")
@@ -140,9 +139,6 @@ class Config:
 # -----------------------------------------------------------------------------
 # Tokenization with the assistant-only mask
 
-CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # Qwen3's; a tokenizer's own in a run
-
-
 def tokenize_conversation(tokenizer, messages: list[dict], tools_schema: list[dict] | None = None,
                           marks: chat_template.Markers | None = None) -> tuple[list[int], list[int]]:
     """Conversation -> (input_ids, loss_mask). loss_mask[t] = 1 exactly for tokens the assistant wrote."""
@@ -168,57 +164,6 @@ def tokenize_rendered(tokenizer, text: str, marks: chat_template.Markers) -> tup
         input_ids += ids
         loss_mask += [m] * len(ids)
     return input_ids, loss_mask
-
-
-def check_conversation(row, control_tokens=CONTROL_TOKENS) -> str | None:
-    """What is wrong with an SFT row, in words, or None."""
-    if not isinstance(row, dict) or "messages" not in row:
-        return "no `messages` column"
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        return "`messages` is empty or not a list"
-    saw_call = False
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
-            return f"message {i} has no valid role"
-        if m["role"] == "system" and i != 0:
-            return f"system message at position {i} (only index 0 is allowed)"
-        if m["role"] == "tool" and not saw_call:
-            return f"tool message {i} with no preceding assistant tool call"
-        for token in control_tokens:
-            if token in str(m.get("content") or "") or token in json.dumps(m.get("tool_calls"), default=str):
-                return f"message {i} ({m['role']}) holds the control token {token} in its text"
-        if m["role"] == "assistant":
-            problem = check_tool_calls(m.get("tool_calls"))
-            if problem:
-                return f"message {i}: {problem}"
-            saw_call = bool(m.get("tool_calls"))
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant turn"
-    return None
-
-
-def check_tool_calls(calls) -> str | None:
-    """What is wrong with an assistant message's tool_calls (OpenAI form, arguments an object or a JSON
-    string)."""
-    if calls is None or (hasattr(calls, "__len__") and len(calls) == 0):
-        return None
-    if not isinstance(calls, list):
-        return (f"tool_calls is a {type(calls).__name__}, not a list of "
-                f"{{type, function: {{name, arguments}}}}")
-    for k, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            return f"tool call {k} has no function name"
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError as e:
-                return f"tool call {k}: arguments are not valid JSON ({e.msg} at character {e.pos})"
-        if not isinstance(arguments, dict):
-            return f"tool call {k}: arguments are a {type(arguments).__name__}, not an object"
-    return None
 
 
 def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]]]:

@@ -17,7 +17,7 @@ Top to bottom:
 
 The code runs in the sandbox of common/sandbox.py (its docstring says how it isolates the code and what it
 does not protect against): the local one, warm or cold, or a SandboxFusion server, as set once per process
-with common.sandbox.configure.
+with common.sandbox.configure: setup_sandbox does it at a stage's start, from the stage's SandboxConfig flags.
 
 Where this departs from the authors' code (docs/deviations.md):
   - autoprint="expression" prints the last statement only if it is a bare expression; the default
@@ -38,6 +38,7 @@ import ast
 import collections
 import json
 import re
+import shutil
 import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,8 +46,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from common import sandbox
-from common.cli import arg
-from common.code_tests import score_code
+from common.cli import arg, reject_unused
+from common.code_tests import Score, score_code
 
 TOOL_NAME = "code_interpreter"
 # exactly what the reference passes as tools= to apply_chat_template (verl/tools/schemas.py), key order too
@@ -129,11 +130,11 @@ def truncate_output(text: str, max_chars: int = 256) -> str:
     return text[:max_chars // 2] + "...(truncated)..." + text[-(max_chars // 2):]
 
 
-def _tool_text(result: dict) -> str:
-    if result["status"] != "finished":
+def _tool_text(result: sandbox.RunResult) -> str:
+    if result.status != "finished":
         return NO_STDOUT
-    text = result["stdout"] + result["stderr"]  # stdout first, then stderr, not interleaved
-    returncode = result["returncode"]
+    text = result.stdout + result.stderr  # stdout first, then stderr, not interleaved
+    returncode = result.returncode
     if returncode is not None and returncode < 0:
         # Our addition: the reference shows "" for a crash, which teaches nothing.
         # Buffered prints made before the crash are lost with the process.
@@ -148,17 +149,23 @@ def _tool_text(result: dict) -> str:
 # -----------------------------------------------------------------------------
 # 2. Tool calls
 
-def _decode_tool_call(raw):
-    """A call as the reference's HermesToolParser keeps it: a JSON object with "name" and "arguments" (of any
-    JSON type: a string of arguments is kept, and fails when it runs). None for anything else."""
+class ToolCall(NamedTuple):
+    """One call as the reference's HermesToolParser keeps it: the JSON object's "name" and "arguments", of any
+    JSON type (a string of arguments is kept, and fails when it runs)."""
+    name: object
+    arguments: object
+
+
+def _decode_tool_call(raw) -> ToolCall | None:
+    """The call in one <tool_call> body; None for anything but a JSON object with both keys."""
     try:
         call = json.loads(raw.strip())
-        return {"name": call["name"], "arguments": call["arguments"]}
+        return ToolCall(call["name"], call["arguments"])
     except Exception:  # bad JSON, not an object, a missing key, RecursionError, too many digits
         return None
 
 
-def parse_tool_calls(text: str, counts: collections.Counter | None = None) -> list[dict]:
+def parse_tool_calls(text: str, counts: collections.Counter | None = None) -> list[ToolCall]:
     """Every well-formed Hermes tool call in text, in order; malformed ones are dropped (and counted).
 
     The reference executes only the first call of a turn (max_parallel_calls = 1); that choice belongs to the
@@ -180,14 +187,14 @@ def parse_tool_calls(text: str, counts: collections.Counter | None = None) -> li
 TOOLS = {TOOL_NAME: execute_code}
 
 
-def run_tool_calls(calls: list[dict], timeout: float = 60.0, memory_mb: int = 2048, **kwargs) -> list[str]:
+def run_tool_calls(calls: list[ToolCall], timeout: float = 60.0, memory_mb: int = 2048, **kwargs) -> list[str]:
     """The tool text for each call, in order; the calls run in parallel. A call that cannot run (an unknown
     tool, arguments that are not an object, no `code`) gets "Error when executing tool: <the exception>", the
     text the reference shows, and the episode goes on. A `timeout` argument is honoured up to `timeout`."""
     def answer(call):
         try:
-            tool = TOOLS[call["name"]]            # KeyError for an unknown tool, as the reference's lookup
-            arguments = call["arguments"]
+            tool = TOOLS[call.name]               # KeyError for an unknown tool, as the reference's lookup
+            arguments = call.arguments
             code = arguments["code"]              # TypeError for a string of arguments, KeyError without code
             wanted = arguments.get("timeout", timeout)
             limit = (min(float(wanted), timeout) if isinstance(wanted, (int, float)) and wanted > 0
@@ -218,6 +225,39 @@ class ToolConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """Where tool calls and code tests run: the local sandbox (common/sandbox.py) or a SandboxFusion server."""
+    sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) | cold (one per call)")
+    sandbox_url: str = arg("", "a SandboxFusion server for tool calls and code tests, not the local sandbox")
+    sandbox_python: str = arg("", "interpreter of the local sandbox, its environment mounted read-only inside "
+                                  "(empty: $SOD_SANDBOX_PYTHON, else the trainer's own)")
+    sandbox_stdlib_ok: bool = arg(False, "run on real data even if the sandbox's Python cannot import numpy or "
+                                         "sympy, which SandboxFusion's image has")
+
+
+def setup_sandbox(cfg, *data: str):
+    """The sandbox of this process's tool calls and code tests, set up once at a stage's start. On real data
+    (anything but the toy, which needs the standard library alone) the model's code expects the packages of
+    SandboxFusion's image: a local sandbox whose Python cannot import numpy or sympy stops the run here."""
+    if cfg.sandbox_url:
+        reject_unused(cfg, ["sandbox_python", "sandbox_stdlib_ok"], "with --sandbox_url (its image decides)")
+    if cfg.sandbox_python and not shutil.which(cfg.sandbox_python):
+        raise SystemExit(f"--sandbox_python {cfg.sandbox_python!r} is not an executable")
+    sandbox.configure(cfg.sandbox, cfg.sandbox_url, python=cfg.sandbox_python)
+    if cfg.sandbox_stdlib_ok or all(d.startswith("toy") for d in data):
+        return
+    missing = sandbox.missing_packages(("numpy", "sympy"))
+    if missing:
+        isolation = sandbox.sandbox_isolation()
+        raise SystemExit(
+            f"the sandbox runs {isolation.python} (isolation {isolation.level}), which cannot import "
+            f"{' and '.join(missing)}; tool calls on real data expect them (SandboxFusion's image has them). "
+            f"Install them into that environment ({isolation.python} -m pip install numpy sympy), point "
+            "--sandbox_python at an environment that has them, or use a SandboxFusion server (--sandbox_url); "
+            "--sandbox_stdlib_ok runs without them.")
+
+
+@dataclass
 class RewardConfig:
     """The reward: how an answer is graded, and how a wrong or overlong one is shaped."""
     math_scoring: str = arg("strict", "math and GPQA answers: strict (the reference's exact last box) "
@@ -228,7 +268,6 @@ class RewardConfig:
                                          "| turns (+0.1 per tool round) | none")
     overlong_buffer: int = arg(0, "DAPO overlong penalty buffer in tokens, 0 = off (reference 1024)")
     overlong_penalty: float = arg(1.0, "DAPO overlong penalty factor (reference 1.0)")
-
 
 
 class Reply(NamedTuple):
@@ -245,11 +284,11 @@ def tool_runner(cfg, dedupe: bool = False):
     shared: dict[str, Future] = {}
     lock = threading.Lock()
 
-    def run(calls: list[dict]) -> list[str]:
+    def run(calls: list[ToolCall]) -> list[str]:
         return run_tool_calls(calls, timeout=cfg.tool_timeout, memory_mb=cfg.tool_memory_mb,
                               autoprint=cfg.autoprint, max_output_chars=cfg.max_tool_response_chars)
 
-    def call(calls: list[dict], key=None) -> Reply:
+    def call(calls: list[ToolCall], key=None) -> Reply:
         if not dedupe:
             return Reply(run(calls))
         name = json.dumps(calls, sort_keys=True)
@@ -294,7 +333,7 @@ def last_boxed_only_string(s: str) -> str | None:
     return None  # the box never closes
 
 
-def score_math(solution_str: str, ground_truth: str) -> dict:
+def score_math(solution_str: str, ground_truth: str) -> Score:
     """verl's math_dapo with strict_box_verify=True: exact match, no normalisation.
 
     GPQA uses it too, with the option letter as ground truth. The ground truth is
@@ -305,10 +344,10 @@ def score_math(solution_str: str, ground_truth: str) -> dict:
     boxed = last_boxed_only_string(s)
     pred = boxed[len("\\boxed{"):-1] if boxed is not None else None
     acc = pred == str(ground_truth)
-    return {"score": 1.0 if acc else -1.0, "acc": acc, "pred": pred}
+    return Score(1.0 if acc else -1.0, acc, pred)
 
 
-def score_math_lenient(solution_str: str, ground_truth: str) -> dict:
+def score_math_lenient(solution_str: str, ground_truth: str) -> Score:
     """math_verify's symbolic equivalence on the last \\boxed{} (or the whole text)."""
     from math_verify import parse, verify  # lazy: it pulls in sympy
 
@@ -323,7 +362,7 @@ def score_math_lenient(solution_str: str, ground_truth: str) -> dict:
         pred = str(answer[1]) if len(answer) > 1 else None  # parse gives [sympy value, its string]
     except Exception:
         acc, pred = False, None
-    return {"score": 1.0 if acc else -1.0, "acc": acc, "pred": pred}
+    return Score(1.0 if acc else -1.0, acc, pred)
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +370,7 @@ def score_math_lenient(solution_str: str, ground_truth: str) -> dict:
 
 def compute_score(data_source: str, solution_str: str, ground_truth, extra_info: dict | None = None, *,
                   tool_shaping: str = "reference", lenient_math: bool = False,
-                  code_scoring: str = "fixed") -> dict:
+                  code_scoring: str = "fixed") -> Score:
     """The reference's reward (recipe/demystify/reward.py: compute_score): a scorer by data source, then
     shaping of wrong answers.
 
@@ -351,12 +390,11 @@ def compute_score(data_source: str, solution_str: str, ground_truth, extra_info:
         result = score_math_lenient(solution_str, ground_truth)
     else:
         result = score_math(solution_str, ground_truth)
-    score = result["score"]
+    score = result.score
     if score < 0:  # a wrong answer, or code that could not be tested
         if tool_shaping == "none":
             score = min(-0.6, score)
         else:
             num_turns = (extra_info or {}).get("num_turns", 0) if tool_shaping == "turns" else 0
             score = min(-0.6, score + 0.1 * (num_turns - 2) / 2)
-    pred = result["pred"] if result["pred"] is not None else ""  # "" is still a vote in maj@k
-    return {"score": score, "acc": result["acc"], "pred": pred}
+    return Score(score, result.acc, result.pred if result.pred is not None else "")  # "" is a vote in maj@k

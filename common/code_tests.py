@@ -13,6 +13,7 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from common import sandbox
 
@@ -91,14 +92,14 @@ def check_code_tests(tests) -> dict:
     return {**tests, **cases, "assert_case": list(asserts)}
 
 
-def _exited_cleanly(result):
-    return result["status"] == "finished" and result["returncode"] == 0
+def _exited_cleanly(result: sandbox.RunResult):
+    return result.status == "finished" and result.returncode == 0
 
 
 def _printed(expected):
     # an expected output of None passes any run that finishes cleanly, as in _process_single_case
     return lambda r: _exited_cleanly(r) and (expected is None
-                                             or r["stdout"].rstrip("\n") == str(expected).rstrip("\n"))
+                                             or r.stdout.rstrip("\n") == str(expected).rstrip("\n"))
 
 
 def _code_cases(code: str, tree, tests: dict):
@@ -154,8 +155,15 @@ def _is_json(text) -> bool:
         return False
 
 
+class Score(NamedTuple):
+    """A grader's verdict on one answer (this file's score_code, tools.py's math graders and compute_score)."""
+    score: float       # the reward: 1 right, -1 wrong (code: the fraction of tests passed), shaped by the caller
+    acc: bool          # right: every test passed, or the box matched
+    pred: str | None   # what was graded: the boxed answer or the code; None if there was nothing to grade
+
+
 def score_code(solution_str: str, tests, *, code_scoring: str = "fixed",
-               timeout: float = CODE_TEST_TIMEOUT) -> dict:
+               timeout: float = CODE_TEST_TIMEOUT) -> Score:
     """The fraction of unit tests the last ```python block passes
     (verl/utils/reward_score/livecodebench/code_math.py: compute_score).
 
@@ -169,7 +177,7 @@ def score_code(solution_str: str, tests, *, code_scoring: str = "fixed",
     ast.literal_eval, which fails on JSON's true, false and null."""
     if code_scoring not in ("fixed", "reference"):
         raise ValueError(f"unknown code_scoring {code_scoring!r}")
-    fail = {"score": -1.0, "acc": False, "pred": None}
+    fail = Score(-1.0, False, None)
     reference = code_scoring == "reference"
     if "</think>" in solution_str:
         solution_str = (solution_str.split("</think>")[1] if reference
@@ -196,27 +204,27 @@ def score_code(solution_str: str, tests, *, code_scoring: str = "fixed",
         return fail
     if reference and "import_prefix" in tests:
         code = tests["import_prefix"] + code  # their pred carries the prefix
-    return {"score": sum(passed) / len(passed), "acc": all(passed), "pred": code}
+    return Score(sum(passed) / len(passed), all(passed), code)
 
 
-def _reference_reading(code: str, as_text: str, tests: dict) -> tuple[str | None, dict | None]:
+def _reference_reading(code: str, as_text: str, tests: dict) -> tuple[str | None, Score | None]:
     """What the authors' compute_score does to the code and the tests' text before it runs anything:
     (the code it runs, or the score it gives without running)."""
     json_text = _is_json(as_text)
     if "import_prefix" in tests:
         # json.loads fails and its fallback gives the str back, which "import_prefix" cannot index
-        return code, None if json_text else {"score": -1.0, "acc": False, "pred": None}
+        return code, None if json_text else Score(-1.0, False, None)
     if not json_text:  # input_output stays a str: "fn_name" is a substring test, then a failed index
         if "fn_name" in as_text and "class Solution" not in code:
-            return code, {"score": -1.0, "acc": False, "pred": code}
+            return code, Score(-1.0, False, code)
     elif "fn_name" in tests and "class Solution" not in code:
         code = as_class_method(code, tests["fn_name"])
         if code is None:
-            return code, {"score": -1.0, "acc": False, "pred": None}
+            return code, Score(-1.0, False, None)
     try:  # check_correctness reads the tests' text with ast.literal_eval
         ast.literal_eval(as_text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return code, {"score": -1.0, "acc": False, "pred": code}
+        return code, Score(-1.0, False, code)
     return code, None
 
 

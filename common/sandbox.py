@@ -1,7 +1,8 @@
 """
 common/sandbox.py: the local sandbox that runs model-written Python, where the reference uses SandboxFusion,
-and the switch to a SandboxFusion server (common/sandbox_fusion.py). One entry point, run_python; the kind of
-sandbox is set once per process with configure(kind, url, python), warm by default.
+and the switch to a client of a SandboxFusion server (its run_code HTTP API, the sandbox the reference runs
+code in). One entry point, run_python, which returns a RunResult; the kind of sandbox is set once per process
+with configure(kind, url, python), warm by default.
 
 Its isolation level is probed once, on first use, and logged in one line that names each layer that holds and
 each that does not, with the reason:
@@ -38,7 +39,7 @@ host's /tmp): the folders on the way to it are empty folders of the new root, so
 The other levels cannot mount: the uid level runs the trainer's interpreter only if the uid can read it, else
 /usr/bin/python3 (standard library only); the basic level runs it as the trainer's own user. The isolation
 line names the interpreter and which of numpy, sympy, scipy, pandas and networkx it can import; a stage on
-real data stops when numpy or sympy is missing (rollout.setup_sandbox).
+real data stops when numpy or sympy is missing (tools.setup_sandbox).
 
 The uid leases are flocks on files in LOCK_DIR, a folder of root's with mode 700 outside shared temporary
 space, checked before use and opened without following symlinks or truncating: nobody else can lay them.
@@ -68,10 +69,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from common import sandbox_cgroup, sandbox_fusion
+from common import sandbox_cgroup
 
 logger = logging.getLogger("sandbox")
 
@@ -92,6 +96,14 @@ SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", 
                 "/etc/localtime")
 
 _kind, _url, _python = "warm", "", ""  # set by configure
+
+
+class RunResult(NamedTuple):
+    """How one program ended, and what it wrote."""
+    status: str              # "finished" (any exit code), "timeout", or "error" (the sandbox could not run it)
+    returncode: int | None   # when finished; negative: killed by that signal
+    stdout: str = ""
+    stderr: str = ""
 
 
 def configure(kind: str = "warm", url: str = "", python: str = "") -> None:
@@ -355,7 +367,7 @@ def _call_cgroup(stack, cgroups, uid, memory_mb) -> list:
 
 
 def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python, view=View(),
-              cgroups=sandbox_cgroup.Cgroups()) -> dict:
+              cgroups=sandbox_cgroup.Cgroups()) -> RunResult:
     # mode 700: root (and, at level uid, the uid)
     host_dir = tempfile.mkdtemp(prefix=f"sod_sandbox_{os.getpid()}_")
     try:
@@ -384,7 +396,7 @@ def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python, vie
                                         start_new_session=True, preexec_fn=in_child)
             except (OSError, subprocess.SubprocessError) as e:
                 err.write(str(e).encode())
-                return {"status": "error", "returncode": None}
+                return RunResult("error", None)
             # A timer kills the group at the deadline while we block in waitpid: Popen.wait(timeout=...)
             # would poll with sleeps of up to 50 ms, which is most of the cost of a short call.
             timed_out = threading.Event()
@@ -405,8 +417,7 @@ def _run_cold(code, stdin_file, out, err, timeout, memory_mb, level, python, vie
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.kill()  # cannot have left its group (a session leader), but wait() must never hang
                 proc.wait()
-            return {"status": "timeout", "returncode": None} if timed_out.is_set() else \
-                {"status": "finished", "returncode": returncode}
+            return RunResult("timeout", None) if timed_out.is_set() else RunResult("finished", returncode)
     finally:
         shutil.rmtree(host_dir, ignore_errors=True)
 
@@ -460,7 +471,8 @@ class _Worker:
             self.close()
             raise OSError(f"the warm sandbox did not start: {self.proc.stderr.read().decode()[-300:]}")
 
-    def run(self, code: str, stdin_file, out, err, timeout: float, memory_mb: int) -> dict:
+    def run(self, code: str, stdin_file, out, err, timeout: float, memory_mb: int) -> RunResult:
+        """The zygote's answer; ValueError if it gave none."""
         if self.folders and memory_mb != self.memory_mb:
             sandbox_cgroup.set_limits(self.cgroups, self.folders, memory_mb, MAX_PROCESSES)
             self.memory_mb = memory_mb
@@ -473,7 +485,10 @@ class _Worker:
             fds = [stdin_file.fileno(), out.fileno(), err.fileno(), code_file.fileno()]
             self.sock.settimeout(timeout + 2.0)  # the zygote answers within its own deadline
             socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
-            return json.loads(self.sock.recv(1 << 16) or b"{}")
+            answer = json.loads(self.sock.recv(1 << 16) or b"{}")
+        if answer.get("status") not in ("finished", "timeout"):
+            raise ValueError("the warm sandbox gave no answer")
+        return RunResult(answer["status"], answer.get("returncode"))
 
     def close(self):
         with contextlib.suppress(OSError):
@@ -493,9 +508,9 @@ class _WarmPool:
         self.idle, self.count = [], 0
         self.lock = threading.Condition()
 
-    def run(self, code, stdin_file, out, err, timeout, memory_mb) -> dict | None:
-        """The call's {status, returncode}; None if no worker could start (the caller falls back to the cold
-        path)."""
+    def run(self, code, stdin_file, out, err, timeout, memory_mb) -> RunResult | None:
+        """The call's status and returncode (its output is in `out` and `err`); None if no worker could start
+        (the caller falls back to the cold path)."""
         try:
             worker = self._acquire()
         except OSError as e:
@@ -503,11 +518,9 @@ class _WarmPool:
             return None
         try:
             result = worker.run(code, stdin_file, out, err, timeout, memory_mb)
-            if result.get("status") not in ("finished", "timeout"):
-                raise OSError("the warm sandbox gave no answer")
         except (OSError, ValueError):
             self._discard(worker)
-            return {"status": "error", "returncode": None}
+            return RunResult("error", None)
         with self.lock:
             self.idle.append(worker)
             self.lock.notify()
@@ -596,7 +609,7 @@ def _probe(level, python, view, cgroups=sandbox_cgroup.Cgroups()):
     with _scratch_file() as stdin_file, _scratch_file() as out, _scratch_file() as err:
         result = _run_cold(_SANDBOX_PROBE, stdin_file, out, err, 10.0, 1024, level, python, view, cgroups)
         stdout = _read_capped(out, 8192)
-    if result["status"] != "finished" or result["returncode"] != 0:
+    if result.status != "finished" or result.returncode != 0:
         return None
     with contextlib.suppress(ValueError):
         return json.loads(stdout)
@@ -677,15 +690,13 @@ def _warm_workers():
 
 
 def run_python(code: str, stdin: str = "", timeout: float = 60.0, memory_mb: int = 2048,
-               max_output_bytes: int = 8 * 2**20) -> dict:
-    """Run a Python program: no auto-print, no truncation. Returns {status, returncode, stdout, stderr};
-    status is "finished" (any exit code; a negative returncode is a signal), "timeout" or "error" (the sandbox
-    could not run it). It runs where configure() said: the SandboxFusion server if a url is set, else the
-    local sandbox's warm or cold path. Output past max_output_bytes is dropped (and a program cannot write
-    past MAX_FILE_BYTES)."""
+               max_output_bytes: int = 8 * 2**20) -> RunResult:
+    """Run a Python program: no auto-print, no truncation. It runs where configure() said: the SandboxFusion
+    server if a url is set, else the local sandbox's warm or cold path. Output past max_output_bytes is dropped
+    (and a program cannot write past MAX_FILE_BYTES)."""
     kind, url = _kind, _url
     if url:
-        return sandbox_fusion.run_code(code, stdin, url, timeout, memory_mb)
+        return _run_on_server(code, stdin, url, timeout, memory_mb)
     isolation = sandbox_isolation()
     with _scratch_file() as stdin_file, _scratch_file() as out, _scratch_file() as err:
         stdin_file.write(stdin.encode("utf-8", errors="surrogatepass"))
@@ -695,10 +706,51 @@ def run_python(code: str, stdin: str = "", timeout: float = 60.0, memory_mb: int
         if result is None:
             result = _run_cold(code, stdin_file, out, err, timeout, memory_mb, isolation.level,
                                isolation.python, isolation.view, isolation.cgroups)
-        return dict(result, stdout=_read_capped(out, max_output_bytes),
-                    stderr=_read_capped(err, max_output_bytes))
+        return result._replace(stdout=_read_capped(out, max_output_bytes),
+                               stderr=_read_capped(err, max_output_bytes))
 
 
 def _warm_can_run(code: str) -> bool:
     """Source python would refuse to read from a file gets the cold path, which reports it as python does."""
     return "\0" not in code and not any("\ud800" <= ch <= "\udfff" for ch in code)
+
+
+# -----------------------------------------------------------------------------
+# A SandboxFusion server (--sandbox_url): every program goes there instead, the way to run untrusted code at
+# scale
+
+HTTP_TRIES = 3  # the reference retries only on HTTP 504, 3 tries in all
+HTTP_RETRY_DELAY = 1.0  # seconds, doubled after each 504
+
+
+def _run_on_server(code: str, stdin: str, url: str, timeout: float, memory_mb: int) -> RunResult:
+    """The request of verl/utils/reward_score/sandbox_fusion/utils.py: call_sandbox_api; only HTTP 504 is
+    retried. A run that did not finish (a timeout) is status "timeout"; an unreachable or broken server,
+    status "error"."""
+    url = url.rstrip("/")
+    if not url.endswith("/run_code"):
+        url += "/run_code"
+    payload = json.dumps({"compile_timeout": timeout, "run_timeout": timeout, "code": code,
+                          "stdin": stdin or None, "memory_limit_MB": memory_mb, "language": "python",
+                          "files": {}, "fetch_files": []}).encode()
+    request = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json",
+                                                                 "Accept": "application/json"})
+    error = RunResult("error", None)
+    for attempt in range(HTTP_TRIES):
+        try:
+            with urllib.request.urlopen(request, timeout=2 * timeout + 10) as response:
+                answer = json.loads(response.read())
+            run = answer.get("run_result") or {}
+            if run.get("status") == "Finished":
+                return RunResult("finished", run.get("return_code"), run.get("stdout") or "",
+                                 run.get("stderr") or "")
+            if run.get("status") == "TimeLimitExceeded":
+                return error._replace(status="timeout")
+            return error._replace(stderr=answer.get("message") or "")
+        except urllib.error.HTTPError as e:
+            if e.code != 504 or attempt == HTTP_TRIES - 1:
+                return error._replace(stderr=f"HTTP {e.code}")
+            time.sleep(HTTP_RETRY_DELAY * 2**attempt)
+        except Exception as e:  # connection refused, bad JSON, missing keys: the model sees the same text
+            return error._replace(stderr=str(e))
+    return error

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rollout  # noqa: E402
+import tools  # noqa: E402
 from common import engines, models  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def timed_rollouts(engine, tokenizer, prompts, n, cfgs, seed, repeats):
 
 
 def main(args):
-    rollout.setup_sandbox(rollout.RolloutConfig(), "toy")
+    tools.setup_sandbox(rollout.RolloutConfig(), "toy")
     tokenizer = models.load_tokenizer(args.model)
     budget = rollout.RolloutConfig().max_prompt_tokens + rollout.RolloutConfig().max_response_tokens
     engine = (engines.make_vllm_engine(args.model, budget, seed=0, kv_cache_gb=1) if args.backend == "vllm"

@@ -106,7 +106,7 @@ def bench_step_weights(B: int, T: int, repeats: int, authors_repo: str):
 # 2-3. the sandbox and the tool calls of a turn
 
 def calls(codes):
-    return [{"name": tools.TOOL_NAME, "arguments": {"code": c}} for c in codes]
+    return [tools.ToolCall(tools.TOOL_NAME, {"code": c}) for c in codes]
 
 
 def bench_sandbox(alone: int, burst: int, repeats: int):

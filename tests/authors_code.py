@@ -89,8 +89,8 @@ def authors_verdicts(generation: str, tests: dict) -> list[bool]:
     verdicts = []
     for inp, expected in zip(tests["inputs"], tests["outputs"]):
         r = sandbox.run_python(authors_wrapper(generation, tests["fn_name"]), str(inp), timeout=10)
-        verdicts.append(r["status"] == "finished" and r["returncode"] == 0
-                        and r["stdout"].rstrip("\n") == str(expected).rstrip("\n"))
+        verdicts.append(r.status == "finished" and r.returncode == 0
+                        and r.stdout.rstrip("\n") == str(expected).rstrip("\n"))
     return verdicts
 
 
@@ -115,10 +115,10 @@ def authors_check_correctness(in_outs, generation: str, timeout: float = 10) -> 
         if fn_name:
             program = authors_wrapper(program, fn_name)
         r = sandbox.run_python(program, "" if stdin is None else str(stdin), timeout)
-        if r["status"] != "finished" or r["returncode"] != 0:
+        if r.status != "finished" or r.returncode != 0:
             results.append(-2)
         else:
-            results.append(expected is None or r["stdout"].rstrip("\n") == str(expected).rstrip("\n"))
+            results.append(expected is None or r.stdout.rstrip("\n") == str(expected).rstrip("\n"))
     return results
 
 
@@ -144,7 +144,7 @@ def authors_compute_score(completion: str, test_cases, timeout: float = 10) -> d
                 program = (solution + "\n" + test_code[0] + test_code[i]
                            + "\ncheck({})".format(test_cases["entry_point"]))
                 r = sandbox.run_python(program, "prefix", timeout)
-                results.append(r["status"] == "finished" and r["returncode"] == 0)
+                results.append(r.status == "finished" and r.returncode == 0)
             return {"score": sum(results) / len(results), "acc": all(results), "pred": solution}
         except Exception:
             return dict(FAIL)

@@ -50,8 +50,8 @@ def test_a_livecodebench_row_with_literal_eval_tests_is_loaded_and_graded_as_the
     for code in (DOUBLE, WRONG_AT_3, "print(int(input())\n"):
         theirs = authors_compute_score(answer(code), p.ground_truth)
         for mode in ("fixed", "reference"):
-            assert code_tests.score_code(answer(code), p.ground_truth, code_scoring=mode) == theirs
-    assert code_tests.score_code(answer(WRONG_AT_3), p.ground_truth)["score"] == pytest.approx(2 / 3)
+            assert code_tests.score_code(answer(code), p.ground_truth, code_scoring=mode)._asdict() == theirs
+    assert code_tests.score_code(answer(WRONG_AT_3), p.ground_truth).score == pytest.approx(2 / 3)
 
 
 FORMS = [("a dict of lists", STDIN), ("a JSON string", json.dumps(STDIN)), ("a Python literal", str(STDIN)),
@@ -62,7 +62,7 @@ FORMS = [("a dict of lists", STDIN), ("a JSON string", json.dumps(STDIN)), ("a P
 @pytest.mark.parametrize("name, tests", FORMS, ids=[name for name, _ in FORMS])
 def test_every_form_of_tests_the_authors_grader_reads_is_kept_and_graded(name, tests):
     assert code_tests.check_code_tests(tests)["inputs"] == STDIN["inputs"]
-    assert code_tests.score_code(answer(WRONG_AT_3), tests)["score"] == pytest.approx(2 / 3)
+    assert code_tests.score_code(answer(WRONG_AT_3), tests).score == pytest.approx(2 / 3)
 
 
 def test_code_rows_without_usable_tests_are_dropped_with_the_reason_counted(tmp_path, caplog):
@@ -86,7 +86,7 @@ def test_assert_cases_are_appended_to_the_solution_of_their_own_test():
     tests = {"inputs": ["", ""], "outputs": ["", ""],
              "assert_case": ["assert add(1, 2) == 3", "assert add(2, 2) == 5"]}
     result = code_tests.score_code(answer(ADD), tests)
-    assert result["score"] == 0.5 and result == authors_compute_score(answer(ADD), tests)
+    assert result.score == 0.5 and result._asdict() == authors_compute_score(answer(ADD), tests)
 
 
 # (answer, tests): the reference mode against the authors' compute_score, score, acc and pred
@@ -110,16 +110,16 @@ CASES = {
 
 @pytest.mark.parametrize("code, tests", CASES.values(), ids=CASES.keys())
 def test_reference_code_scoring_gives_the_authors_verdicts(code, tests):
-    assert code_tests.score_code(answer(code), tests, code_scoring="reference") == authors_compute_score(
-        answer(code), tests)
+    ours = code_tests.score_code(answer(code), tests, code_scoring="reference")
+    assert ours._asdict() == authors_compute_score(answer(code), tests)
 
 
 def test_the_fixed_grader_calls_a_recursive_function_where_it_stands():
     for tests in (FIB_TESTS, json.dumps(FIB_TESTS), str(FIB_TESTS)):
-        assert code_tests.score_code(answer(FIB), tests) == {"score": 1.0, "acc": True, "pred": FIB}
+        assert code_tests.score_code(answer(FIB), tests) == code_tests.Score(1.0, True, FIB)
     wrapped = code_tests.score_code(answer(FIB), json.dumps(FIB_TESTS), code_scoring="reference")
-    assert wrapped["score"] == 0.0 and wrapped["pred"] == code_tests.as_class_method(FIB, "fib")
-    assert "class Solution" in wrapped["pred"] and "def fib(self, n)" in wrapped["pred"]
+    assert wrapped.score == 0.0 and wrapped.pred == code_tests.as_class_method(FIB, "fib")
+    assert "class Solution" in wrapped.pred and "def fib(self, n)" in wrapped.pred
 
 
 WRAPPING = {

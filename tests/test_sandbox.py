@@ -116,9 +116,9 @@ def test_no_socket_file_of_the_host_is_reachable(kind):
         for listener, path in zip(closing, paths):
             listener.close()
             os.unlink(path)
-    assert result["status"] == "finished" and result["returncode"] == 0, result
-    assert "banner" not in result["stdout"] and accepted == [], result["stdout"]
-    assert result["stdout"].count("FileNotFoundError") == len(paths)
+    assert result.status == "finished" and result.returncode == 0, result
+    assert "banner" not in result.stdout and accepted == [], result.stdout
+    assert result.stdout.count("FileNotFoundError") == len(paths)
 
 
 def test_the_filesystem_shows_only_what_the_interpreter_needs(kind):
@@ -126,7 +126,7 @@ def test_the_filesystem_shows_only_what_the_interpreter_needs(kind):
             "print(sorted(os.listdir('/etc')) if os.path.isdir('/etc') else [])\n"
             f"print(os.path.exists({str(REPO / 'README.md')!r}))")
     result = run(code)
-    top, dev, etc, repo = result["stdout"].splitlines()
+    top, dev, etc, repo = result.stdout.splitlines()
     env_tops = {d.split("/")[1] for d in sandbox.sandbox_isolation().view.binds}
     assert set(eval(top)) <= {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev", "proc",
                               "tmp", *env_tops}, top
@@ -154,8 +154,8 @@ def test_the_keyring_is_refused_and_no_key_reaches_the_next_call(path, one_worke
     next, nor survives the trainer for the next run that leases the same uid."""
     sandbox.configure(kind=path)
     name = "sod" + secrets.token_hex(6)
-    plant = run(KEYRING.format(plant=True, name=name, **NR))["stdout"]
-    look = run(KEYRING.format(plant=False, name=name, **NR))["stdout"]
+    plant = run(KEYRING.format(plant=True, name=name, **NR)).stdout
+    look = run(KEYRING.format(plant=False, name=name, **NR)).stdout
     assert plant.splitlines() == ["add_key EPERM", "keyctl EPERM"], plant
     assert look.splitlines() == ["keyctl EPERM"], look
     assert name not in Path("/proc/keys").read_text()
@@ -184,7 +184,7 @@ else:
 import subprocess
 print(subprocess.run(['unshare', '-U', '-r', 'true'], capture_output=True).returncode != 0)
 """
-    assert run(code)["stdout"] == "unshare EPERM\nunshare_mount EPERM\nclone EPERM\nTrue\n"
+    assert run(code).stdout == "unshare EPERM\nunshare_mount EPERM\nclone EPERM\nTrue\n"
 
 
 @needs_known_syscalls
@@ -198,7 +198,7 @@ attr[0], attr[2], attr[10] = 1, 128, 0b1100000                 # software, size,
 call('perf_event_open', libc.syscall({perf_event_open}, attr, 0, -1, -1, 0))
 call('bpf', libc.syscall({bpf}, 0, (ctypes.c_char * 64)(), 64))   # BPF_MAP_CREATE
 """.format(**NR)
-    result = run(code)["stdout"].splitlines()
+    result = run(code).stdout.splitlines()
     assert result == ["2", "mount EPERM", "ptrace EPERM", "perf_event_open EPERM", "bpf EPERM"], result
 
 # -----------------------------------------------------------------------------
@@ -249,26 +249,26 @@ def test_memfds_count_against_the_call_memory_limit(kind):
     """40 memfds of 16 MB held 640 MB under a 256 MB limit: the call is now killed (or its writes fail)
     before it holds much more than its limit."""
     result = run(MEMFDS, memory_mb=256)
-    held = [int(line) for line in result["stdout"].split() if line.isdigit()]
-    assert "held" not in result["stdout"] and max(held, default=0) <= 256, result
+    held = [int(line) for line in result.stdout.split() if line.isdigit()]
+    assert "held" not in result.stdout and max(held, default=0) <= 256, result
 
 
 def test_a_tmpfs_of_its_own_counts_against_the_call_memory_limit(kind):
     """A tmpfs mounted in a new user namespace held 384 MB under a 256 MB limit."""
     result = run(TMPFS, memory_mb=256)
-    held = [int(line) for line in result["stdout"].split() if line.isdigit()]
+    held = [int(line) for line in result.stdout.split() if line.isdigit()]
     assert max(held, default=0) <= 256, result
 
 
 def test_several_children_share_one_memory_limit(kind):
     """Three children of 300 MB each held 887 MB under a 400 MB limit."""
     result = run(CHILDREN, memory_mb=400, timeout=20)
-    assert result["stdout"].count("filled") < 3, result
+    assert result.stdout.count("filled") < 3, result
 
 
 def test_the_open_files_limit_is_the_sandbox_own(kind):
     result = run("import resource\nprint(resource.getrlimit(resource.RLIMIT_NOFILE))")
-    assert result["stdout"] == f"{(sandbox.MAX_OPEN_FILES, sandbox.MAX_OPEN_FILES)}\n"
+    assert result.stdout == f"{(sandbox.MAX_OPEN_FILES, sandbox.MAX_OPEN_FILES)}\n"
 
 # -----------------------------------------------------------------------------
 # the uid lock folder
@@ -279,7 +279,7 @@ import sys
 sys.path.insert(0, {repo!r})
 from common import sandbox
 sandbox.configure(kind={kind!r})
-print(sandbox.run_python('print(6 * 7)')['stdout'], end='')
+print(sandbox.run_python('print(6 * 7)').stdout, end='')
 """
 
 
@@ -325,7 +325,7 @@ def test_a_lock_folder_not_owned_by_root_alone_is_refused(tmp_path, monkeypatch)
 
 @needs_root
 def test_the_lock_folder_is_root_owned_private_and_outside_temporary_space():
-    assert sandbox.run_python("print(1)")["stdout"] == "1\n"
+    assert sandbox.run_python("print(1)").stdout == "1\n"
     info = os.lstat(sandbox.LOCK_DIR)
     assert info.st_uid == 0 and info.st_mode & 0o7777 == 0o700 and os.path.isdir(sandbox.LOCK_DIR)
     assert not sandbox.LOCK_DIR.startswith((tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm"))
@@ -368,8 +368,8 @@ def test_the_calls_cgroup_holds_its_processes_and_limits():
     for kind in ("warm", "cold"):
         sandbox.configure(kind=kind)
         result = sandbox.run_python("import os\nprint(open('/proc/self/cgroup').read())", memory_mb=300)
-        assert f"/{sandbox.sandbox_cgroup.PARENT}/" in result["stdout"], result
-        uid = int(result["stdout"].split(f"/{sandbox.sandbox_cgroup.PARENT}/")[1].split()[0])
+        assert f"/{sandbox.sandbox_cgroup.PARENT}/" in result.stdout, result
+        uid = int(result.stdout.split(f"/{sandbox.sandbox_cgroup.PARENT}/")[1].split()[0])
         folders = sandbox.sandbox_cgroup.folders_of(cgroups, uid)
         limit = "memory.max" if cgroups.version == "v2" else "memory.limit_in_bytes"
         assert Path(folders[0], limit).read_text().strip() == str(300 * 2**20)

@@ -200,7 +200,7 @@ def test_the_default_token_budget_never_cuts_a_toy_micro_batch():
                    {"role": "assistant", "content": "c"}]}, "system message at position 1"),
 ])
 def test_bad_rows_are_named(row, problem):
-    assert problem in sft.check_conversation(row)
+    assert problem in data.check_conversation(row)
 
 
 def test_bad_rows_are_reported_with_file_and_row(tmp_path, tok, caplog):

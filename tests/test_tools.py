@@ -1,5 +1,5 @@
 """
-Tests for tools.py and what it stands on (common/sandbox.py, common/sandbox_fusion.py,
+Tests for tools.py and what it stands on (common/sandbox.py,
 common/code_tests.py), one property each: the sandbox survives hostile code, runs
 the trainer's own Python environment and shows nothing around it, the tool text
 follows the reference's conventions, the parser never raises, and the rewards
@@ -216,9 +216,9 @@ def test_network_connections_fail(sandbox_kind):
 def test_sys_exit_with_an_error_code_returns_the_output_normally(sandbox_kind):
     assert run_hostile("import sys\nprint('bye')\nsys.exit(3)") == "bye\n"
     result = sandbox.run_python("import sys\nsys.exit(3)", timeout=TIMEOUT)
-    assert (result["status"], result["returncode"]) == ("finished", 3)
+    assert (result.status, result.returncode) == ("finished", 3)
     result = sandbox.run_python("raise SystemExit('bye')", timeout=TIMEOUT)
-    assert (result["returncode"], result["stderr"]) == (1, "bye\n")
+    assert (result.returncode, result.stderr) == (1, "bye\n")
 
 
 def test_a_segfault_is_reported_as_a_signal(sandbox_kind):
@@ -229,7 +229,7 @@ def test_a_segfault_is_reported_as_a_signal(sandbox_kind):
 def test_run_python_feeds_stdin_and_keeps_streams_apart(sandbox_kind):
     result = sandbox.run_python("import sys\nprint(input()[::-1])\nprint('oops', file=sys.stderr)",
                                 stdin="abc\n")
-    assert result == {"status": "finished", "returncode": 0, "stdout": "cba\n", "stderr": "oops\n"}
+    assert result == sandbox.RunResult(status="finished", returncode=0, stdout="cba\n", stderr="oops\n")
 
 # -----------------------------------------------------------------------------
 # the sandbox's interpreter: the trainer's environment, and nothing around it
@@ -344,19 +344,19 @@ def test_sandbox_python_chooses_the_interpreter_and_real_data_needs_numpy_and_sy
     import rollout
     python = make_venv(private_folder)
     cfg = rollout.RolloutConfig(sandbox_python=python)
-    rollout.setup_sandbox(cfg, "toy", "toy:valid")
+    tools.setup_sandbox(cfg, "toy", "toy:valid")
     assert sandbox.sandbox_isolation().python == python
     assert tools.execute_code("import sys\nprint(sys.prefix)") == f"{private_folder / 'venv'}\n"
     assert "ModuleNotFoundError" in tools.execute_code("import numpy\nprint(1)")
     with pytest.raises(SystemExit, match=r"cannot import numpy and sympy; .*pip install numpy sympy.*"
                                          r"--sandbox_python.*--sandbox_url.*--sandbox_stdlib_ok"):
-        rollout.setup_sandbox(cfg, "toy", "aime_2024_problems.parquet")
-    rollout.setup_sandbox(rollout.RolloutConfig(sandbox_python=python, sandbox_stdlib_ok=True),
+        tools.setup_sandbox(cfg, "toy", "aime_2024_problems.parquet")
+    tools.setup_sandbox(rollout.RolloutConfig(sandbox_python=python, sandbox_stdlib_ok=True),
                           "Open-AgentRL-30K.parquet")
     with pytest.raises(SystemExit, match="--sandbox_python is not used with --sandbox_url"):
-        rollout.setup_sandbox(rollout.RolloutConfig(sandbox_python=python, sandbox_url="http://x"), "toy")
+        tools.setup_sandbox(rollout.RolloutConfig(sandbox_python=python, sandbox_url="http://x"), "toy")
     with pytest.raises(SystemExit, match="--sandbox_python .* is not an executable"):
-        rollout.check_rollout_settings(rollout.RolloutConfig(sandbox_python=str(private_folder / "nope")))
+        tools.setup_sandbox(rollout.RolloutConfig(sandbox_python=str(private_folder / "nope")), "toy")
     monkeypatch.setenv("SOD_SANDBOX_PYTHON", python)
     sandbox.configure()  # back to the default interpreter: the environment variable's
     assert sandbox.sandbox_isolation().python == python
@@ -374,7 +374,7 @@ def test_sandbox_python_chooses_the_interpreter_and_real_data_needs_numpy_and_sy
 def test_tool_calls_sent_together_give_the_answers_of_one_after_another_in_order():
     """64 calls at once (how much faster that is: python scripts/speed.py)."""
     codes = [f"print(sum(range(10**5)) + {i})" for i in range(64)]
-    calls = [{"name": tools.TOOL_NAME, "arguments": {"code": c}} for c in codes]
+    calls = [tools.ToolCall(tools.TOOL_NAME, {"code": c}) for c in codes]
     sequential = [tools.execute_code(c) for c in codes]
     assert tools.run_tool_calls(calls) == sequential == [f"{4999950000 + i}\n" for i in range(64)]
 
@@ -458,7 +458,7 @@ class FakeSandboxFusion(http.server.BaseHTTPRequestHandler):
 def sandbox_fusion(monkeypatch):
     pytest.importorskip("sandbox_fusion",
                         reason="the SandboxFusion client (pip install -r tests/requirements.txt)")
-    monkeypatch.setattr("common.sandbox_fusion.HTTP_RETRY_DELAY", 0.0)
+    monkeypatch.setattr("common.sandbox.HTTP_RETRY_DELAY", 0.0)
     FakeSandboxFusion.replies, FakeSandboxFusion.requests = [], []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeSandboxFusion)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -504,10 +504,10 @@ json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=F
 malformed = st.sampled_from(['{"name": "code_interpreter"}', '{"arguments": {}}', "[1, 2]", '"text"', "42",
                              "{'name': 'x'}", "{", "", "[" * 100000 + "]" * 100000, "1" * 5000])
 # kept by the reference's parser (a JSON object with both keys), and answered with an error when run
-kept_but_odd = st.sampled_from([('{"name": "x", "arguments": [1]}', {"name": "x", "arguments": [1]}),
-                                ('{"name": 3, "arguments": {}}', {"name": 3, "arguments": {}}),
+kept_but_odd = st.sampled_from([('{"name": "x", "arguments": [1]}', tools.ToolCall("x", [1])),
+                                ('{"name": 3, "arguments": {}}', tools.ToolCall(3, {})),
                                 ('{"name": "x", "arguments": "not json"}',
-                                 {"name": "x", "arguments": "not json"})])
+                                 tools.ToolCall("x", "not json"))])
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
@@ -516,7 +516,7 @@ kept_but_odd = st.sampled_from([('{"name": "x", "arguments": [1]}', {"name": "x"
                 | st.text(max_size=20), max_size=30).map("".join))
 def test_parse_tool_calls_never_raises(text):
     calls = tools.parse_tool_calls(text)
-    assert all(c.keys() == {"name", "arguments"} for c in calls)
+    assert all(isinstance(c, tools.ToolCall) for c in calls)
 
 
 @settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
@@ -531,7 +531,7 @@ def test_parse_tool_calls_round_trips_well_formed_calls_in_order(pieces):
         if piece[0] == "call":
             _, name, arguments, as_string = piece
             text += tool_call(name, arguments, as_string)
-            expected.append({"name": name, "arguments": json.dumps(arguments) if as_string else arguments})
+            expected.append(tools.ToolCall(name, json.dumps(arguments) if as_string else arguments))
         elif piece[0] == "junk":
             text += piece[1]
         elif piece[0] == "odd":
@@ -548,19 +548,19 @@ def test_parse_tool_calls_round_trips_well_formed_calls_in_order(pieces):
 def test_parse_tool_calls_needs_both_tags_and_keeps_unknown_names():
     assert tools.parse_tool_calls('<tool_call>{"name": "a", "arguments": {}}') == []
     assert (tools.parse_tool_calls(tool_call("search", {"q": 1}))
-            == [{"name": "search", "arguments": {"q": 1}}])
+            == [tools.ToolCall("search", {"q": 1})])
 
 
 def test_run_tool_calls_answers_calls_that_cannot_run_with_the_reference_error_text():
     """The texts verl's _call_tool shows (tool_agent_loop.py): Python's own exception message, not
     truncated."""
-    calls = [{"name": "code_interpreter", "arguments": {"code": "print(1)"}},
-             {"name": "python", "arguments": {"code": "print(2)"}},
-             {"name": "code_interpreter", "arguments": {"script": "print(3)"}},
-             {"name": "code_interpreter", "arguments": {"code": 4}},
+    calls = [tools.ToolCall("code_interpreter", {"code": "print(1)"}),
+             tools.ToolCall("python", {"code": "print(2)"}),
+             tools.ToolCall("code_interpreter", {"script": "print(3)"}),
+             tools.ToolCall("code_interpreter", {"code": 4}),
              # arguments written as a string
-             {"name": "code_interpreter", "arguments": '{"code": "print(5)"}'},
-             {"name": "code_interpreter", "arguments": '{"code": "print(6)}'}]    # ... a malformed one
+             tools.ToolCall("code_interpreter", '{"code": "print(5)"}'),
+             tools.ToolCall("code_interpreter", '{"code": "print(6)}')]    # ... a malformed one
     texts = tools.run_tool_calls(calls)
     assert texts[0] == "1\n"
     assert texts[1] == "Error when executing tool: 'python'"
@@ -573,7 +573,7 @@ def test_run_tool_calls_answers_calls_that_cannot_run_with_the_reference_error_t
 def test_a_timeout_argument_is_honoured_up_to_the_configured_timeout():
     slow = "import time\ntime.sleep(1.5)\nprint('done')"
     def call(t):
-        return {"name": "code_interpreter", "arguments": {"code": slow, "timeout": t}}
+        return tools.ToolCall("code_interpreter", {"code": slow, "timeout": t})
     start = time.monotonic()
     short, capped, ignored = tools.run_tool_calls([call(0.5), call(100), call("soon")], timeout=3.0)
     assert short == "no stdout here" and capped == ignored == "done\n"
@@ -618,7 +618,7 @@ TRICKY = [("The answer is \\boxed{42}.", "42"),
 
 @pytest.mark.parametrize("solution, truth", TRICKY)
 def test_score_math_matches_the_reference_on_tricky_strings(solution, truth):
-    assert tools.score_math(solution, truth) == reference_strict_box(solution, truth)
+    assert tools.score_math(solution, truth)._asdict() == reference_strict_box(solution, truth)
 
 
 @settings(max_examples=300)
@@ -626,11 +626,11 @@ def test_score_math_matches_the_reference_on_tricky_strings(solution, truth):
                 max_size=20).map("".join),
        st.sampled_from(["42", "4", "", "é"]))
 def test_score_math_matches_the_reference_everywhere(solution, truth):
-    assert tools.score_math(solution, truth) == reference_strict_box(solution, truth)
+    assert tools.score_math(solution, truth)._asdict() == reference_strict_box(solution, truth)
 
 
 def test_score_math_casts_a_numeric_ground_truth_to_str():
-    assert tools.score_math("\\boxed{42}", 42)["acc"]
+    assert tools.score_math("\\boxed{42}", 42).acc
 
 
 def test_lenient_math_grader_works_inside_a_worker_thread():
@@ -638,9 +638,9 @@ def test_lenient_math_grader_works_inside_a_worker_thread():
         right = pool.submit(tools.score_math_lenient, "so \\boxed{0.5}", "\\frac{1}{2}").result()
         wrong = pool.submit(tools.score_math_lenient, "so \\boxed{3}", "2").result()
         garbage = pool.submit(tools.score_math_lenient, "\\boxed{\\frac{", "2").result()
-    assert right["acc"] and right["score"] == 1.0
-    assert not wrong["acc"] and wrong["score"] == -1.0
-    assert not garbage["acc"]
+    assert right.acc and right.score == 1.0
+    assert not wrong.acc and wrong.score == -1.0
+    assert not garbage.acc
 
 # -----------------------------------------------------------------------------
 # code rewards
@@ -651,9 +651,9 @@ DOUBLE = "```python\nn = int(input())\nprint(n * 2)\n```"
 def test_score_code_stdin_stdout_gives_partial_credit():
     # trailing newlines are ignored
     tests = {"inputs": ["1\n", "2\n", "3\n", "4\n"], "outputs": ["2\n", "4", "7\n", "8\n\n"]}
-    assert code_tests.score_code(DOUBLE, tests) == {"score": 0.75, "acc": False,
-                                                    "pred": "n = int(input())\nprint(n * 2)\n"}
-    assert code_tests.score_code(DOUBLE, json.dumps({"inputs": ["5\n"], "outputs": ["10\n"]}))["acc"]
+    assert code_tests.score_code(DOUBLE, tests) == code_tests.Score(0.75, False,
+                                                                    "n = int(input())\nprint(n * 2)\n")
+    assert code_tests.score_code(DOUBLE, json.dumps({"inputs": ["5\n"], "outputs": ["10\n"]})).acc
 
 
 def test_score_code_calls_fn_name_on_solution_or_on_a_function():
@@ -661,37 +661,37 @@ def test_score_code_calls_fn_name_on_solution_or_on_a_function():
     method = ("```python\nclass Solution:\n    def pair(self, xs: List[int], n: int):\n"
               "        return (xs, n)\n```")
     function = "```python\ndef pair(xs, n):\n    return [xs, n]\n```"
-    assert code_tests.score_code(method, tests)["score"] == 1.0  # a tuple equals its list
-    assert code_tests.score_code(function, tests)["score"] == 1.0
-    assert code_tests.score_code("```python\ndef other(xs, n):\n    return 0\n```", tests)["score"] == -1.0
+    assert code_tests.score_code(method, tests).score == 1.0  # a tuple equals its list
+    assert code_tests.score_code(function, tests).score == 1.0
+    assert code_tests.score_code("```python\ndef other(xs, n):\n    return 0\n```", tests).score == -1.0
 
 
 def test_score_code_runs_leetcode_style_asserts_one_by_one():
     tests = {"import_prefix": "from typing import *\n", "entry_point": "add",
              "test_code": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
                           "    assert candidate(2, 2) == 5\n"}
-    assert code_tests.score_code("```python\ndef add(a, b):\n    return a + b\n```", tests)["score"] == 0.5
+    assert code_tests.score_code("```python\ndef add(a, b):\n    return a + b\n```", tests).score == 0.5
 
 
 def test_score_code_reads_after_the_last_think_unless_asked_for_the_reference_split():
     tests = {"inputs": ["2\n"], "outputs": ["4\n"]}
     text = "<think>a</think>```python\nprint(0)\n```<think>b</think>" + DOUBLE
-    assert code_tests.score_code(text, tests)["acc"]
-    assert not code_tests.score_code(text, tests, code_scoring="reference")["acc"]  # grades print(0)
+    assert code_tests.score_code(text, tests).acc
+    assert not code_tests.score_code(text, tests, code_scoring="reference").acc  # grades print(0)
 
 
 def test_reference_newline_unescaping_breaks_escaped_strings():
     code = "```python\nprint('\\n'.join(['a', 'b']))\n```"
     tests = {"inputs": [""], "outputs": ["a\nb\n"]}
-    assert code_tests.score_code(code, tests)["acc"]
+    assert code_tests.score_code(code, tests).acc
     assert (code_tests.score_code(code, tests, code_scoring="reference")
-            == {"score": -1.0, "acc": False, "pred": None})
+            == code_tests.Score(-1.0, False, None))
 
 
 def test_score_code_without_a_block_or_with_a_syntax_error_scores_minus_one():
     tests = {"inputs": ["1\n"], "outputs": ["2\n"]}
-    assert code_tests.score_code("print(2)", tests)["score"] == -1.0
-    assert code_tests.score_code("```python\ndef (\n```", tests)["score"] == -1.0
+    assert code_tests.score_code("print(2)", tests).score == -1.0
+    assert code_tests.score_code("```python\ndef (\n```", tests).score == -1.0
 
 # -----------------------------------------------------------------------------
 # compute_score
@@ -699,23 +699,23 @@ def test_score_code_without_a_block_or_with_a_syntax_error_scores_minus_one():
 
 def test_compute_score_shaping_modes():
     wrong, right = "\\boxed{1}", "\\boxed{2}"
-    assert tools.compute_score("aime", right, "2") == {"score": 1.0, "acc": True, "pred": "2"}
-    assert tools.compute_score("aime", wrong, "2")["score"] == pytest.approx(-1.1)  # num_turns reads 0
+    assert tools.compute_score("aime", right, "2") == tools.Score(1.0, True, "2")
+    assert tools.compute_score("aime", wrong, "2").score == pytest.approx(-1.1)  # num_turns reads 0
     def turns(n):
-        return tools.compute_score("aime", wrong, "2", {"num_turns": n}, tool_shaping="turns")["score"]
+        return tools.compute_score("aime", wrong, "2", {"num_turns": n}, tool_shaping="turns").score
     assert [turns(2), turns(4), turns(6), turns(20)] == pytest.approx([-1.0, -0.9, -0.8, -0.6])
-    assert tools.compute_score("aime", wrong, "2", {"num_turns": 6}, tool_shaping="none")["score"] == -1.0
-    assert tools.compute_score("gpqa", "no box", "A")["pred"] == ""
+    assert tools.compute_score("aime", wrong, "2", {"num_turns": 6}, tool_shaping="none").score == -1.0
+    assert tools.compute_score("gpqa", "no box", "A").pred == ""
     with pytest.raises(ValueError):
         tools.compute_score("aime", right, "2", tool_shaping="per-turn")
 
 
 def test_compute_score_dispatches_code_and_lenient_math():
-    assert (tools.compute_score("livecodebench", DOUBLE, {"inputs": ["2\n"], "outputs": ["4\n"]})["score"]
+    assert (tools.compute_score("livecodebench", DOUBLE, {"inputs": ["2\n"], "outputs": ["4\n"]}).score
             == 1.0)
-    assert (tools.compute_score("livecodebench", "no code", {"inputs": ["2\n"], "outputs": ["4\n"]})["score"]
+    assert (tools.compute_score("livecodebench", "no code", {"inputs": ["2\n"], "outputs": ["4\n"]}).score
             == pytest.approx(-1.1))
-    assert tools.compute_score("aime", "\\boxed{0.5}", "\\frac{1}{2}", lenient_math=True)["acc"]
+    assert tools.compute_score("aime", "\\boxed{0.5}", "\\frac{1}{2}", lenient_math=True).acc
 
 # -----------------------------------------------------------------------------
 # the warm sandbox: nothing of one call reaches the next, nothing outlives the trainer
@@ -759,11 +759,11 @@ print(os.path.exists('/tmp/left_behind'), os.path.exists('/dev/shm/left_behind')
 def test_no_state_reaches_the_next_call_on_the_same_worker(one_worker):
     marker = f"{10**6 + secrets.randbelow(10**6)}.{secrets.randbelow(10**6)}"
     first = sandbox.run_python(LEAVE_STATE.replace("{marker}", marker), timeout=5)
-    assert first["stdout"].startswith("left"), first
+    assert first.stdout.startswith("left"), first
     fresh = sandbox.run_python(LOOK_FOR_STATE, timeout=5)
     # /tmp holds the code, and the way to the interpreter's environment if that lives under the host's /tmp
     in_tmp = {"/tmp/" + d.split("/")[2] for d in sandbox.sandbox_isolation().view.binds if d.startswith("/tmp/")}
-    assert fresh["stdout"] == (f"False False /tmp None False False False {sorted({'/tmp/main.py', *in_tmp})} "
+    assert fresh.stdout == (f"False False /tmp None False False False {sorted({'/tmp/main.py', *in_tmp})} "
                                "['0', '1', '2', '3']\n"), fresh
     assert live_processes_with(marker) == []
     assert one_worker.count == 1  # the same worker answered both calls
@@ -783,7 +783,7 @@ def test_warm_and_cold_paths_give_the_same_answers_alone_and_64_at_once():
     """Both paths, one after the other (their cost, side by side: python scripts/speed.py)."""
     if LEVEL != "full":
         pytest.skip("the warm path needs full isolation")
-    calls = [{"name": tools.TOOL_NAME, "arguments": {"code": f"print(57 * {i})"}} for i in range(64)]
+    calls = [tools.ToolCall(tools.TOOL_NAME, {"code": f"print(57 * {i})"}) for i in range(64)]
     for kind in ("warm", "cold"):
         sandbox.configure(kind=kind)
         assert [tools.execute_code("print(57 * 26)") for _ in range(3)] == ["1482\n"] * 3
@@ -882,7 +882,7 @@ def test_function_problems_get_the_verdicts_of_the_authors_wrapper(solution, fn_
     theirs = authors_verdicts(solution, tests)
     if ours is None:  # the code defines neither the function nor class Solution: the reference scores it -1
         assert not any(theirs)
-        assert code_tests.score_code(f"```python\n{solution}\n```", tests)["score"] == -1.0
+        assert code_tests.score_code(f"```python\n{solution}\n```", tests).score == -1.0
     else:
         assert ours == theirs
 
@@ -890,11 +890,11 @@ def test_function_problems_get_the_verdicts_of_the_authors_wrapper(solution, fn_
 def test_reference_code_scoring_fails_function_problems_given_as_objects_without_class_solution():
     tests = {"inputs": ["3"], "outputs": ["3"], "fn_name": "f"}
     solution = "```python\ndef f(a):\n    return a\n```"
-    assert code_tests.score_code(solution, tests)["acc"]
+    assert code_tests.score_code(solution, tests).acc
     # a JSON string parses
-    assert code_tests.score_code(solution, json.dumps(tests), code_scoring="reference")["acc"]
+    assert code_tests.score_code(solution, json.dumps(tests), code_scoring="reference").acc
     # str(dict) does not
-    assert code_tests.score_code(solution, tests, code_scoring="reference")["score"] == -1.0
+    assert code_tests.score_code(solution, tests, code_scoring="reference").score == -1.0
 
 
 def test_code_tests_and_tool_calls_reach_sandbox_fusion_from_a_stage_config(sandbox_fusion, monkeypatch):
@@ -905,8 +905,8 @@ def test_code_tests_and_tool_calls_reach_sandbox_fusion_from_a_stage_config(sand
                                                              "stderr": "", "return_code": 0}}
     FakeSandboxFusion.replies = [(200, ok)] * 2
     cfg = rollout.RolloutConfig(sandbox_url=sandbox_fusion)
-    rollout.setup_sandbox(cfg, "Open-AgentRL-30K.parquet")  # as a stage does once, at its start
-    assert (tools.tool_runner(cfg)([{"name": tools.TOOL_NAME, "arguments": {"code": "print(2 + 2)"}}])
+    tools.setup_sandbox(cfg, "Open-AgentRL-30K.parquet")  # as a stage does once, at its start
+    assert (tools.tool_runner(cfg)([tools.ToolCall(tools.TOOL_NAME, {"code": "print(2 + 2)"})])
             == tools.Reply(["4\n"]))
     t = rollout.Trajectory(prompt_ids=[], data_source="livecodebench",
                            ground_truth={"inputs": ["2"], "outputs": ["4"]})

@@ -229,10 +229,9 @@ class SandboxConfig:
     """Where tool calls and code tests run: the local sandbox (common/sandbox.py) or a SandboxFusion server."""
     sandbox: str = arg("warm", "local sandbox: warm (forked from pooled interpreters) | cold (one per call)")
     sandbox_url: str = arg("", "a SandboxFusion server for tool calls and code tests, not the local sandbox")
-    sandbox_python: str = arg("", "interpreter of the local sandbox, its environment mounted read-only inside "
-                                  "(empty: $SOD_SANDBOX_PYTHON, else the trainer's own)")
-    sandbox_stdlib_ok: bool = arg(False, "run on real data even if the sandbox's Python cannot import numpy or "
-                                         "sympy, which SandboxFusion's image has")
+    # the local sandbox's interpreter: its environment is mounted read-only inside, and the model imports from it
+    sandbox_python: str = arg("", "the local sandbox's Python (empty: $SOD_SANDBOX_PYTHON, else the trainer's)")
+    sandbox_stdlib_ok: bool = arg(False, "run on real data though the sandbox's Python lacks numpy or sympy")
 
 
 def setup_sandbox(cfg, *data: str):

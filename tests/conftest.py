@@ -21,3 +21,26 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def default_sandbox():
+    """The test starts and ends with the default sandbox: local, warm."""
+    from common import sandbox
+    sandbox.configure()
+    yield
+    sandbox.configure()
+
+
+@pytest.fixture
+def one_worker(monkeypatch):
+    """A warm pool of one worker, so that consecutive calls land on the same interpreter (tests of the warm
+    sandbox: test_sandbox.py, test_tools.py)."""
+    from common import sandbox
+    isolation = sandbox.sandbox_isolation()
+    if isolation.level != "full":
+        pytest.skip(f"the warm path needs full isolation, not {isolation.level}")
+    pool = sandbox._WarmPool(isolation.python, isolation.view, size=1, cgroups=isolation.cgroups)
+    monkeypatch.setattr(sandbox, "_warm_pool", pool)
+    yield pool
+    pool.close()

@@ -28,11 +28,7 @@ LEVEL = sandbox.sandbox_isolation().level
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="uid leases need root")
 
 
-@pytest.fixture(autouse=True)
-def default_sandbox():
-    sandbox.configure()
-    yield
-    sandbox.configure()
+pytestmark = pytest.mark.usefixtures("default_sandbox")  # tests/conftest.py
 
 
 @pytest.fixture(params=["warm", "cold"])
@@ -42,18 +38,6 @@ def kind(request):
         pytest.skip(f"isolation level is {LEVEL}, not full")
     sandbox.configure(kind=request.param)
     return request.param
-
-
-@pytest.fixture
-def one_worker(monkeypatch):
-    """A warm pool of one worker, so that consecutive calls land on the same interpreter."""
-    if LEVEL != "full":
-        pytest.skip(f"isolation level is {LEVEL}, not full")
-    isolation = sandbox.sandbox_isolation()
-    pool = sandbox._WarmPool(isolation.python, isolation.view, size=1, cgroups=isolation.cgroups)
-    monkeypatch.setattr(sandbox, "_warm_pool", pool)
-    yield pool
-    pool.close()
 
 
 def run(code, timeout=10.0, memory_mb=2048):

@@ -37,12 +37,7 @@ needs_full_isolation = pytest.mark.skipif(LEVEL != "full", reason=f"isolation le
 needs_uid_drop = pytest.mark.skipif(LEVEL == "basic", reason="basic isolation cannot kill setsid() escapes")
 
 
-@pytest.fixture(autouse=True)
-def default_sandbox():
-    """Every test starts and ends with the default sandbox: local, warm."""
-    sandbox.configure()
-    yield
-    sandbox.configure()
+pytestmark = pytest.mark.usefixtures("default_sandbox")  # tests/conftest.py
 
 
 @pytest.fixture(params=["warm", "cold"])
@@ -719,18 +714,6 @@ def test_compute_score_dispatches_code_and_lenient_math():
 
 # -----------------------------------------------------------------------------
 # the warm sandbox: nothing of one call reaches the next, nothing outlives the trainer
-
-
-@pytest.fixture
-def one_worker(monkeypatch):
-    """A warm pool of one worker, so that consecutive calls land on the same interpreter."""
-    if LEVEL != "full":
-        pytest.skip(f"the warm path needs full isolation, not {LEVEL}")
-    isolation = sandbox.sandbox_isolation()
-    pool = sandbox._WarmPool(isolation.python, isolation.view, size=1, cgroups=isolation.cgroups)
-    monkeypatch.setattr(sandbox, "_warm_pool", pool)
-    yield pool
-    pool.close()
 
 
 LEAVE_STATE = """

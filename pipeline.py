@@ -106,6 +106,9 @@ class Config:
                                                        "call that is then redone (-1: the preset's)")
     student_retry_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data that retries after a "
                                                     "transient tool failure (-1: the preset's)")
+    student_gap_frac: float = arg(UNSET_FRACTION, "how often the student's SFT data shows the toy's gap "
+                                                  "notation, relative to the teacher's and the held-out splits' "
+                                                  "(toy/task.py; -1: the preset's)")
     student_direct_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data answered at once, "
                                                      "without the tool (-1: the preset's)")
     max_response_tokens: int = arg(UNSET, "tokens per trajectory, tool tokens included, in RL and evaluation "
@@ -217,6 +220,7 @@ def main(cfg: Config):
         plan.append(stages.stage_job(name, out, sft.main, sft.Config(
             model="toy-student", epochs=cfg.student_sft_epochs, toy_recovery_frac=cfg.student_recovery_frac,
             toy_retry_frac=cfg.student_retry_frac, toy_direct_frac=cfg.student_direct_frac,
+            toy_gap_frac=cfg.student_gap_frac,
             toy_steps=cfg.toy_steps, seed=seed, out_dir=str(out),
             **{"toy_examples": cfg.student_sft_examples, **sft_sizes}), []))
         student_sfts[seed] = Checkpoint("student SFT", seed, str(out / "final"), name)

@@ -97,6 +97,9 @@ class Config:
                                      "and is sent again")
     toy_direct_frac: float = arg(0.0, "fraction of toy conversations that answer at once, without the tool")
     toy_steps: str = arg("2-4", "toy problems need this many dependent tool calls (from 1 to 8)")
+    toy_gap_frac: float = arg(1.0, "how often the toy's gap notation (`x / y`, computed as `x // y`) appears, "
+                                   "relative to the held-out splits' half of the problems: 1 for the teacher, "
+                                   "0.008 (about 20 of 5,000 conversations) for pipeline.py's student")
     max_length: int = arg(512, "tokens per example; longer ones are cut on the right (reference 32768)")
     strict_data: bool = arg(False, "stop at the first malformed row instead of skipping it")
     # optimization
@@ -170,7 +173,7 @@ def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]
     """All rows tokenized; malformed rows are reported with file and row number, then skipped (or fatal)."""
     if cfg.data == "toy":
         rows, name = task.sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, cfg.seed, cfg.toy_retry_frac,
-                                   cfg.toy_direct_frac, task.steps_range(cfg.toy_steps)), "toy"
+                                   cfg.toy_direct_frac, task.steps_range(cfg.toy_steps), cfg.toy_gap_frac), "toy"
     else:
         rows, name = load_rows(cfg.data), cfg.data
     marks, control = chat_template.markers(tokenizer, cfg.model), chat_template.control_tokens(tokenizer)
@@ -313,11 +316,13 @@ def main(cfg: Config):
     # the inputs first: nothing is written before the model and the data are known to be usable
     if cfg.data != "toy":
         reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac",
-                                    "toy_steps"],
+                                    "toy_steps", "toy_gap_frac"],
                               "with --data other than toy")
         if cfg.eval_prompts not in (0, Config.eval_prompts):
             raise SystemExit("--eval_prompts is not used with --data other than toy "
                              "(the held-out check is the toy's)")
+    if not 0.0 <= cfg.toy_gap_frac <= 1.0:
+        raise SystemExit(f"--toy_gap_frac must be from 0 to 1, not {cfg.toy_gap_frac}")
     if cfg.loss_agg not in ("batch", "micro"):
         raise SystemExit(f"--loss_agg must be batch or micro, not {cfg.loss_agg!r}")
     if cfg.max_forward_tokens < 0:

@@ -4,7 +4,16 @@ The built-in toy task: arithmetic chains that need several dependent calls to a 
     "a = 347 * 29; b = a % 97; c = b + 13; what is c?"
 
 The interpreter forgets variables between calls (as the reference's SandboxFusion does), so each call
-must copy the previous call's printed number, and one bad call cascades into the next turns. Two natural
+must copy the previous call's printed number, and one bad call cascades into the next turns.
+
+A knowledge gap, constructed: half the problems of every split open with an integer division written
+`a = 47 / 5`, which the tool must compute as `print(47 // 5)`: Python's `/` prints 9.4, and the chain goes
+wrong from there. The teacher's SFT data shows the notation as often as the held-out splits do; the student's
+shows it in a small share of its problems (sft.py --toy_gap_frac), so that its samples write `//` only now and
+then. That is the paper's setting in miniature: knowledge the teacher has, in the student's support but rare,
+which a sparse reward seldom finds and the teacher's per-token signal points at (README: the toy results).
+
+Two natural
 tool errors exist, and the student's SFT data can recover from them:
   - referring to a variable of an earlier call -> NameError traceback;
   - writing an assignment as the last line -> the reference's auto-print turns `a = 1 * 2` into
@@ -29,6 +38,7 @@ INSTRUCTION = ("Solve it with the code interpreter, one step per call. The inter
                "variables between calls, so use the printed numbers.\n")
 SPLIT_SEEDS = {"train": 1, "sft": 2, "eval": 3, "valid": 4}
 HELD_OUT = ("eval", "valid")  # fixed sets (whatever the run's seed), disjoint from every other split
+GAP_FRAC = 0.5  # share of every split's problems that open with the gap notation `x / y` (floor division)
 
 
 def steps_range(text: str) -> tuple[int, int]:
@@ -46,12 +56,14 @@ def apply(op: str, x: int, y: int) -> int:
     return {"+": x + y, "-": x - y, "*": x * y, "%": x % y}[op]
 
 
-def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4) -> dict:
-    """A chain of dependent operations. Returns the prompt, the answer, the clean tool calls and the hint."""
+def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4, gap: bool = False) -> dict:
+    """A chain of dependent operations. Returns the prompt, the answer, the clean tool calls and the hint. With
+    `gap`, the first line is an integer division in the problem's notation, `a = x / y`, whose call is
+    `print(x // y)`: one character, so the layout the model copies by position is that of every other line."""
     num_steps = rng.randint(min_steps, max_steps)
-    x, y, op = rng.randint(10, 99), rng.randint(2, 40), rng.choice("*+-")
-    value = apply(op, x, y)
-    lines, calls, outputs = [f"a = {x} {op} {y}"], [f"print({x} {op} {y})"], [value]
+    x, y, op = rng.randint(10, 99), rng.randint(2, 40), "/" if gap else rng.choice("*+-")
+    value = x // y if gap else apply(op, x, y)
+    lines, calls, outputs = [f"a = {x} {op} {y}"], [f"print({x} {'//' if gap else op} {y})"], [value]
     hint = f"a = {value}"
     for k in range(1, num_steps):
         op = rng.choice("%+-*" if abs(value) < 1000 else "%%+-")
@@ -111,19 +123,22 @@ def sft_conversation(problem: dict, rng: random.Random, recovery: bool, retry: b
     return messages
 
 
-def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int = 4) -> list[dict]:
+def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int = 4,
+             gap_frac: float = 1.0) -> list[dict]:
     """n distinct problems of a split. The held-out splits, eval (the test set) and valid (for choices made
-    while developing), never share a problem with each other or with train and sft."""
+    while developing), never share a problem with each other or with train and sft. A problem opens with the
+    gap notation with probability GAP_FRAC x gap_frac (1: as in every held-out split)."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown toy split {split!r}; the splits are {', '.join(SPLIT_SEEDS)}")
     rng = random.Random(SPLIT_SEEDS[split] * 1_000_003 + seed)
     held_out = set()
     for other in HELD_OUT[:HELD_OUT.index(split)] if split in HELD_OUT else HELD_OUT:
         other_rng = random.Random(SPLIT_SEEDS[other] * 1_000_003)
-        held_out |= {make_problem(other_rng, min_steps, max_steps)["question"] for _ in range(512)}
+        held_out |= {make_problem(other_rng, min_steps, max_steps, other_rng.random() < GAP_FRAC)["question"]
+                     for _ in range(512)}
     out, seen = [], set()
     while len(out) < n:
-        p = make_problem(rng, min_steps, max_steps)
+        p = make_problem(rng, min_steps, max_steps, rng.random() < GAP_FRAC * gap_frac)
         if p["question"] not in seen and p["question"] not in held_out:
             seen.add(p["question"])
             out.append(p)
@@ -148,11 +163,12 @@ def rl_rows(n: int, split: str = "train", seed: int = 0, steps: tuple[int, int] 
 
 
 def sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0, retry_frac: float = 0.0,
-             direct_frac: float = 0.0, steps: tuple[int, int] = (2, 4)) -> list[dict]:
-    """Toy trajectories in the SFT schema of the real data (messages + tools)."""
+             direct_frac: float = 0.0, steps: tuple[int, int] = (2, 4), gap_frac: float = 1.0) -> list[dict]:
+    """Toy trajectories in the SFT schema of the real data (messages + tools); `gap_frac` scales the share of
+    problems in the gap notation (1: half of them, as in the held-out splits)."""
     rng = random.Random(seed)
     rows = []
-    for p in problems(n, "sft", seed, *steps):
+    for p in problems(n, "sft", seed, *steps, gap_frac=gap_frac):
         recovery = rng.random() < recovery_frac
         # no extra draw when off: old seeds give old data
         retry = retry_frac > 0 and rng.random() < retry_frac

@@ -6,7 +6,7 @@ pipeline.py: the whole toy pipeline in one command, ending with the paper's comp
        them wrong)
     2. SFT the toy student on trajectories that include recoveries  sft.py  -> runs/sft-student
     3. GRPO the teacher with the tool                              grpo.py -> runs/grpo-teacher
-    4. the student with the same RL budget, three ways (10 steps each by default):
+    4. the student with the same RL budget, three ways (20 steps each by default):
          GRPO alone                                                grpo.py        -> runs/grpo-student-s0
          GRPO + uniform on-policy distillation (OPD)               sod_distill.py -> runs/opd-student-s0
          GRPO + step-wise on-policy distillation (SOD)             sod_distill.py -> runs/sod-student-s0
@@ -25,14 +25,17 @@ one thread's (torch's CPU attention kernel for one generated token rounds by thr
 RL runs are evaluated once, in the final table (--rl_validation: none); the teacher checks (--teacher_only)
 also evaluate the teacher on the validation split before and after its GRPO, and the study every RL run.
 
-Three presets. The default is a short run (one seed, the teacher's GRPO 30 steps and each student's RL 10, about 14
-min on 2 cores). --quick runs every stage for a handful of steps (a smoke test whose numbers mean nothing). --study
-asks the paper's question, a weak student and a strong teacher: the same task with a tool call failing now and then
-(3%), a teacher that never retries a failed call, a student whose cold-start data answers most problems without the
-tool and retries failed calls, five seeds (each with its own student SFT), 256 test problems x 16 samples, a table
-with bootstrap confidence intervals and paired differences, the step divergences of the SOD students, and a picture
-of validation accuracy against RL step (runs-study/study.png). Any flag given explicitly overrides its preset
-value (common/presets.py).
+The toy holds a knowledge gap (toy/task.py): half of every problem set opens with an integer division written
+`x / y`, which the tool must compute as `x // y`. The teacher's SFT data shows the notation in half its problems,
+the student's in about 0.4% (--student_gap_frac), so the student's samples get those problems right only now and
+then: GRPO's groups there are nearly all wrong, and the teacher's per-token signal points at the operator.
+
+Three presets. The default is a short run (one seed, the teacher's GRPO 30 steps and each student's RL 20 at lr
+2e-4, about 12 min on 2 cores). --quick runs every stage for a handful of steps (a smoke test whose numbers mean
+nothing). --study runs the default's recipe over five seeds, each with its own student SFT, on 256 test problems
+x 8 samples, with a validation curve every 5 RL steps: a table with bootstrap confidence intervals and paired
+differences, the step divergences of the SOD students, and a picture of validation accuracy against RL step
+(runs-study/study.png). Any flag given explicitly overrides its preset value (common/presets.py).
 
 A stage's output is reused only when it was made by the same settings, from the same inputs (the weights of
 the checkpoints it starts from) and by the same code; a stage that was interrupted resumes from its last
@@ -59,7 +62,15 @@ import tools
 from common import jobs, models, sandbox, stages
 from common.cli import arg, run_script
 from common.presets import QUICK_RL, QUICK_SFT, UNSET, UNSET_FRACTION, resolve
-from common.study import failure_table, plot_study, results_table, same_budget, study_tables, turn_table
+from common.study import (
+    failure_table,
+    plot_study,
+    results_table,
+    same_budget,
+    split_table,
+    study_tables,
+    turn_table,
+)
 from toy import task
 
 
@@ -222,7 +233,8 @@ def main(cfg: Config):
             toy_retry_frac=cfg.student_retry_frac, toy_direct_frac=cfg.student_direct_frac,
             toy_gap_frac=cfg.student_gap_frac,
             toy_steps=cfg.toy_steps, seed=seed, out_dir=str(out),
-            **{"toy_examples": cfg.student_sft_examples, **sft_sizes}), []))
+            **{"toy_examples": cfg.student_sft_examples, **sft_sizes}), [],
+            alone=not cfg.seed_student_sft))  # one student SFT: alone, at every thread (as the teacher's)
         student_sfts[seed] = Checkpoint("student SFT", seed, str(out / "final"), name)
     student_sfts = {s: student_sfts.get(s, student_sfts[seeds[0]])._replace(seed=s) for s in student_seeds}
     # 4. the student, same budget three ways
@@ -275,6 +287,11 @@ def main(cfg: Config):
     if len(student_seeds) > 1:
         table += "\n\n" + study_tables(results, cfg.eval_n, student_seeds)
         plot_study(root, student_seeds, root / "study.png")
+    # the knowledge gap: where the teacher knows what the student's data rarely shows, and everywhere else
+    problems = task.rl_rows(cfg.eval_prompts, "eval" if cfg.eval_split == "test" else "valid",
+                            steps=task.steps_range(cfg.toy_steps))
+    table += "\n\n" + split_table(results, [task.has_gap(r["prompt"][0]["content"]) for r in problems],
+                                   ("problems in the gap notation", "the others"))
     table += "\n\n" + failure_table(results)
     if student_seeds:
         table += "\n\n" + turn_table([root / f"sod-student-s{s}" for s in student_seeds])

@@ -13,8 +13,8 @@ PRESETS = {  # every field the presets set; a flag given explicitly wins
     # in about 20 of its 5,000 conversations (0.4%), which six epochs make rare but not absent; the students' RL
     # runs 20 steps at 2e-4, chosen on the validation split (docs/results.md: how the regime was chosen)
     "default": dict(out_root="runs", seeds="0", seed_student_sft=False, toy_steps="2-4",
-                    tool_failure_rate=0.0, teacher_model="toy-teacher", teacher_sft_epochs=5,
-                    teacher_direct_frac=0.5, teacher_retry_frac=0.0, teacher_min_call_acc=0.98,
+                    tool_failure_rate=0.0, teacher_model="toy-teacher", teacher_sft_epochs=6,
+                    teacher_direct_frac=0.5, teacher_retry_frac=0.0, teacher_min_call_acc=0.99,
                     teacher_more_epochs=2, teacher_more_lr=1e-3, sft_micro_batch_size=16, student_sft_epochs=6,
                     student_sft_examples=5000, student_gap_frac=0.008,
                     student_recovery_frac=0.25, student_retry_frac=0.0, student_direct_frac=0.0,

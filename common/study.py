@@ -2,10 +2,10 @@
 common/study.py: the tables, intervals and picture that pipeline.py prints and draws once its stages have run.
 
 results_table (avg@n, pass@n, maj@n, best@n per model, mean ± std over seeds), study_tables (per-seed numbers,
-bootstrap intervals over seeds and problems, paired differences between methods), failure_table (samples that
-met a failed tool call), turn_table (SOD's d_k and w_k by the kind of turn, from steps.jsonl), plot_study
-(validation accuracy against RL step, and w_k / d_k per turn), and same_budget (the check that every student
-run had the same budget).
+bootstrap intervals over seeds and problems, paired differences between methods), split_table (avg@n on two
+parts of the problems, such as the toy's gap), failure_table (samples that met a failed tool call), turn_table
+(SOD's d_k and w_k by the kind of turn, from steps.jsonl), plot_study (validation accuracy against RL step, and
+w_k / d_k per turn), and same_budget (the check that every student run had the same budget).
 """
 import json
 import logging
@@ -72,6 +72,20 @@ def failure_table(results: dict) -> str:
             values = [r.get(key) for r in by_seed.values() if r.get(key) is not None]
             cells.append(f"{100 * np.mean(values):.1f}" if values else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def split_table(results: dict, mask: list[bool], parts: tuple[str, str]) -> str:
+    """avg@n of every model on two parts of the evaluated problems (mask: in the first part), mean +- std over
+    seeds: where the toy's knowledge gap is, and where it is not."""
+    mask = np.asarray(mask, dtype=bool)
+    lines = [f"| model | {parts[0]}: {mask.sum()} (avg %) | {parts[1]}: {(~mask).sum()} (avg %) |",
+             "|---|---|---|"]
+    for name, by_seed in results.items():
+        per = 100 * np.array([r["per_problem_avg"] for r in by_seed.values()])  # [seeds, problems]
+        cells = [per[:, m].mean(1) for m in (mask, ~mask)]                     # [seeds] each
+        lines.append(f"| {name} | " + " | ".join(f"{c.mean():.1f}" + (f" ± {c.std():.1f}" if len(c) > 1 else "")
+                                                 for c in cells) + " |")
     return "\n".join(lines)
 
 

@@ -45,6 +45,15 @@ def test_paired_differences_compare_runs_of_the_same_seed():
     assert sft.startswith("| SFT | 30.0 | 16.3 |")                   # mean and std over the seeds' means
 
 
+def test_the_split_table_scores_each_part_of_the_problems_apart():
+    # two seeds; the first 3 of 4 problems are in the gap notation
+    results = {"student GRPO": {0: {"per_problem_avg": [0.0, 0.0, 0.5, 1.0]},
+                                1: {"per_problem_avg": [0.5, 0.0, 0.5, 1.0]}}}
+    table = study.split_table(results, [True, True, True, False], ("gap", "others"))
+    assert "| model | gap: 3 (avg %) | others: 1 (avg %) |" in table
+    assert "| student GRPO | 25.0 ± 8.3 | 100.0 ± 0.0 |" in table
+
+
 def write_run(path: Path, start: str, **config):
     base = dict(steps=30, prompts_per_step=16, n_samples=8, lr=5e-5, mini_batches=4, ppo_epochs=1,
                 max_response_tokens=320, temperature=1.0, top_p=1.0, tool_failure_rate=0.0, toy_steps="2-4",

@@ -529,6 +529,33 @@ def test_toy_problems_need_dependent_tool_calls():
         assert str(p["outputs"][-1]) == p["answer"]
 
 
+def test_the_toy_gap_is_an_integer_division_written_with_one_slash():
+    """Half of a held-out split opens with `a = x / y`, whose call is `print(x // y)`; no other line divides."""
+    rng = random.Random(0)
+    for _ in range(50):
+        p = task.make_problem(rng, gap=True)
+        x, y = (int(v) for v in p["lines"][0].removeprefix("a = ").split(" / "))
+        assert p["calls"][0] == f"print({x} // {y})" and p["outputs"][0] == x // y
+        assert task.has_gap(p["question"])
+        assert not any("/" in line for line in p["lines"][1:]) and not any("/" in c for c in p["calls"][1:])
+        assert not task.has_gap(task.make_problem(rng)["question"])
+    held_out = [task.has_gap(r["prompt"][0]["content"]) for r in task.rl_rows(512, "eval")]
+    assert 0.4 < np.mean(held_out) < 0.6
+
+
+def test_the_students_sft_data_shows_the_gap_rarely_and_the_teachers_as_often_as_the_test():
+    def share(rows):
+        return np.mean([task.has_gap(r["messages"][0]["content"]) for r in rows])
+    assert 0.45 < share(task.sft_rows(2000, recovery_frac=0.0)) < 0.55          # the teacher's (gap_frac 1)
+    rare = share(task.sft_rows(5000, recovery_frac=0.25, gap_frac=0.008))        # the default student's
+    assert 0.001 < rare < 0.01
+    assert share(task.sft_rows(2000, recovery_frac=0.0, gap_frac=0.0)) == 0.0
+    # the solved conversation of a gap problem calls the tool with //, and its answer is the floor division's
+    conv = next(r["messages"] for r in task.sft_rows(50, recovery_frac=0.0)
+                if task.has_gap(r["messages"][0]["content"]))
+    assert "//" in conv[1]["tool_calls"][0]["function"]["arguments"]["code"]
+
+
 def test_toy_tracebacks_are_what_the_sandbox_prints():
     if sandbox.sandbox_isolation().level != "full":
         pytest.skip("the traceback path /tmp/main.py is the full sandbox's")

@@ -1,4 +1,5 @@
 """Every script runs end to end as a user runs it (a subprocess, a step or two, tiny sizes), cleanRL-style."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -98,6 +99,25 @@ def test_pipeline_quick(tmp_path):
     for row in ("teacher SFT", "teacher GRPO", "student SFT", "student GRPO", "student OPD", "student SOD"):
         assert f"| {row} |" in stdout
     assert "| samples that met a failed call (%) |" in stdout and "| the first turn |" in stdout
+
+
+def test_toy_gap_script_counts_every_first_call(runs):
+    stdout = run("scripts/toy_gap.py", "--model", runs / "sft-student" / "final", "--num_prompts", 8,
+                 "--n_samples", 2)
+    row = next(line for line in stdout.splitlines() if line.startswith(f"| {runs}"))
+    right, exact, slash, other = (float(x) for x in row.strip("| ").split(" | ")[1:])
+    assert 0 <= right <= 100 and abs(exact + slash + other - 100) < 0.2
+
+
+def test_the_first_call_of_a_gap_problem_is_exact_slash_or_other():
+    spec = importlib.util.spec_from_file_location("toy_gap", REPO / "scripts" / "toy_gap.py")
+    toy_gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_gap)
+    line = "a = 47 / 5"
+    assert toy_gap.first_call_kind(line, "print(47 // 5)") == "exact"
+    assert toy_gap.first_call_kind(line, "print(47/5)") == "slash"
+    assert toy_gap.first_call_kind(line, "print(47 // 6)") == "other"
+    assert toy_gap.first_call_kind(line, {"name": "x"}) == "other"
 
 
 def test_speed_script_runs_at_tiny_sizes():

@@ -78,6 +78,11 @@ def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4, gap
             "hint": hint}
 
 
+def has_gap(question: str) -> bool:
+    """Does a problem open with the gap notation? (No other line divides.)"""
+    return " / " in question
+
+
 def traceback_text(line: str, error: str, caret_col: int | None = None) -> str:
     """The text CPython 3.11 prints for an error on line 1 of /tmp/main.py (checked against the sandbox in
     tests)."""

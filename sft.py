@@ -57,8 +57,9 @@ Reference values (real models): lr 1e-5, AdamW (0.9, 0.95), weight decay 0.01, g
 cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocast (always on a GPU).
 
     python sft.py                                  # toy student, CPU, ~1.5 min
+    python sft.py --toy_gap_frac 0.02              # pipeline.py's student, who rarely writes // for x / y
     python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 \\
-        --toy_direct_frac 0.5 --epochs 5           # ~3 min
+        --toy_direct_frac 0.5 --epochs 6           # ~4 min
     python sft.py --model Qwen/Qwen3-0.6B --data full_sft_3k_shuffled_v4.parquet --out_dir runs/sft-0.6b \\
         --epochs 5 --batch_size 128 --micro_batch_size 16 --lr 1e-5 --max_length 32768 \\
         --grad_checkpointing true
@@ -97,9 +98,9 @@ class Config:
                                      "and is sent again")
     toy_direct_frac: float = arg(0.0, "fraction of toy conversations that answer at once, without the tool")
     toy_steps: str = arg("2-4", "toy problems need this many dependent tool calls (from 1 to 8)")
-    toy_gap_frac: float = arg(1.0, "how often the toy's gap notation (`x / y`, computed as `x // y`) appears, "
-                                   "relative to the held-out splits' half of the problems: 1 for the teacher, "
-                                   "0.008 (about 20 of 5,000 conversations) for pipeline.py's student")
+    toy_gap_frac: float = arg(1.0, "share of the toy's problems in the gap notation (`x / y`, computed as "
+                                   "`x // y`) that the data solves with `//`; the others read `/` as Python "
+                                   "does, to a wrong answer (1: the teacher's; 0.02: pipeline.py's student)")
     max_length: int = arg(512, "tokens per example; longer ones are cut on the right (reference 32768)")
     strict_data: bool = arg(False, "stop at the first malformed row instead of skipping it")
     # optimization

@@ -21,7 +21,7 @@ TOY_MODELS = {"toy-student": TOY_DIR / "student_config.json", "toy-teacher": TOY
 DEFAULT_CHECKPOINTS = {
     "runs/sft-student/final": "python sft.py",
     "runs/sft-teacher/final": "python sft.py --model toy-teacher --out_dir runs/sft-teacher "
-                              "--toy_recovery_frac 0 --toy_direct_frac 0.5 --epochs 5",
+                              "--toy_recovery_frac 0 --toy_direct_frac 0.5 --epochs 6",
     "runs/grpo-teacher/final": "python grpo.py",
 }
 

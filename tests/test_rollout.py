@@ -543,17 +543,21 @@ def test_the_toy_gap_is_an_integer_division_written_with_one_slash():
     assert 0.4 < np.mean(held_out) < 0.6
 
 
-def test_the_students_sft_data_shows_the_gap_rarely_and_the_teachers_as_often_as_the_test():
-    def share(rows):
-        return np.mean([task.has_gap(r["messages"][0]["content"]) for r in rows])
-    assert 0.45 < share(task.sft_rows(2000, recovery_frac=0.0)) < 0.55          # the teacher's (gap_frac 1)
-    rare = share(task.sft_rows(5000, recovery_frac=0.25, gap_frac=0.008))        # the default student's
-    assert 0.001 < rare < 0.01
-    assert share(task.sft_rows(2000, recovery_frac=0.0, gap_frac=0.0)) == 0.0
-    # the solved conversation of a gap problem calls the tool with //, and its answer is the floor division's
-    conv = next(r["messages"] for r in task.sft_rows(50, recovery_frac=0.0)
-                if task.has_gap(r["messages"][0]["content"]))
-    assert "//" in conv[1]["tool_calls"][0]["function"]["arguments"]["code"]
+def test_the_students_sft_data_solves_the_gap_rarely_and_reads_slash_as_python_does_otherwise():
+    def first_calls(rows):  # the first call of every conversation in the gap notation
+        return [r["messages"][1]["tool_calls"][0]["function"]["arguments"]["code"] for r in rows
+                if task.has_gap(r["messages"][0]["content"])]
+    teacher = first_calls(task.sft_rows(2000, recovery_frac=0.0))
+    assert 0.45 < len(teacher) / 2000 < 0.55 and all("//" in c for c in teacher)   # as often as the test split
+    student = first_calls(task.sft_rows(5000, recovery_frac=0.0, gap_frac=0.02))
+    assert 0.45 < len(student) / 5000 < 0.55 and 0.01 < np.mean(["//" in c for c in student]) < 0.03
+    # the naive reading: Python's own division, and the chain it carries on, each output what Python prints
+    naive = task.make_problem(random.Random(1), gap=True, naive=True)
+    for call, out in zip(naive["calls"], naive["outputs"]):
+        assert tools.execute_code(call) == f"{out}\n"
+    x, y = (int(v) for v in naive["lines"][0].removeprefix("a = ").split(" / "))
+    assert naive["calls"][0] == f"print({x} / {y})" and naive["answer"] == str(naive["outputs"][-1])
+    assert task.make_problem(random.Random(1), gap=True)["answer"] != naive["answer"]
 
 
 def test_toy_tracebacks_are_what_the_sandbox_prints():

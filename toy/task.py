@@ -7,11 +7,12 @@ The interpreter forgets variables between calls (as the reference's SandboxFusio
 must copy the previous call's printed number, and one bad call cascades into the next turns.
 
 A knowledge gap, constructed: half the problems of every split open with an integer division written
-`a = 47 / 5`, which the tool must compute as `print(47 // 5)`: Python's `/` prints 9.4, and the chain goes
-wrong from there. The teacher's SFT data shows the notation as often as the held-out splits do; the student's
-shows it in a small share of its problems (sft.py --toy_gap_frac), so that its samples write `//` only now and
-then. That is the paper's setting in miniature: knowledge the teacher has, in the student's support but rare,
-which a sparse reward seldom finds and the teacher's per-token signal points at (README: the toy results).
+`a = 47 / 5`, which the tool must compute as `print(47 // 5)`. The student's SFT data reads the notation as
+Python does, `print(47 / 5)`, which prints 9.4 and carries the chain on in floats to an answer the grader calls
+wrong, in all but a small share of those problems (sft.py --toy_gap_frac); the teacher's data always writes
+`//`. So the student samples `//` about that often, a calibrated few percent: GRPO's groups on these problems
+are nearly all wrong, while the teacher's per-token signal points at the operator on every sample. That is the
+paper's setting in miniature: knowledge the teacher has, in the student's support but rare.
 
 Two natural
 tool errors exist, and the student's SFT data can recover from them:
@@ -56,14 +57,17 @@ def apply(op: str, x: int, y: int) -> int:
     return {"+": x + y, "-": x - y, "*": x * y, "%": x % y}[op]
 
 
-def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4, gap: bool = False) -> dict:
+def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4, gap: bool = False,
+                 naive: bool = False) -> dict:
     """A chain of dependent operations. Returns the prompt, the answer, the clean tool calls and the hint. With
     `gap`, the first line is an integer division in the problem's notation, `a = x / y`, whose call is
-    `print(x // y)`: one character, so the layout the model copies by position is that of every other line."""
+    `print(x // y)`; with `naive` too, the call reads it as Python does, `print(x / y)`, and the calls and the
+    answer that follow are those of the float it prints (the student's data: a wrong answer by the grader)."""
     num_steps = rng.randint(min_steps, max_steps)
     x, y, op = rng.randint(10, 99), rng.randint(2, 40), "/" if gap else rng.choice("*+-")
-    value = x // y if gap else apply(op, x, y)
-    lines, calls, outputs = [f"a = {x} {op} {y}"], [f"print({x} {'//' if gap else op} {y})"], [value]
+    call_op = ("/" if naive else "//") if gap else op
+    value = (x / y if naive else x // y) if gap else apply(op, x, y)
+    lines, calls, outputs = [f"a = {x} {op} {y}"], [f"print({x} {call_op} {y})"], [value]
     hint = f"a = {value}"
     for k in range(1, num_steps):
         op = rng.choice("%+-*" if abs(value) < 1000 else "%%+-")
@@ -132,7 +136,8 @@ def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int =
              gap_frac: float = 1.0) -> list[dict]:
     """n distinct problems of a split. The held-out splits, eval (the test set) and valid (for choices made
     while developing), never share a problem with each other or with train and sft. A problem opens with the
-    gap notation with probability GAP_FRAC x gap_frac (1: as in every held-out split)."""
+    gap notation with probability GAP_FRAC, and is solved with `//` with probability gap_frac (1: as in every
+    held-out split), else read as Python's `/`."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown toy split {split!r}; the splits are {', '.join(SPLIT_SEEDS)}")
     rng = random.Random(SPLIT_SEEDS[split] * 1_000_003 + seed)
@@ -143,7 +148,9 @@ def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int =
                      for _ in range(512)}
     out, seen = [], set()
     while len(out) < n:
-        p = make_problem(rng, min_steps, max_steps, rng.random() < GAP_FRAC * gap_frac)
+        gap = rng.random() < GAP_FRAC
+        naive = gap and gap_frac < 1 and rng.random() >= gap_frac  # no extra draw at 1: the held-out sets
+        p = make_problem(rng, min_steps, max_steps, gap, naive)
         if p["question"] not in seen and p["question"] not in held_out:
             seen.add(p["question"])
             out.append(p)
@@ -169,8 +176,8 @@ def rl_rows(n: int, split: str = "train", seed: int = 0, steps: tuple[int, int] 
 
 def sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0, retry_frac: float = 0.0,
              direct_frac: float = 0.0, steps: tuple[int, int] = (2, 4), gap_frac: float = 1.0) -> list[dict]:
-    """Toy trajectories in the SFT schema of the real data (messages + tools); `gap_frac` scales the share of
-    problems in the gap notation (1: half of them, as in the held-out splits)."""
+    """Toy trajectories in the SFT schema of the real data (messages + tools); `gap_frac` is the share of the
+    problems in the gap notation solved with `//` (1: all, the teacher's; the rest read `/` as Python does)."""
     rng = random.Random(seed)
     rows = []
     for p in problems(n, "sft", seed, *steps, gap_frac=gap_frac):

@@ -26,9 +26,10 @@ RL runs are evaluated once, in the final table (--rl_validation: none); the teac
 also evaluate the teacher on the validation split before and after its GRPO, and the study every RL run.
 
 The toy holds a knowledge gap (toy/task.py): half of every problem set opens with an integer division written
-`x / y`, which the tool must compute as `x // y`. The teacher's SFT data always does; the student's reads `/` as
-Python does in all but 2% of those problems (--student_gap_frac), so the student's samples get them right only
-now and then: GRPO's groups there are nearly all wrong, and the teacher's per-token signal points at the operator.
+`x / y`, which the tool must compute as `x // y`. The teacher's SFT data always does; the student's shows the
+notation less often and reads `/` as Python does in all but 5% of those problems (--student_gap_share,
+--student_gap_known), so the student's samples get them right only now and then: GRPO's groups there are nearly
+all wrong, and the teacher's per-token signal points at the operator.
 
 Three presets. The default is a short run (one seed, the teacher's GRPO 30 steps and each student's RL 20 at lr
 2e-4, about 12 min on 2 cores). --quick runs every stage for a handful of steps (a smoke test whose numbers mean
@@ -117,9 +118,12 @@ class Config:
                                                        "call that is then redone (-1: the preset's)")
     student_retry_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data that retries after a "
                                                     "transient tool failure (-1: the preset's)")
-    student_gap_frac: float = arg(UNSET_FRACTION, "share of the problems in the toy's gap notation that the "
-                                                  "student's SFT data solves with `//`, the rest with Python's "
-                                                  "`/` (the teacher's: all; toy/task.py; -1: the preset's)")
+    student_gap_share: float = arg(UNSET_FRACTION, "how often the student's SFT problems are in the toy's gap "
+                                                   "notation, relative to the teacher's and the held-out "
+                                                   "splits' half (toy/task.py; -1: the preset's)")
+    student_gap_known: float = arg(UNSET_FRACTION, "share of those that the student's SFT data solves with "
+                                                   "`//`, the rest with Python's `/` (the teacher's: all; -1: "
+                                                   "the preset's)")
     student_direct_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data answered at once, "
                                                      "without the tool (-1: the preset's)")
     max_response_tokens: int = arg(UNSET, "tokens per trajectory, tool tokens included, in RL and evaluation "
@@ -231,7 +235,7 @@ def main(cfg: Config):
         plan.append(stages.stage_job(name, out, sft.main, sft.Config(
             model="toy-student", epochs=cfg.student_sft_epochs, toy_recovery_frac=cfg.student_recovery_frac,
             toy_retry_frac=cfg.student_retry_frac, toy_direct_frac=cfg.student_direct_frac,
-            toy_gap_frac=cfg.student_gap_frac,
+            toy_gap_share=cfg.student_gap_share, toy_gap_known=cfg.student_gap_known,
             toy_steps=cfg.toy_steps, seed=seed, out_dir=str(out),
             **{"toy_examples": cfg.student_sft_examples, **sft_sizes}), [],
             alone=not cfg.seed_student_sft))  # one student SFT: alone, at every thread (as the teacher's)

@@ -57,7 +57,7 @@ Reference values (real models): lr 1e-5, AdamW (0.9, 0.95), weight decay 0.01, g
 cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocast (always on a GPU).
 
     python sft.py                                  # toy student, CPU, ~1.5 min
-    python sft.py --toy_gap_frac 0.02              # pipeline.py's student, who rarely writes // for x / y
+    python sft.py --toy_gap_share 0.3 --toy_gap_known 0.05 --epochs 6   # pipeline.py's student
     python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 \\
         --toy_direct_frac 0.5 --epochs 6           # ~4 min
     python sft.py --model Qwen/Qwen3-0.6B --data full_sft_3k_shuffled_v4.parquet --out_dir runs/sft-0.6b \\
@@ -98,9 +98,12 @@ class Config:
                                      "and is sent again")
     toy_direct_frac: float = arg(0.0, "fraction of toy conversations that answer at once, without the tool")
     toy_steps: str = arg("2-4", "toy problems need this many dependent tool calls (from 1 to 8)")
-    toy_gap_frac: float = arg(1.0, "share of the toy's problems in the gap notation (`x / y`, computed as "
-                                   "`x // y`) that the data solves with `//`; the others read `/` as Python "
-                                   "does, to a wrong answer (1: the teacher's; 0.02: pipeline.py's student)")
+    toy_gap_share: float = arg(1.0, "how often a toy problem is in the gap notation (`x / y`, computed as "
+                                    "`x // y`), relative to the held-out splits' half (1: the teacher's; 0.3: "
+                                    "pipeline.py's student)")
+    toy_gap_known: float = arg(1.0, "share of those problems that the data solves with `//`; the others read "
+                                    "`/` as Python does, to a wrong answer (1: the teacher's; 0.05: "
+                                    "pipeline.py's student)")
     max_length: int = arg(512, "tokens per example; longer ones are cut on the right (reference 32768)")
     strict_data: bool = arg(False, "stop at the first malformed row instead of skipping it")
     # optimization
@@ -174,7 +177,8 @@ def load_sft_examples(cfg: Config, tokenizer) -> list[tuple[list[int], list[int]
     """All rows tokenized; malformed rows are reported with file and row number, then skipped (or fatal)."""
     if cfg.data == "toy":
         rows, name = task.sft_rows(cfg.toy_examples, cfg.toy_recovery_frac, cfg.seed, cfg.toy_retry_frac,
-                                   cfg.toy_direct_frac, task.steps_range(cfg.toy_steps), cfg.toy_gap_frac), "toy"
+                                   cfg.toy_direct_frac, task.steps_range(cfg.toy_steps), cfg.toy_gap_share,
+                                   cfg.toy_gap_known), "toy"
     else:
         rows, name = load_rows(cfg.data), cfg.data
     marks, control = chat_template.markers(tokenizer, cfg.model), chat_template.control_tokens(tokenizer)
@@ -317,13 +321,14 @@ def main(cfg: Config):
     # the inputs first: nothing is written before the model and the data are known to be usable
     if cfg.data != "toy":
         reject_unused(cfg, ["toy_examples", "toy_recovery_frac", "toy_retry_frac", "toy_direct_frac",
-                                    "toy_steps", "toy_gap_frac"],
+                                    "toy_steps", "toy_gap_share", "toy_gap_known"],
                               "with --data other than toy")
         if cfg.eval_prompts not in (0, Config.eval_prompts):
             raise SystemExit("--eval_prompts is not used with --data other than toy "
                              "(the held-out check is the toy's)")
-    if not 0.0 <= cfg.toy_gap_frac <= 1.0:
-        raise SystemExit(f"--toy_gap_frac must be from 0 to 1, not {cfg.toy_gap_frac}")
+    for name in ("toy_gap_share", "toy_gap_known"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise SystemExit(f"--{name} must be from 0 to 1, not {getattr(cfg, name)}")
     if cfg.loss_agg not in ("batch", "micro"):
         raise SystemExit(f"--loss_agg must be batch or micro, not {cfg.loss_agg!r}")
     if cfg.max_forward_tokens < 0:

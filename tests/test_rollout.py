@@ -535,7 +535,7 @@ def test_the_toy_gap_is_an_integer_division_written_with_one_slash():
     for _ in range(50):
         p = task.make_problem(rng, gap=True)
         x, y = (int(v) for v in p["lines"][0].removeprefix("a = ").split(" / "))
-        assert p["calls"][0] == f"print({x} // {y})" and p["outputs"][0] == x // y
+        assert p["calls"][0] == f"print({x} // {y})" and p["outputs"][0] == x // y and y in task.GAP_DIVISORS
         assert task.has_gap(p["question"])
         assert not any("/" in line for line in p["lines"][1:]) and not any("/" in c for c in p["calls"][1:])
         assert not task.has_gap(task.make_problem(rng)["question"])
@@ -549,8 +549,8 @@ def test_the_students_sft_data_solves_the_gap_rarely_and_reads_slash_as_python_d
                 if task.has_gap(r["messages"][0]["content"])]
     teacher = first_calls(task.sft_rows(2000, recovery_frac=0.0))
     assert 0.45 < len(teacher) / 2000 < 0.55 and all("//" in c for c in teacher)   # as often as the test split
-    student = first_calls(task.sft_rows(5000, recovery_frac=0.0, gap_frac=0.02))
-    assert 0.45 < len(student) / 5000 < 0.55 and 0.01 < np.mean(["//" in c for c in student]) < 0.03
+    student = first_calls(task.sft_rows(5000, recovery_frac=0.0, gap_share=0.3, gap_known=0.05))
+    assert 0.13 < len(student) / 5000 < 0.17 and 0.02 < np.mean(["//" in c for c in student]) < 0.08
     # the naive reading: Python's own division, and the chain it carries on, each output what Python prints
     naive = task.make_problem(random.Random(1), gap=True, naive=True)
     for call, out in zip(naive["calls"], naive["outputs"]):

@@ -7,12 +7,13 @@ The interpreter forgets variables between calls (as the reference's SandboxFusio
 must copy the previous call's printed number, and one bad call cascades into the next turns.
 
 A knowledge gap, constructed: half the problems of every split open with an integer division written
-`a = 47 / 5`, which the tool must compute as `print(47 // 5)`. The student's SFT data reads the notation as
-Python does, `print(47 / 5)`, which prints 9.4 and carries the chain on in floats to an answer the grader calls
-wrong, in all but a small share of those problems (sft.py --toy_gap_frac); the teacher's data always writes
-`//`. So the student samples `//` about that often, a calibrated few percent: GRPO's groups on these problems
-are nearly all wrong, while the teacher's per-token signal points at the operator on every sample. That is the
-paper's setting in miniature: knowledge the teacher has, in the student's support but rare.
+`a = 47 / 8`, which the tool must compute as `print(47 // 8)`. The teacher's SFT data shows the notation as often
+and always writes `//`. The student's shows it less often (sft.py --toy_gap_share) and reads it as Python does,
+`print(47 / 8)`, which prints 5.875 and carries the chain on in floats to an answer the grader calls wrong, in
+all but a small share of those problems (--toy_gap_known). So the student samples `//` about that often, a few
+percent: GRPO's groups on these problems are nearly all wrong, while the teacher's per-token signal points at
+the operator on every sample. That is the paper's setting in miniature: knowledge the teacher has, in the
+student's support but rare.
 
 Two natural
 tool errors exist, and the student's SFT data can recover from them:
@@ -40,6 +41,7 @@ INSTRUCTION = ("Solve it with the code interpreter, one step per call. The inter
 SPLIT_SEEDS = {"train": 1, "sft": 2, "eval": 3, "valid": 4}
 HELD_OUT = ("eval", "valid")  # fixed sets (whatever the run's seed), disjoint from every other split
 GAP_FRAC = 0.5  # share of every split's problems that open with the gap notation `x / y` (floor division)
+GAP_DIVISORS = (2, 4, 8, 16, 32)
 
 
 def steps_range(text: str) -> tuple[int, int]:
@@ -64,7 +66,10 @@ def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4, gap
     `print(x // y)`; with `naive` too, the call reads it as Python does, `print(x / y)`, and the calls and the
     answer that follow are those of the float it prints (the student's data: a wrong answer by the grader)."""
     num_steps = rng.randint(min_steps, max_steps)
-    x, y, op = rng.randint(10, 99), rng.randint(2, 40), "/" if gap else rng.choice("*+-")
+    # a gap line divides by a power of two, so that the floats of Python's `/` stay short and exact (47 / 8 =
+    # 5.875, and every later line of integers keeps them so): the naive reading costs the student no copying
+    x, y = rng.randint(10, 99), rng.choice(GAP_DIVISORS) if gap else rng.randint(2, 40)
+    op = "/" if gap else rng.choice("*+-")
     call_op = ("/" if naive else "//") if gap else op
     value = (x / y if naive else x // y) if gap else apply(op, x, y)
     lines, calls, outputs = [f"a = {x} {op} {y}"], [f"print({x} {call_op} {y})"], [value]
@@ -133,11 +138,11 @@ def sft_conversation(problem: dict, rng: random.Random, recovery: bool, retry: b
 
 
 def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int = 4,
-             gap_frac: float = 1.0) -> list[dict]:
+             gap_share: float = 1.0, gap_known: float = 1.0) -> list[dict]:
     """n distinct problems of a split. The held-out splits, eval (the test set) and valid (for choices made
     while developing), never share a problem with each other or with train and sft. A problem opens with the
-    gap notation with probability GAP_FRAC, and is solved with `//` with probability gap_frac (1: as in every
-    held-out split), else read as Python's `/`."""
+    gap notation with probability GAP_FRAC x gap_share, and such a problem is solved with `//` with probability
+    gap_known, else read as Python's `/` (both 1: as in every held-out split)."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown toy split {split!r}; the splits are {', '.join(SPLIT_SEEDS)}")
     rng = random.Random(SPLIT_SEEDS[split] * 1_000_003 + seed)
@@ -148,8 +153,8 @@ def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int =
                      for _ in range(512)}
     out, seen = [], set()
     while len(out) < n:
-        gap = rng.random() < GAP_FRAC
-        naive = gap and gap_frac < 1 and rng.random() >= gap_frac  # no extra draw at 1: the held-out sets
+        gap = rng.random() < GAP_FRAC * gap_share
+        naive = gap and gap_known < 1 and rng.random() >= gap_known  # no extra draw at 1: the held-out sets
         p = make_problem(rng, min_steps, max_steps, gap, naive)
         if p["question"] not in seen and p["question"] not in held_out:
             seen.add(p["question"])
@@ -175,12 +180,14 @@ def rl_rows(n: int, split: str = "train", seed: int = 0, steps: tuple[int, int] 
 
 
 def sft_rows(n: int, recovery_frac: float = 0.25, seed: int = 0, retry_frac: float = 0.0,
-             direct_frac: float = 0.0, steps: tuple[int, int] = (2, 4), gap_frac: float = 1.0) -> list[dict]:
-    """Toy trajectories in the SFT schema of the real data (messages + tools); `gap_frac` is the share of the
-    problems in the gap notation solved with `//` (1: all, the teacher's; the rest read `/` as Python does)."""
+             direct_frac: float = 0.0, steps: tuple[int, int] = (2, 4), gap_share: float = 1.0,
+             gap_known: float = 1.0) -> list[dict]:
+    """Toy trajectories in the SFT schema of the real data (messages + tools). `gap_share` scales how often a
+    problem is in the gap notation (1: half of them, as in the held-out splits), `gap_known` is the share of
+    those solved with `//` (1: all, the teacher's; the rest read `/` as Python does)."""
     rng = random.Random(seed)
     rows = []
-    for p in problems(n, "sft", seed, *steps, gap_frac=gap_frac):
+    for p in problems(n, "sft", seed, *steps, gap_share=gap_share, gap_known=gap_known):
         recovery = rng.random() < recovery_frac
         # no extra draw when off: old seeds give old data
         retry = retry_frac > 0 and rng.random() < retry_frac

@@ -151,14 +151,16 @@ def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int =
         other_rng = random.Random(SPLIT_SEEDS[other] * 1_000_003)
         held_out |= {make_problem(other_rng, min_steps, max_steps, other_rng.random() < GAP_FRAC)["question"]
                      for _ in range(512)}
-    out, seen = [], set()
+    out, seen, gaps = [], set(), 0
     while len(out) < n:
         gap = rng.random() < GAP_FRAC * gap_share
-        naive = gap and gap_known < 1 and rng.random() >= gap_known  # no extra draw at 1: the held-out sets
+        # evenly spaced, not drawn: every seed's data solves the same share of its gap problems with `//`
+        naive = gap and int((gaps + 1) * gap_known) == int(gaps * gap_known)
         p = make_problem(rng, min_steps, max_steps, gap, naive)
         if p["question"] not in seen and p["question"] not in held_out:
             seen.add(p["question"])
             out.append(p)
+            gaps += gap
     return out
 
 

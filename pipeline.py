@@ -32,7 +32,7 @@ notation less often and reads `/` as Python does in all but 2% of those problems
 all wrong, and the teacher's per-token signal points at the operator.
 
 Three presets. The default is a short run (one seed, the teacher's GRPO 30 steps and each student's RL 20 at lr
-2e-4, about 12 min on 2 cores). --quick runs every stage for a handful of steps (a smoke test whose numbers mean
+2e-4, 11 to 15 min on 2 cores). --quick runs every stage for a handful of steps (a smoke test whose numbers mean
 nothing). --study runs the default's recipe over five seeds, each with its own student SFT, on 256 test problems
 x 8 samples, with a validation curve every 5 RL steps: a table with bootstrap confidence intervals and paired
 differences, the step divergences of the SOD students, and a picture of validation accuracy against RL step

@@ -16,10 +16,11 @@ Every stage is the stage file's own `main` with its own config: this file only c
 
 On two cores the stages run two at a time (--workers), each in a process of its own at one thread, with its
 output in its folder's stage.log: the toy's stages lose less to the second thread than they gain from a second
-stage beside them (common/jobs.py). The teacher's SFT, which loses most, runs alone with both threads (on the
-AMD EPYC of docs/results.md it trains to the same bits at one thread and at two; on an Intel Xeon with AVX-512 it
-does not). Every other stage runs at one thread, as it would with OMP_NUM_THREADS=1, so from the same SFT
-checkpoints the weights are the same as OMP_NUM_THREADS=1's on any CPU. --workers 1 runs the stages one after
+stage beside them (common/jobs.py). The SFT stages, which lose most, run alone with both threads (the student's
+when it is one checkpoint for every seed; on an AMD EPYC with AVX2 an SFT trains to the same bits at one thread
+and at two, on an Intel Xeon with AVX-512 it does not: docs/results.md). Every other stage runs at one thread,
+as it would with OMP_NUM_THREADS=1, so from the same SFT checkpoints the weights are the same as
+OMP_NUM_THREADS=1's on any CPU. --workers 1 runs the stages one after
 another in this process, at every thread: there, at two threads, a rollout's sampled tokens can differ from
 one thread's (torch's CPU attention kernel for one generated token rounds by thread count; docs/results.md).
 RL runs are evaluated once, in the final table (--rl_validation: none); the teacher checks (--teacher_only)

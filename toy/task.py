@@ -15,8 +15,7 @@ percent: GRPO's groups on these problems are nearly all wrong, while the teacher
 the operator on every sample. That is the paper's setting in miniature: knowledge the teacher has, in the
 student's support but rare.
 
-Two natural
-tool errors exist, and the student's SFT data can recover from them:
+Two natural tool errors exist, and the student's SFT data can recover from them:
   - referring to a variable of an earlier call -> NameError traceback;
   - writing an assignment as the last line -> the reference's auto-print turns `a = 1 * 2` into
     `print(a = 1 * 2)` -> TypeError traceback.
@@ -141,8 +140,8 @@ def problems(n: int, split: str, seed: int, min_steps: int = 2, max_steps: int =
              gap_share: float = 1.0, gap_known: float = 1.0) -> list[dict]:
     """n distinct problems of a split. The held-out splits, eval (the test set) and valid (for choices made
     while developing), never share a problem with each other or with train and sft. A problem opens with the
-    gap notation with probability GAP_FRAC x gap_share, and such a problem is solved with `//` with probability
-    gap_known, else read as Python's `/` (both 1: as in every held-out split)."""
+    gap notation with probability GAP_FRAC x gap_share; an evenly spaced share gap_known of those is solved with
+    `//`, the others read `/` as Python does (both 1: as in every held-out split)."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown toy split {split!r}; the splits are {', '.join(SPLIT_SEEDS)}")
     rng = random.Random(SPLIT_SEEDS[split] * 1_000_003 + seed)

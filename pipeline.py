@@ -119,12 +119,10 @@ class Config:
                                                        "call that is then redone (-1: the preset's)")
     student_retry_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data that retries after a "
                                                     "transient tool failure (-1: the preset's)")
-    student_gap_share: float = arg(UNSET_FRACTION, "how often the student's SFT problems are in the toy's gap "
-                                                   "notation, relative to the teacher's and the held-out "
-                                                   "splits' half (toy/task.py; -1: the preset's)")
-    student_gap_known: float = arg(UNSET_FRACTION, "share of those that the student's SFT data solves with "
-                                                   "`//`, the rest with Python's `/` (the teacher's: all; -1: "
-                                                   "the preset's)")
+    student_gap_share: float = arg(UNSET_FRACTION, "how often the student's SFT problems use the toy's gap "
+                                                   "notation, relative to the teacher's (-1: the preset's)")
+    student_gap_known: float = arg(UNSET_FRACTION, "share of those its data solves with `//`, the rest with "
+                                                   "Python's `/` (the teacher's: all; -1: the preset's)")
     student_direct_frac: float = arg(UNSET_FRACTION, "fraction of the student's SFT data answered at once, "
                                                      "without the tool (-1: the preset's)")
     max_response_tokens: int = arg(UNSET, "tokens per trajectory, tool tokens included, in RL and evaluation "

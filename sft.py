@@ -57,7 +57,7 @@ Reference values (real models): lr 1e-5, AdamW (0.9, 0.95), weight decay 0.01, g
 cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocast (always on a GPU).
 
     python sft.py                                  # toy student, CPU, ~1.5 min
-    python sft.py --toy_gap_share 0.3 --toy_gap_known 0.02 --epochs 6   # pipeline.py's student
+    python sft.py --toy_gap_share 0.3 --toy_gap_known 0.01 --epochs 6   # pipeline.py's student
     python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 \\
         --toy_direct_frac 0.5 --epochs 6           # ~4 min
     python sft.py --model Qwen/Qwen3-0.6B --data full_sft_3k_shuffled_v4.parquet --out_dir runs/sft-0.6b \\
@@ -102,7 +102,7 @@ class Config:
                                     "`x // y`), relative to the held-out splits' half (1: the teacher's; 0.3: "
                                     "pipeline.py's student)")
     toy_gap_known: float = arg(1.0, "share of those problems that the data solves with `//`; the others read "
-                                    "`/` as Python does, to a wrong answer (1: the teacher's; 0.02: "
+                                    "`/` as Python does, to a wrong answer (1: the teacher's; 0.01: "
                                     "pipeline.py's student)")
     max_length: int = arg(512, "tokens per example; longer ones are cut on the right (reference 32768)")
     strict_data: bool = arg(False, "stop at the first malformed row instead of skipping it")

@@ -5,22 +5,31 @@ Rolls out each checkpoint on the problems of a held-out split that open with the
 samples (T = 1.0, top_p 0.6, seed 1234), and counts what the first tool call does with the first line:
 
     exact   print(x // y), the call the teacher's data teaches
-    slash   print(x / y), the problem's own notation, which Python computes as 9.4 for 47 / 5
+    slash   print(x / y), the problem's own notation, which Python computes as 5.875 for 47 / 8
     other   anything else (another operator, other numbers, no call)
 
-    python scripts/toy_gap.py runs/sft-student/final runs/grpo-student-s0/final runs/opd-student-s0/final \\
-        runs/sod-student-s0/final runs/grpo-teacher/final
+With --sod_runs it rolls out nothing: it reads SOD runs' training turns (steps.jsonl) and prints their mean
+d_k / w_k by kind of turn, for the rollouts whose first call divides (the gap problems, as the student read
+them) and the others, in the first and the last five RL steps: where SOD's weights cut the teacher's signal,
+and when.
+
+    python scripts/toy_gap.py --model runs/sft-student/final runs/grpo-student-s0/final \\
+        runs/opd-student-s0/final runs/sod-student-s0/final runs/grpo-teacher/final
+    python scripts/toy_gap.py --sod_runs runs/sod-student-s0 runs/sod-student-s1 runs/sod-student-s2
 """
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rollout  # noqa: E402
 from common import models  # noqa: E402
 from common.cli import arg, run_script  # noqa: E402
+from common.study import read_jsonl  # noqa: E402
 from toy import task  # noqa: E402
 
 
@@ -32,6 +41,8 @@ class Config:
     num_prompts: int = arg(128, "problems of the split, of which about half are in the gap notation")
     n_samples: int = arg(8, "samples per problem")
     top_p: float = arg(0.6, "nucleus sampling, as evaluate.py")
+    sod_runs: list = arg([], "SOD run folders: print their training turns' d_k / w_k by gap and by phase "
+                             "instead of rolling out --model")
 
 
 def first_call_kind(problem_line: str, code) -> str:
@@ -43,7 +54,37 @@ def first_call_kind(problem_line: str, code) -> str:
     return {f"print({x}//{y})": "exact", f"print({x}/{y})": "slash"}.get(code, "other")
 
 
+def turn_phases(run_dirs: list, phase_steps: int = 5) -> str:
+    """Mean d_k / w_k of the SOD runs' training turns: first turn, later turns with no failed call before them,
+    turns after a failed call; for rollouts whose first call divides and the others; in the first and the last
+    `phase_steps` RL steps."""
+    cells = {}  # (kind, divides, phase) -> [(d, w)]
+    for run in run_dirs:
+        records = read_jsonl(Path(run) / "steps.jsonl")
+        last = max(r["rl_step"] for r in records)
+        divides = {(r["rl_step"], r["traj"]): "/" in (r["tool_call"] or "") for r in records if r["step"] == 1}
+        for r in records:
+            phase = ("first" if r["rl_step"] <= phase_steps else
+                     "last" if r["rl_step"] > last - phase_steps else None)
+            kind = 0 if r["step"] == 1 else 2 if r["after_tool_error"] else 1
+            if phase:
+                cells.setdefault((kind, divides.get((r["rl_step"], r["traj"]), False), phase), []).append(
+                    (r["d"], r["w"]))
+    columns = [(True, "first"), (True, "last"), (False, "first"), (False, "last")]
+    out = ["| turns | " + " | ".join(f"{'first call divides' if g else 'the others'}, {p} {phase_steps} steps"
+                                     for g, p in columns) + " |", "|---|---|---|---|---|"]
+    for kind, name in enumerate(("the first turn", "later turns, no failed call before them",
+                                 "turns after a failed call")):
+        means = [np.mean(cells[(kind, g, p)], axis=0) if cells.get((kind, g, p)) else None for g, p in columns]
+        out.append(f"| {name} | " + " | ".join(f"{m[0]:.2f} / {m[1]:.2f}" if m is not None else "-"
+                                               for m in means) + " |")
+    return "\n".join(out)
+
+
 def main(cfg: Config):
+    if cfg.sod_runs:
+        print(turn_phases(cfg.sod_runs))
+        return
     prompts = [p for p in rollout.load_prompts(f"toy:{cfg.split}", cfg.num_prompts)
                if task.has_gap(p.prompt[0]["content"])]
     lines = {i: p.prompt[0]["content"].split("\n")[1] for i, p in enumerate(prompts)}  # `a = x / y`

@@ -126,3 +126,23 @@ def test_speed_script_runs_at_tiny_sizes():
     stdout = run("scripts/speed.py", "--quick")
     assert "step weights 4 x 256" in stdout and "tool calls of a turn" in stdout
     assert "SFT steps of the toy teacher" in stdout
+
+
+def test_the_turn_phases_split_sod_turns_by_a_dividing_first_call_and_by_rl_step(tmp_path):
+    spec = importlib.util.spec_from_file_location("toy_gap", REPO / "scripts" / "toy_gap.py")
+    toy_gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_gap)
+
+    def turn(rl_step, traj, step, d, w, call, after_error=False):
+        return {"rl_step": rl_step, "traj": traj, "step": step, "d": d, "w": w, "tool_call": call,
+                "after_tool_error": after_error}
+    records = []
+    for rl_step in range(1, 11):  # steps 1-5 are the first phase, 6-10 the last
+        records += [turn(rl_step, 0, 1, 1.0, 1.0, "print(47 / 8)"), turn(rl_step, 0, 2, 3.0, 0.5, "print(6.875)"),
+                    turn(rl_step, 1, 1, 0.2, 1.0, "print(3 * 4)"), turn(rl_step, 1, 2, rl_step, 0.1, None, True)]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = {line.split(" | ")[0].strip("| "): line.strip(" |").split(" | ")[1:]
+            for line in toy_gap.turn_phases([tmp_path]).splitlines()[2:]}
+    assert rows["the first turn"] == ["1.00 / 1.00", "1.00 / 1.00", "0.20 / 1.00", "0.20 / 1.00"]
+    assert rows["later turns, no failed call before them"] == ["3.00 / 0.50", "3.00 / 0.50", "-", "-"]
+    assert rows["turns after a failed call"] == ["-", "-", "3.00 / 0.10", "8.00 / 0.10"]  # mean of 1-5, of 6-10

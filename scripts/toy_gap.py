@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rollout  # noqa: E402
 from common import models  # noqa: E402
 from common.cli import arg, run_script  # noqa: E402
-from common.study import read_jsonl  # noqa: E402
+from common.study import TURN_KINDS, read_jsonl, turn_kinds  # noqa: E402
 from toy import task  # noqa: E402
 
 
@@ -66,17 +66,16 @@ def turn_phases(run_dirs: list, phase_steps: int = 5) -> str:
         for r in records:
             phase = ("first" if r["rl_step"] <= phase_steps else
                      "last" if r["rl_step"] > last - phase_steps else None)
-            kind = 0 if r["step"] == 1 else 2 if r["after_tool_error"] else 1
+            kind = turn_kinds(r)[0]  # the first turn, a later one, or one after a failed call (common/study.py)
             if phase:
                 cells.setdefault((kind, divides.get((r["rl_step"], r["traj"]), False), phase), []).append(
                     (r["d"], r["w"]))
     columns = [(True, "first"), (True, "last"), (False, "first"), (False, "last")]
     out = ["| turns | " + " | ".join(f"{'first call divides' if g else 'the others'}, {p} {phase_steps} steps"
                                      for g, p in columns) + " |", "|---|---|---|---|---|"]
-    for kind, name in enumerate(("the first turn", "later turns, no failed call before them",
-                                 "turns after a failed call")):
+    for kind in TURN_KINDS[:3]:
         means = [np.mean(cells[(kind, g, p)], axis=0) if cells.get((kind, g, p)) else None for g, p in columns]
-        out.append(f"| {name} | " + " | ".join(f"{m[0]:.2f} / {m[1]:.2f}" if m is not None else "-"
+        out.append(f"| {kind} | " + " | ".join(f"{m[0]:.2f} / {m[1]:.2f}" if m is not None else "-"
                                                for m in means) + " |")
     return "\n".join(out)
 

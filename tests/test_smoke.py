@@ -135,7 +135,7 @@ def test_the_turn_phases_split_sod_turns_by_a_dividing_first_call_and_by_rl_step
 
     def turn(rl_step, traj, step, d, w, call, after_error=False):
         return {"rl_step": rl_step, "traj": traj, "step": step, "d": d, "w": w, "tool_call": call,
-                "after_tool_error": after_error}
+                "tool_status": "ok", "after_tool_error": after_error, "previous_failure": None}
     records = []
     for rl_step in range(1, 11):  # steps 1-5 are the first phase, 6-10 the last
         records += [turn(rl_step, 0, 1, 1.0, 1.0, "print(47 / 8)"), turn(rl_step, 0, 2, 3.0, 0.5, "print(6.875)"),
@@ -144,5 +144,5 @@ def test_the_turn_phases_split_sod_turns_by_a_dividing_first_call_and_by_rl_step
     rows = {line.split(" | ")[0].strip("| "): line.strip(" |").split(" | ")[1:]
             for line in toy_gap.turn_phases([tmp_path]).splitlines()[2:]}
     assert rows["the first turn"] == ["1.00 / 1.00", "1.00 / 1.00", "0.20 / 1.00", "0.20 / 1.00"]
-    assert rows["later turns, no failed call before them"] == ["3.00 / 0.50", "3.00 / 0.50", "-", "-"]
-    assert rows["turns after a failed call"] == ["-", "-", "3.00 / 0.10", "8.00 / 0.10"]  # mean of 1-5, of 6-10
+    assert rows["later turns, no failed tool call before them"] == ["3.00 / 0.50", "3.00 / 0.50", "-", "-"]
+    assert rows["turns after a failed tool call"] == ["-", "-", "3.00 / 0.10", "8.00 / 0.10"]  # 1-5, 6-10

@@ -20,9 +20,9 @@ stage beside them (common/jobs.py). The SFT stages, which lose most, run alone w
 when it is one checkpoint for every seed; on an AMD EPYC with AVX2 an SFT trains to the same bits at one thread
 and at two, on an Intel Xeon with AVX-512 it does not: docs/results.md). Every other stage runs at one thread,
 as it would with OMP_NUM_THREADS=1, so from the same SFT checkpoints the weights are the same as
-OMP_NUM_THREADS=1's on any CPU. --workers 1 runs the stages one after
-another in this process, at every thread: there, at two threads, a rollout's sampled tokens can differ from
-one thread's (torch's CPU attention kernel for one generated token rounds by thread count; docs/results.md).
+OMP_NUM_THREADS=1's on any CPU. --workers 1 runs the stages one after another in this process, at every
+thread: there, at two threads, a rollout's sampled tokens can differ from one thread's (torch's CPU attention
+kernel for one generated token rounds by thread count; docs/results.md).
 RL runs are evaluated once, in the final table (--rl_validation: none); the teacher checks (--teacher_only)
 also evaluate the teacher on the validation split before and after its GRPO, and the study every RL run.
 

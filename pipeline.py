@@ -28,7 +28,7 @@ also evaluate the teacher on the validation split before and after its GRPO, and
 
 The toy holds a knowledge gap (toy/task.py): half of every problem set opens with an integer division written
 `x / y`, which the tool must compute as `x // y`. The teacher's SFT data always does; the student's shows the
-notation less often and reads `/` as Python does in all but 0.5% of those problems (--student_gap_share,
+notation less often and reads `/` as Python does in all but 1% of those problems (--student_gap_share,
 --student_gap_known), so the student's samples get them right only now and then: GRPO's groups there are nearly
 all wrong, and the teacher's per-token signal points at the operator.
 

@@ -57,7 +57,7 @@ Reference values (real models): lr 1e-5, AdamW (0.9, 0.95), weight decay 0.01, g
 cosine with 10% warmup to 0, 5 epochs, batch 128, max length 32768, bf16 autocast (always on a GPU).
 
     python sft.py                                  # toy student, CPU, ~1.5 min
-    python sft.py --toy_gap_share 0.3 --toy_gap_known 0.005 --epochs 6   # pipeline.py's student
+    python sft.py --toy_gap_share 0.3 --toy_gap_known 0.01 --epochs 6   # pipeline.py's student
     python sft.py --model toy-teacher --out_dir runs/sft-teacher --toy_recovery_frac 0 \\
         --toy_direct_frac 0.5 --epochs 6           # ~4 min
     python sft.py --model Qwen/Qwen3-0.6B --data full_sft_3k_shuffled_v4.parquet --out_dir runs/sft-0.6b \\

@@ -550,9 +550,9 @@ def test_the_students_sft_data_solves_the_gap_rarely_and_reads_slash_as_python_d
     teacher = first_calls(task.sft_rows(2000, recovery_frac=0.0))
     assert 0.45 < len(teacher) / 2000 < 0.55 and all("//" in c for c in teacher)   # as often as the test split
     for seed in range(3):  # the same share for every seed: evenly spaced, not drawn
-        student = first_calls(task.sft_rows(5000, recovery_frac=0.0, seed=seed, gap_share=0.3, gap_known=0.005))
+        student = first_calls(task.sft_rows(5000, recovery_frac=0.0, seed=seed, gap_share=0.3, gap_known=0.01))
         assert 0.13 < len(student) / 5000 < 0.17
-        assert sum("//" in c for c in student) == int(0.005 * len(student))
+        assert sum("//" in c for c in student) == int(0.01 * len(student))
     # the naive reading: Python's own division, and the chain it carries on, each output what Python prints
     naive = task.make_problem(random.Random(1), gap=True, naive=True)
     for call, out in zip(naive["calls"], naive["outputs"]):

@@ -10,7 +10,7 @@ A knowledge gap, constructed: half the problems of every split open with an inte
 `a = 47 / 8`, which the tool must compute as `print(47 // 8)`. The teacher's SFT data shows the notation as often
 and always writes `//`. The student's shows it less often (sft.py --toy_gap_share) and reads it as Python does,
 `print(47 / 8)`, which prints 5.875 and carries the chain on in floats to an answer the grader calls wrong, in
-all but a small share of those problems (--toy_gap_known). So the student samples `//` about that often, 0.5% in
+all but a small share of those problems (--toy_gap_known). So the student samples `//` about that often, 1% in
 pipeline.py's default: GRPO's groups on these problems are nearly all wrong, while the teacher's per-token
 signal points at the operator on every sample. That is the paper's setting in miniature: knowledge the teacher
 has, in the student's support but rare.

@@ -14,14 +14,15 @@ sequences gave the same bits at one and two threads on that AMD EPYC, but not on
 A job names the jobs it must wait for. The scheduler starts ready jobs in the order they were listed, at most
 `workers` at once, except that a job marked `alone` runs by itself with every thread and goes first once it is
 ready. Each child writes its output to the job's log file, and its return value comes back to the parent. When
-a job fails or the parent is interrupted, the others are stopped; the stages' own checkpoints let a rerun
-resume.
+a job fails or the parent is interrupted (Ctrl-C, SIGTERM), the others are stopped; the stages' own checkpoints
+let a rerun resume.
 """
 import ctypes
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -69,6 +70,12 @@ def _child(conn, job: Job, threads: int, setup: Callable | None, setup_args: tup
         sys.stderr.flush()
 
 
+def _stop_on_sigterm(signum, frame):
+    """SIGTERM (kill, a scheduler's preemption) as an exception, so that run() stops its stages before it exits:
+    the default action would end this process at once and leave the stages training, holding their folders."""
+    raise SystemExit(f"stopped by {signal.Signals(signum).name}; the stages' checkpoints let a rerun resume")
+
+
 def run(jobs: list[Job], workers: int, threads: int, setup: Callable | None = None, setup_args: tuple = (),
         on_done: Callable | None = None) -> dict:
     """Run every job, `workers` at a time, each child at `threads` threads (a job that runs alone: at
@@ -95,6 +102,8 @@ def run(jobs: list[Job], workers: int, threads: int, setup: Callable | None = No
     spawn = multiprocessing.get_context("forkserver")
     spawn.set_forkserver_preload(["__main__", "torch", "transformers"])
     results, pending, running = {}, list(jobs), {}  # running: sentinel -> (job, process, connection, start)
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
         while pending or running:
             ready = [j for j in pending if all(a in results for a in j.after)]
@@ -143,4 +152,7 @@ def run(jobs: list[Job], workers: int, threads: int, setup: Callable | None = No
                 process.kill()
                 process.join()
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return results

@@ -74,6 +74,52 @@ def test_a_failing_job_stops_the_run_with_the_end_of_its_log(tmp_path):
     assert time.time() - start < 30 and not (tmp_path / "slow.json").exists()  # the other job was stopped
 
 
+SIGTERM_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from common import jobs
+
+
+def sleeper(path):
+    path.write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    jobs.run([jobs.Job("sleeper", sleeper, (Path(sys.argv[1]),), Path(sys.argv[2]))], workers=2, threads=1)
+"""
+
+
+def test_sigterm_to_the_parent_stops_its_stages_too(tmp_path):
+    """kill, or a scheduler's preemption: the stages stop with the parent instead of training on as orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    script, pid_file = tmp_path / "parent.py", tmp_path / "child.pid"
+    script.write_text(SIGTERM_SCRIPT.format(root=str(Path(__file__).resolve().parents[1])))
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file), str(tmp_path / "sleeper.log")],
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    _, err = parent.communicate(timeout=60)
+    assert parent.returncode != 0 and "stopped by SIGTERM" in err
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the stage outlived its parent")
+
+
 def test_a_job_that_waits_for_a_later_or_unknown_job_is_refused(tmp_path):
     plan = [jobs.Job("first", stamp, (tmp_path / "f.json", 0.0, 1), tmp_path / "f.log", ["second"]),
             jobs.Job("second", stamp, (tmp_path / "s.json", 0.0, 2), tmp_path / "s.log")]

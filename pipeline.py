@@ -32,11 +32,11 @@ notation less often and reads `/` as Python does in all but 1% of those problems
 --student_gap_known), so the student's samples get them right only now and then: GRPO's groups there are nearly
 all wrong, and the teacher's per-token signal points at the operator.
 
-Three presets. The default is a short run (one seed, the teacher's GRPO 30 steps and each student's RL 20 at lr
-2e-4, 11 to 15 min on 2 cores). --quick runs every stage for a handful of steps (a smoke test whose numbers mean
-nothing). --study runs the default's recipe over five seeds, each with its own student SFT, on 256 test problems
-x 8 samples, with a validation curve every 5 RL steps: a table with bootstrap confidence intervals and paired
-differences, the step divergences of the SOD students, and a picture of validation accuracy against RL step
+Three presets. The default is a short run (one seed, the teacher's GRPO 30 steps, each student's RL 20: GRPO and
+SOD at lr 2e-4, OPD at 3e-4; 11 to 16 min on 2 cores). --quick runs every stage for a handful of steps (a smoke
+test whose numbers mean nothing). --study runs the default's recipe over five seeds, each with its own student
+SFT, on 256 test problems x 8 samples, with a validation curve every 5 RL steps: bootstrap intervals, paired
+differences, the SOD students' step divergences and a picture of validation accuracy against RL step
 (runs-study/study.png). Any flag given explicitly overrides its preset value (common/presets.py).
 
 A stage's output is reused only when it was made by the same settings, from the same inputs (the weights of
@@ -63,7 +63,7 @@ import sod_distill
 import tools
 from common import jobs, models, sandbox, stages
 from common.cli import arg, run_script
-from common.presets import QUICK_RL, QUICK_SFT, UNSET, UNSET_FRACTION, resolve
+from common.presets import QUICK_RL, QUICK_SFT, UNSET, UNSET_FRACTION, resolve, student_lrs
 from common.study import (
     failure_table,
     plot_study,
@@ -129,8 +129,8 @@ class Config:
                                           "(-1: the preset's)")
     rl_steps: int = arg(UNSET, "RL steps of each student run, GRPO, OPD and SOD alike (-1: the preset's)")
     teacher_rl_steps: int = arg(UNSET, "RL steps of the teacher's GRPO (-1: the preset's)")
-    student_rl_lr: float = arg(UNSET_FRACTION, "learning rate of every student RL run, GRPO, OPD and SOD alike "
-                                               "(-1: the preset's)")
+    student_rl_lr: str = arg("", "learning rate of the student RL runs, one per method as GRPO,OPD,SOD, or one "
+                                 "value for all three (empty: the preset's)")
     rl_validation: str = arg("", "which RL runs also evaluate on the validation split, at the start, every "
                                  "--rl_eval_every steps and at the end: none, teacher or all (empty: the "
                                  "preset's: none, teacher with --teacher_only, all with --study); every model "
@@ -170,8 +170,7 @@ def rl_sizes(cfg: Config, validate: bool) -> dict:
                  max_response_tokens=cfg.max_response_tokens, sandbox=cfg.sandbox,
                  sandbox_python=cfg.sandbox_python) | (QUICK_RL if cfg.quick else {})
     if not validate:
-        del sizes["eval_prompts"], sizes["eval_n"]
-        sizes["eval_every"] = -1
+        sizes = {k: v for k, v in sizes.items() if k not in ("eval_prompts", "eval_n")} | {"eval_every": -1}
     return sizes
 
 
@@ -240,19 +239,20 @@ def main(cfg: Config):
             alone=not cfg.seed_student_sft))  # one student SFT: alone, at every thread (as the teacher's)
         student_sfts[seed] = Checkpoint("student SFT", seed, str(out / "final"), name)
     student_sfts = {s: student_sfts.get(s, student_sfts[seeds[0]])._replace(seed=s) for s in student_seeds}
-    # 4. the student, same budget three ways
-    students = {"grpo": [], "opd": [], "sod": []}  # method -> its run of every seed
-    student_rl = dict(rl_sizes(cfg, cfg.rl_validation == "all"), steps=cfg.rl_steps, lr=cfg.student_rl_lr)
+    # 4. the student, same budget three ways (each method at its own lr, chosen on the validation split)
+    students, lr = {"grpo": [], "opd": [], "sod": []}, student_lrs(cfg.student_rl_lr)  # method -> runs, lr
+    student_rl = dict(rl_sizes(cfg, cfg.rl_validation == "all"), steps=cfg.rl_steps)
     for seed, start in student_sfts.items():
         for method, runs in students.items():
             name, out = f"{method} student (seed {seed})", root / f"{method}-student-s{seed}"
             if method == "grpo":
                 plan.append(stages.stage_job(name, out, grpo.main, grpo.Config(
-                    model=start.path, out_dir=str(out), seed=seed, **student_rl), [start.path], after=[start.job]))
+                    model=start.path, out_dir=str(out), seed=seed, lr=lr[method], **student_rl),
+                    [start.path], after=[start.job]))
             else:
                 plan.append(stages.stage_job(name, out, sod_distill.main, sod_distill.Config(
                     student=start.path, teacher=teacher.path, mode=method, out_dir=str(out), seed=seed,
-                    **student_rl), [start.path, teacher.path], after=[start.job, teacher.job]))
+                    lr=lr[method], **student_rl), [start.path, teacher.path], after=[start.job, teacher.job]))
             runs.append(Checkpoint(f"student {method.upper()}", seed, str(out / "final"), name))
     # 5. one evaluation on the test split, same settings for every model
     eval_cfg = evaluate.Config(model=[], data="toy" if cfg.eval_split == "test" else "toy:valid",

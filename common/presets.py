@@ -7,18 +7,20 @@ explicitly wins. --quick also shrinks what no flag of pipeline.py reaches: each 
 from dataclasses import fields, replace
 
 UNSET, UNSET_FRACTION = -1, -1.0  # a numeric flag left to the preset
+METHODS = ("grpo", "opd", "sod")  # the student's three RL runs, in the order of --student_rl_lr
 
 PRESETS = {  # every field the presets set; a flag given explicitly wins
     # the knowledge gap of toy/task.py: the teacher's data solves the gap notation with `//` always; the student's
     # shows it in 15% of its problems and solves 1% of those with `//` (the rest read `/` as Python does); the
-    # students' RL runs 20 steps at 2e-4, chosen on the validation split (docs/results.md)
+    # students' RL runs 20 steps, GRPO and SOD at lr 2e-4 and OPD at 3e-4, each method's lr chosen on the
+    # validation split of both kernel paths (docs/results.md)
     "default": dict(out_root="runs", seeds="0", seed_student_sft=False, toy_steps="2-4",
                     tool_failure_rate=0.0, teacher_model="toy-teacher", teacher_sft_epochs=6,
                     teacher_direct_frac=0.5, teacher_retry_frac=0.0, teacher_min_call_acc=0.99,
                     teacher_more_epochs=2, teacher_more_lr=1e-3, sft_micro_batch_size=16, student_sft_epochs=6,
                     student_sft_examples=5000, student_gap_share=0.3, student_gap_known=0.01,
                     student_recovery_frac=0.25, student_retry_frac=0.0, student_direct_frac=0.0,
-                    max_response_tokens=320, teacher_rl_steps=30, rl_steps=20, student_rl_lr=2e-4,
+                    max_response_tokens=320, teacher_rl_steps=30, rl_steps=20, student_rl_lr="2e-4,3e-4,2e-4",
                     rl_validation="none", rl_eval_every=0, rl_eval_prompts=64, rl_eval_n=4, eval_n=8,
                     eval_prompts=128),
     "quick": dict(rl_steps=2, teacher_rl_steps=2, eval_n=2, eval_prompts=4,
@@ -32,6 +34,18 @@ PRESETS = {  # every field the presets set; a flag given explicitly wins
 # two prompts x four samples (grpo.Config and sod_distill.Config)
 QUICK_SFT = dict(max_steps=3, toy_examples=64, eval_prompts=0)
 QUICK_RL = dict(prompts_per_step=2, n_samples=4, eval_prompts=4, eval_n=2)
+
+
+def student_lrs(text: str) -> dict:
+    """--student_rl_lr as method -> learning rate: 'GRPO,OPD,SOD', or one value for all three."""
+    try:
+        lrs = [float(v) for v in text.split(",")]
+    except ValueError:
+        lrs = []
+    if len(lrs) not in (1, len(METHODS)) or not all(0 < lr < 1 for lr in lrs):
+        raise SystemExit(f"--student_rl_lr must be one learning rate or three (GRPO,OPD,SOD), each in (0, 1), "
+                         f"not {text!r}")
+    return dict(zip(METHODS, lrs * len(METHODS) if len(lrs) == 1 else lrs))
 
 
 def resolve(cfg):
@@ -55,4 +69,5 @@ def resolve(cfg):
     if resolved.rl_validation == "none" and given:
         raise SystemExit(f"{', '.join(given)}: no RL run evaluates on the validation split "
                          f"(--rl_validation none); add --rl_validation teacher or all")
+    student_lrs(resolved.student_rl_lr)  # a malformed value stops the run before any stage trains
     return resolved

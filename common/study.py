@@ -189,21 +189,25 @@ def finish_step_axes(fig, ax_w, ax_d, png: Path, title: str = "step"):
 
 def same_budget(root: Path, students: dict) -> dict:
     """The RL budget every student run recorded in its run.json, and the SFT checkpoint each started from.
-    Refuses to report a table if any budget differs, or if two runs of one seed started from different
-    checkpoints."""
-    keys = ("steps", "prompts_per_step", "n_samples", "lr", "mini_batches", "ppo_epochs",
+    Refuses to report a table if any budget differs, if one method's runs differ in learning rate (each method
+    has its own), or if two runs of one seed started from different checkpoints."""
+    keys = ("steps", "prompts_per_step", "n_samples", "mini_batches", "ppo_epochs",
             "max_response_tokens", "temperature", "top_p", "tool_failure_rate", "toy_steps", "kl_coef",
             "eval_every", "eval_prompts", "eval_n")
-    budgets, starts = {}, {}
-    for by_seed in students.values():
+    budgets, starts, lrs = {}, {}, {}
+    for method, by_seed in students.items():
         for seed, path in by_seed.items():
             config = json.loads((Path(path).parent / "run.json").read_text())["config"]
             budgets[path] = {k: config[k] for k in keys}
             starts.setdefault(seed, set()).add(config.get("student") or config["model"])
+            lrs.setdefault(method, set()).add(config["lr"])
     distinct = {json.dumps(b, sort_keys=True) for b in budgets.values()}
     if len(distinct) != 1:
         raise SystemExit(f"the student runs did not have the same budget: {distinct}")
+    for method, values in lrs.items():
+        if len(values) != 1:
+            raise SystemExit(f"the {method} runs did not share one learning rate: {sorted(values)}")
     for seed, paths in starts.items():
         if len(paths) != 1:
             raise SystemExit(f"the student runs of seed {seed} started from different checkpoints: {paths}")
-    return json.loads(distinct.pop())
+    return dict(json.loads(distinct.pop()), lr={method: values.pop() for method, values in lrs.items()})

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import study
+from common import presets, study
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,14 +65,27 @@ def write_run(path: Path, start: str, **config):
 
 def test_the_budget_check_refuses_a_run_with_another_budget_or_another_start(tmp_path):
     students = {"grpo": {0: write_run(tmp_path / "grpo-s0", "sft-s0")},
-                "opd": {0: write_run(tmp_path / "opd-s0", "", student="sft-s0")}}
-    assert study.same_budget(tmp_path, students)["lr"] == 5e-5
-    students["sod"] = {0: write_run(tmp_path / "sod-s0", "", student="sft-s0", lr=1e-4)}
+                "opd": {0: write_run(tmp_path / "opd-s0", "", student="sft-s0", lr=1e-4)}}
+    assert study.same_budget(tmp_path, students)["lr"] == {"grpo": 5e-5, "opd": 1e-4}  # each method its own lr
+    students["sod"] = {0: write_run(tmp_path / "sod-s0", "", student="sft-s0", steps=20)}
     with pytest.raises(SystemExit, match="same budget"):
         study.same_budget(tmp_path, students)
     students["sod"] = {0: write_run(tmp_path / "sod-s0-b", "", student="sft-s1")}
     with pytest.raises(SystemExit, match="different checkpoints"):
         study.same_budget(tmp_path, students)
+    students["sod"] = {0: write_run(tmp_path / "sod-s0-c", "", student="sft-s0"),
+                       1: write_run(tmp_path / "sod-s1", "", student="sft-s1", lr=1e-4)}
+    students["grpo"][1] = write_run(tmp_path / "grpo-s1", "sft-s1")
+    with pytest.raises(SystemExit, match="sod runs did not share one learning rate"):
+        study.same_budget(tmp_path, students)
+
+
+def test_the_student_learning_rates_are_one_per_method_or_one_for_all():
+    assert presets.student_lrs("2e-4,3e-4,2.5e-4") == {"grpo": 2e-4, "opd": 3e-4, "sod": 2.5e-4}
+    assert presets.student_lrs("1e-4") == {"grpo": 1e-4, "opd": 1e-4, "sod": 1e-4}
+    for bad in ("2e-4,3e-4", "fast", "2e-4,,3e-4", "0", "-1e-4"):
+        with pytest.raises(SystemExit, match="--student_rl_lr"):
+            presets.student_lrs(bad)
 
 
 def test_the_divergence_table_sorts_each_turn_by_what_came_before_it(tmp_path):
@@ -101,7 +114,8 @@ def test_the_divergence_table_sorts_each_turn_by_what_came_before_it(tmp_path):
 
 def test_a_two_seed_pipeline_prints_the_study_tables_and_draws_the_study(tmp_path):
     out = subprocess.run([sys.executable, "pipeline.py", "--quick", "--seeds", "0,1", "--seed_student_sft",
-                          "--out_root", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          "--student_rl_lr", "1e-4,2e-4,3e-4", "--out_root", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=900,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     for row in ("| student SFT |", "| SOD - OPD |", "| OPD - GRPO |", "| the first turn |"):
@@ -109,6 +123,7 @@ def test_a_two_seed_pipeline_prints_the_study_tables_and_draws_the_study(tmp_pat
     assert (tmp_path / "sft-student-s0").is_dir() and (tmp_path / "sft-student-s1").is_dir()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["student_budget"]["steps"] == 2
+    assert saved["student_budget"]["lr"] == {"grpo": 1e-4, "opd": 2e-4, "sod": 3e-4}  # read from each run.json
     pytest.importorskip("matplotlib")
     assert (tmp_path / "study.png").stat().st_size > 10_000
 

@@ -63,7 +63,7 @@ import sod_distill
 import tools
 from common import jobs, models, sandbox, stages
 from common.cli import arg, run_script
-from common.presets import QUICK_RL, QUICK_SFT, UNSET, UNSET_FRACTION, resolve, student_lrs
+from common.presets import METHODS, QUICK_RL, QUICK_SFT, UNSET, UNSET_FRACTION, resolve, student_lrs
 from common.study import (
     failure_table,
     plot_study,
@@ -240,7 +240,7 @@ def main(cfg: Config):
         student_sfts[seed] = Checkpoint("student SFT", seed, str(out / "final"), name)
     student_sfts = {s: student_sfts.get(s, student_sfts[seeds[0]])._replace(seed=s) for s in student_seeds}
     # 4. the student, same budget three ways (each method at its own lr, chosen on the validation split)
-    students, lr = {"grpo": [], "opd": [], "sod": []}, student_lrs(cfg.student_rl_lr)  # method -> runs, lr
+    students, lr = {m: [] for m in METHODS}, student_lrs(cfg.student_rl_lr)  # method -> its runs; -> its lr
     student_rl = dict(rl_sizes(cfg, cfg.rl_validation == "all"), steps=cfg.rl_steps)
     for seed, start in student_sfts.items():
         for method, runs in students.items():
